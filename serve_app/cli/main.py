@@ -1,0 +1,121 @@
+"""``facerec``: enrol, recognise, verify and evaluate from the command line (no Ray needed)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from serve_app.settings import RecognitionSettings
+
+log = logging.getLogger("facerec")
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (defaults from FACEREC_* environment variables)")
+    group.add_argument("--checkpoint", help="embedder: facenet-keras-128 (default), casia-webface-512, or a .pt file")
+    group.add_argument("--flip", action="store_true", default=None, help="average with the mirrored face")
+    group.add_argument("--threshold", type=float, help="cosine similarity for a match (default: the checkpoint's)")
+    group.add_argument("--threads", type=int, dest="torch_threads", help="torch threads")
+
+
+def _settings(args: argparse.Namespace) -> RecognitionSettings:
+    overrides = {
+        key: getattr(args, key)
+        for key in ("checkpoint", "flip", "threshold", "torch_threads")
+        if getattr(args, key, None) is not None
+    }
+    return RecognitionSettings(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facerec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    weights = commands.add_parser("weights", help="manage pretrained weight files")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_commands.add_parser("fetch", help="download and verify the Keras FaceNet weights (idempotent)")
+    fetch.add_argument("--force", action="store_true", help="download again even if a verified copy exists")
+
+    enroll = commands.add_parser("enroll", help="enrol people from PHOTOS_DIR/<person>/*.jpg")
+    enroll.add_argument("--gallery", type=Path, required=True, help="gallery directory (created if missing)")
+    enroll.add_argument("photos_dir", type=Path)
+    _add_model_options(enroll)
+
+    recognize = commands.add_parser("recognize", help="one JSON line per image: every face and who it is")
+    recognize.add_argument("--gallery", type=Path, required=True)
+    recognize.add_argument("--top-k", type=int, default=3)
+    recognize.add_argument("images", type=Path, nargs="+")
+    _add_model_options(recognize)
+
+    verify = commands.add_parser("verify", help="are the main faces of two photos the same person?")
+    verify.add_argument("image_a", type=Path)
+    verify.add_argument("image_b", type=Path)
+    _add_model_options(verify)
+
+    gallery = commands.add_parser("gallery", help="inspect or convert galleries")
+    gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
+    show = gallery_commands.add_parser("show", help="people and face counts")
+    show.add_argument("--gallery", type=Path, required=True)
+    legacy = gallery_commands.add_parser("import-legacy", help="import the legacy app tier's data.pt")
+    legacy.add_argument("data_pt", type=Path)
+    legacy.add_argument("--gallery", type=Path, required=True)
+    legacy.add_argument(
+        "--model-id", required=True, help="the checkpoint that made the embeddings; they only match that one"
+    )
+
+    evaluate = commands.add_parser("eval", help="accuracy on standard benchmarks")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    lfw = eval_commands.add_parser("lfw", help="LFW verification (View 1 with --calibrate, or 10-fold View 2)")
+    lfw.add_argument("--pairs", type=Path, required=True, help="pairs file to report accuracy on")
+    lfw.add_argument("--images", type=Path, required=True, help="directory of <Name>/<Name>_NNNN.jpg")
+    lfw.add_argument("--calibrate", type=Path, help="View 1 pairs file to choose the threshold on")
+    lfw.add_argument("--plot", type=Path, help="write the ROC curve to this PNG")
+    lfw.add_argument("--batch-size", type=int, default=32)
+    lfw.add_argument("--no-progress", action="store_true")
+    _add_model_options(lfw)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Imported per command so that `facerec --help` and `weights fetch` never load torch.
+    if args.command == "weights":
+        from serve_app.model.weights.files import fetch_keras_h5
+
+        print(fetch_keras_h5(force=args.force))
+        return 0
+    from serve_app.cli import commands
+
+    if args.command == "enroll":
+        return commands.enroll(_settings(args), args.gallery, args.photos_dir)
+    if args.command == "recognize":
+        return commands.recognize(_settings(args), args.gallery, args.images, args.top_k)
+    if args.command == "verify":
+        return commands.verify(_settings(args), args.image_a, args.image_b)
+    if args.command == "gallery" and args.gallery_command == "show":
+        return commands.show_gallery(args.gallery)
+    if args.command == "gallery" and args.gallery_command == "import-legacy":
+        return commands.import_legacy(args.data_pt, args.gallery, args.model_id)
+    if args.command == "eval":
+        return commands.eval_lfw(
+            _settings(args),
+            pairs=args.pairs,
+            images=args.images,
+            calibrate=args.calibrate,
+            plot=args.plot,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

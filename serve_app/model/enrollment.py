@@ -1,0 +1,51 @@
+"""Turn enrolment photos into embeddings, refusing photos that cannot say who they show."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve_app.model.detector import FaceDetector
+from serve_app.model.embedder import Embedder
+from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
+
+
+@dataclass(frozen=True)
+class EnrolmentPhoto:
+    """One photo's outcome: an embedding to enrol, or the reason it was refused."""
+
+    label: str
+    embedding: np.ndarray | None
+    refused: str | None
+
+
+def embed_for_enrolment(
+    detector: FaceDetector, embedder: Embedder, photos: Sequence[tuple[str, bytes]]
+) -> list[EnrolmentPhoto]:
+    """Exactly one face per photo: with none, or with several, nobody can tell which face the name belongs to."""
+    outcomes: dict[int, EnrolmentPhoto] = {}
+    decoded: list[tuple[int, DecodedImage]] = []
+    for position, (label, payload) in enumerate(photos):
+        try:
+            decoded.append((position, decode_image(payload)))
+        except InvalidImageError as exc:
+            outcomes[position] = EnrolmentPhoto(label, None, f"not a usable image: {exc}")
+    detections = detector.detect([image for _, image in decoded])
+    accepted = []
+    for (position, image), faces in zip(decoded, detections, strict=True):
+        label = photos[position][0]
+        if not faces:
+            outcomes[position] = EnrolmentPhoto(label, None, "no face found")
+        elif len(faces) > 1:
+            outcomes[position] = EnrolmentPhoto(label, None, f"{len(faces)} faces found; enrol photos of one face")
+        else:
+            accepted.append((position, detector.crops(image, faces)))
+    if accepted:
+        import torch
+
+        vectors = embedder.embed(torch.cat([crop for _, crop in accepted]))
+        for (position, _), vector in zip(accepted, vectors, strict=True):
+            outcomes[position] = EnrolmentPhoto(photos[position][0], vector, None)
+    return [outcomes[i] for i in range(len(photos))]

@@ -1,0 +1,300 @@
+"""The gallery: enrolled people, each with one or more face embeddings, and matching against them.
+
+Matching a batch of queries is one matrix product (queries x enrolled faces), then a per-person maximum: a
+person's similarity is that of their closest enrolled face, so several photos of one person widen the net
+instead of averaging it away.
+
+Serialised format (``gallery.npz``, see :meth:`Gallery.to_bytes`): a NumPy ``.npz`` archive, readable without
+pickles, holding
+
+* ``meta``: a JSON string ``{"format": "facerec-gallery", "version": 1, "model_id": ..., "dim": ...}``;
+* ``embeddings``: ``(N, dim)`` float32, L2-normalised rows;
+* ``names``: ``(N,)`` unicode, the person each row belongs to;
+* ``face_ids``: ``(N,)`` unicode, a stable id per enrolled face (for removing one face).
+
+Embeddings from different checkpoints are not comparable, so a gallery records its ``model_id`` and refuses
+embeddings or files made by another model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "facerec-gallery"
+FORMAT_VERSION = 1
+GALLERY_FILENAME = "gallery.npz"
+
+
+class GalleryError(ValueError):
+    """A gallery operation or file is invalid (wrong model, wrong shape, unknown person, corrupt file)."""
+
+
+class ModelMismatchError(GalleryError):
+    """Embeddings or a gallery file from another checkpoint: they live in a different space."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Match:
+    """The answer for one query embedding."""
+
+    #: The best person if their similarity reaches the threshold, else ``None`` (unknown).
+    name: str | None
+    #: Cosine similarity to the best person's closest face (``-1.0`` on an empty gallery).
+    similarity: float
+    #: Best minus second-best person's similarity: how clear-cut the answer is (``similarity + 1`` with one person).
+    margin: float
+    #: The ``top_k`` closest people, best first, whether or not they pass the threshold.
+    candidates: tuple[Candidate, ...]
+
+
+class Gallery:
+    """People and their embeddings for one embedding model. Not thread-safe: callers serialise mutations."""
+
+    def __init__(self, model_id: str, dim: int) -> None:
+        self.model_id = model_id
+        self.dim = dim
+        self._embeddings = np.empty((0, dim), dtype=np.float32)
+        self._names: list[str] = []
+        self._face_ids: list[str] = []
+        self._index: _PersonIndex | None = None
+
+    # --- contents -------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Number of enrolled faces."""
+        return len(self._names)
+
+    def people(self) -> dict[str, int]:
+        """Each enrolled person with their number of faces, sorted by name."""
+        counts: dict[str, int] = {}
+        for name in self._names:
+            counts[name] = counts.get(name, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def faces_of(self, name: str) -> list[str]:
+        """The face ids enrolled for ``name`` (empty if unknown)."""
+        return [fid for n, fid in zip(self._names, self._face_ids, strict=True) if n == name]
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """A read-only view of all enrolled embeddings, row ``i`` belonging to ``names[i]``."""
+        view = self._embeddings.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    # --- mutation -------------------------------------------------------------------------------------------
+    def add(self, name: str, embeddings: np.ndarray, model_id: str) -> list[str]:
+        """Enrol ``embeddings`` (``(k, dim)``) for ``name``; returns the new face ids."""
+        if model_id != self.model_id:
+            raise ModelMismatchError(f"embeddings from {model_id!r} cannot join a gallery of {self.model_id!r}")
+        name = name.strip()
+        if not name:
+            raise GalleryError("a person's name must not be empty")
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] != self.dim:
+            raise GalleryError(f"expected embeddings of shape (k, {self.dim}), got {vectors.shape}")
+        if not np.all(np.isfinite(vectors)):
+            raise GalleryError("embeddings must be finite")
+        vectors = _normalise(vectors)
+        ids = [uuid.uuid4().hex[:12] for _ in range(len(vectors))]
+        self._embeddings = np.concatenate([self._embeddings, vectors])
+        self._names.extend([name] * len(vectors))
+        self._face_ids.extend(ids)
+        self._index = None
+        return ids
+
+    def remove_person(self, name: str) -> int:
+        """Forget ``name`` entirely; returns how many faces were removed (0 if unknown)."""
+        return self._remove(lambda n, _fid: n == name)
+
+    def remove_face(self, name: str, face_id: str) -> bool:
+        """Forget one face of ``name``; ``True`` if it existed."""
+        return self._remove(lambda n, fid: n == name and fid == face_id) == 1
+
+    def _remove(self, doomed: Callable[[str, str], bool]) -> int:
+        keep = [not doomed(n, f) for n, f in zip(self._names, self._face_ids, strict=True)]
+        removed = len(keep) - sum(keep)
+        if removed:
+            mask = np.asarray(keep, dtype=bool)
+            self._embeddings = self._embeddings[mask]
+            self._names = [n for n, k in zip(self._names, keep, strict=True) if k]
+            self._face_ids = [f for f, k in zip(self._face_ids, keep, strict=True) if k]
+            self._index = None
+        return removed
+
+    # --- matching -------------------------------------------------------------------------------------------
+    def match(self, queries: np.ndarray, threshold: float, top_k: int = 3) -> list[Match]:
+        """Match each row of ``queries`` (``(Q, dim)``, L2-normalised) against every enrolled person at once."""
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if len(queries) == 0:
+            return []
+        if not self._names:
+            return [Match(None, -1.0, 0.0, ()) for _ in range(len(queries))]
+        index = self._person_index()
+        # (Q, N) similarities (rows are kept grouped by person), then the best face of each person: (Q, P).
+        similarities = queries @ self._embeddings.T
+        per_person = np.maximum.reduceat(similarities, index.starts, axis=1)
+        k = min(max(top_k, 2), per_person.shape[1])
+        if k < per_person.shape[1]:
+            top = np.argpartition(-per_person, k - 1, axis=1)[:, :k]
+        else:
+            top = np.broadcast_to(np.arange(per_person.shape[1]), (len(queries), k))
+        top_scores = np.take_along_axis(per_person, top, axis=1)
+        ranked = np.argsort(-top_scores, axis=1, kind="stable")
+        matches = []
+        for row in range(len(queries)):
+            people = top[row, ranked[row]]
+            scores = top_scores[row, ranked[row]]
+            best = float(scores[0])
+            second = float(scores[1]) if len(scores) > 1 else -1.0
+            candidates = tuple(
+                Candidate(index.people[p], float(s)) for p, s in zip(people[:top_k], scores[:top_k], strict=True)
+            )
+            name = index.people[people[0]] if best >= threshold else None
+            matches.append(Match(name, best, best - second, candidates))
+        return matches
+
+    def _person_index(self) -> _PersonIndex:
+        if self._index is None:
+            # Group the rows by person once per change, so matching needs no gather of the (N, dim) matrix.
+            labels = np.asarray(self._names, dtype=np.str_)
+            order = np.argsort(labels, kind="stable")
+            self._embeddings = np.ascontiguousarray(self._embeddings[order])
+            self._names = [self._names[i] for i in order]
+            self._face_ids = [self._face_ids[i] for i in order]
+            self._index = _PersonIndex.build(labels[order])
+        return self._index
+
+    # --- persistence ----------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The gallery in the documented ``.npz`` format."""
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim}
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            meta=np.array(json.dumps(meta)),
+            embeddings=self._embeddings,
+            names=np.array(self._names, dtype=np.str_),
+            face_ids=np.array(self._face_ids, dtype=np.str_),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expected_model_id: str | None = None) -> Gallery:
+        """Read a gallery written by :meth:`to_bytes`; refuse one made by another model than expected."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                meta = json.loads(str(archive["meta"]))
+                embeddings = np.asarray(archive["embeddings"], dtype=np.float32)
+                names = [str(n) for n in archive["names"]]
+                face_ids = [str(f) for f in archive["face_ids"]]
+        except (OSError, ValueError, KeyError) as exc:
+            raise GalleryError(f"not a facerec gallery file: {exc}") from exc
+        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+            raise GalleryError(f"unsupported gallery format {meta.get('format')!r} v{meta.get('version')}")
+        if expected_model_id is not None and meta["model_id"] != expected_model_id:
+            raise ModelMismatchError(
+                f"the gallery was made by {meta['model_id']!r}, this service embeds with {expected_model_id!r}"
+            )
+        gallery = cls(str(meta["model_id"]), int(meta["dim"]))
+        if embeddings.shape != (len(names), gallery.dim) or len(face_ids) != len(names):
+            raise GalleryError("gallery file is inconsistent: embeddings, names and face ids differ in length")
+        gallery._embeddings, gallery._names, gallery._face_ids = embeddings, names, face_ids
+        return gallery
+
+    def save(self, directory: Path) -> Path:
+        """Write ``directory/gallery.npz`` atomically: readers see the old file or the new one, never half."""
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / GALLERY_FILENAME
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".gallery-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(self.to_bytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, directory: Path, expected_model_id: str | None = None) -> Gallery:
+        """Read ``directory/gallery.npz`` (see :meth:`from_bytes`)."""
+        path = directory / GALLERY_FILENAME
+        if not path.is_file():
+            raise GalleryError(f"no gallery at {path}")
+        return cls.from_bytes(path.read_bytes(), expected_model_id)
+
+    @classmethod
+    def load_or_create(cls, directory: Path, model_id: str, dim: int) -> Gallery:
+        """The gallery in ``directory``, or a new empty one for ``model_id`` if there is none yet."""
+        if (directory / GALLERY_FILENAME).is_file():
+            return cls.load(directory, expected_model_id=model_id)
+        return cls(model_id, dim)
+
+    @classmethod
+    def import_legacy(cls, path: Path, model_id: str) -> Gallery:
+        """Import the legacy app tier's ``data.pt``: a pair ``(list of embeddings, list of names)``.
+
+        The file does not say which checkpoint made its embeddings; ``model_id`` must name it, and the result
+        only matches queries embedded by that same checkpoint.
+        """
+        import torch  # local: the rest of the gallery needs no torch
+
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            embeddings, names = loaded
+            vectors = np.stack([np.asarray(torch.as_tensor(e).detach().float()).reshape(-1) for e in embeddings])
+        except (OSError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError, struct.error) as exc:
+            raise GalleryError(f"{path} is not a legacy (embeddings, names) file: {exc}") from exc
+        if len(vectors) != len(names):
+            raise GalleryError(f"{path}: {len(vectors)} embeddings but {len(names)} names")
+        gallery = cls(model_id, int(vectors.shape[1]))
+        for name in dict.fromkeys(str(n) for n in names):
+            rows = [i for i, n in enumerate(names) if str(n) == name]
+            gallery.add(name, vectors[rows], model_id)
+        return gallery
+
+
+@dataclass(frozen=True)
+class _PersonIndex:
+    """Where each person's (contiguous) rows start, for ``np.maximum.reduceat``."""
+
+    starts: np.ndarray
+    people: list[str]
+
+    @classmethod
+    def build(cls, sorted_labels: np.ndarray) -> _PersonIndex:
+        change = np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1
+        starts = np.concatenate([[0], change]).astype(np.intp)
+        return cls(starts=starts, people=[str(sorted_labels[s]) for s in starts])
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise GalleryError("an embedding is all zeros")
+    return (vectors / norms).astype(np.float32)

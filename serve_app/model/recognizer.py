@@ -1,0 +1,173 @@
+"""Recognition: decode -> detect -> extract -> embed -> match, for a batch of photos at once.
+
+Batching happens where it pays: every face of every photo in the batch goes through the embedder together and
+every embedding is matched with one matrix product.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from serve_app.model.detector import DetectedFace, FaceDetector, main_face_index
+from serve_app.model.embedder import Embedder
+from serve_app.model.gallery import Candidate, Gallery
+from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
+
+
+@dataclass(frozen=True)
+class RecognizedFace:
+    """One face of a photo and who it is."""
+
+    detection: DetectedFace
+    #: The enrolled person, or ``None`` when nobody reaches the threshold (unknown).
+    name: str | None
+    similarity: float
+    margin: float
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Milliseconds per stage. ``decode`` is this photo's own; the others are for the whole batch it rode in."""
+
+    decode_ms: float
+    detect_ms: float
+    embed_ms: float
+    match_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Every face found in one photo (most probable first) and which one is the photo's main face."""
+
+    width: int
+    height: int
+    faces: tuple[RecognizedFace, ...]
+    main_face: int | None
+    model_id: str
+    timings: StageTimings
+
+    @property
+    def main_name(self) -> str | None:
+        """The legacy single answer: the main face's name, ``None`` if unknown or no face."""
+        return None if self.main_face is None else self.faces[self.main_face].name
+
+
+@dataclass
+class _Timer:
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, started: float) -> float:
+        now = time.perf_counter()
+        self.totals[stage] = self.totals.get(stage, 0.0) + (now - started) * 1000.0
+        return now
+
+
+class Recognizer:
+    """Owns a detector, an embedder and a gallery. Thread-safety is the caller's concern."""
+
+    def __init__(
+        self,
+        detector: FaceDetector,
+        embedder: Embedder,
+        gallery: Gallery,
+        *,
+        threshold: float | None = None,
+        top_k: int = 3,
+    ) -> None:
+        if gallery.model_id != embedder.model_id:
+            raise ValueError(f"gallery model {gallery.model_id!r} != embedder model {embedder.model_id!r}")
+        self.detector = detector
+        self.embedder = embedder
+        self.gallery = gallery
+        self.threshold = embedder.checkpoint.threshold if threshold is None else threshold
+        self.top_k = top_k
+
+    def recognize_bytes(
+        self, payloads: Sequence[bytes], *, threshold: float | None = None, top_k: int | None = None
+    ) -> list[ImageResult | InvalidImageError]:
+        """Decode and recognise; a bad upload yields its :class:`InvalidImageError` in place, not a failed batch."""
+        decoded: list[DecodedImage | InvalidImageError] = []
+        decode_ms: list[float] = []
+        for payload in payloads:
+            started = time.perf_counter()
+            try:
+                decoded.append(decode_image(payload))
+            except InvalidImageError as exc:
+                decoded.append(exc)
+            decode_ms.append((time.perf_counter() - started) * 1000.0)
+        good = [d for d in decoded if isinstance(d, DecodedImage)]
+        good_ms = [ms for d, ms in zip(decoded, decode_ms, strict=True) if isinstance(d, DecodedImage)]
+        results = iter(self.recognize(good, threshold=threshold, top_k=top_k, decode_ms=good_ms))
+        return [d if isinstance(d, InvalidImageError) else next(results) for d in decoded]
+
+    def recognize(
+        self,
+        images: Sequence[DecodedImage],
+        *,
+        threshold: float | None = None,
+        top_k: int | None = None,
+        decode_ms: Sequence[float] | None = None,
+    ) -> list[ImageResult]:
+        """Every face in every image, named against the gallery."""
+        threshold = self.threshold if threshold is None else threshold
+        top_k = self.top_k if top_k is None else top_k
+        timer = _Timer()
+        started = time.perf_counter()
+        detections = self.detector.detect(images)
+        started = timer.add("detect", started)
+        crops = [self.detector.crops(image, faces) for image, faces in zip(images, detections, strict=True)]
+        embeddings = self.embedder.embed(torch.cat(crops)) if crops else np.empty((0, self.embedder.dim))
+        started = timer.add("embed", started)
+        matches = self.gallery.match(embeddings, threshold=threshold, top_k=top_k)
+        timer.add("match", started)
+
+        results = []
+        offset = 0
+        for position, (image, faces) in enumerate(zip(images, detections, strict=True)):
+            recognized = tuple(
+                RecognizedFace(face, m.name, m.similarity, m.margin, m.candidates)
+                for face, m in zip(faces, matches[offset : offset + len(faces)], strict=True)
+            )
+            offset += len(faces)
+            timings = StageTimings(
+                decode_ms=decode_ms[position] if decode_ms is not None else 0.0,
+                detect_ms=timer.totals.get("detect", 0.0),
+                embed_ms=timer.totals.get("embed", 0.0),
+                match_ms=timer.totals.get("match", 0.0),
+                batch_size=len(images),
+            )
+            results.append(
+                ImageResult(
+                    width=image.width,
+                    height=image.height,
+                    faces=recognized,
+                    main_face=main_face_index(faces, image.width, image.height),
+                    model_id=self.embedder.model_id,
+                    timings=timings,
+                )
+            )
+        return results
+
+
+def embed_main_faces(detector: FaceDetector, embedder: Embedder, images: Sequence[DecodedImage]) -> list[np.ndarray | None]:
+    """The main face's embedding for each image (``None`` where no face is found): for verify, enrol and LFW."""
+    detections = detector.detect(images)
+    crops: list[torch.Tensor] = []
+    owners: list[int] = []
+    for position, (image, faces) in enumerate(zip(images, detections, strict=True)):
+        main = main_face_index(faces, image.width, image.height)
+        if main is not None:
+            crops.append(detector.crops(image, [faces[main]]))
+            owners.append(position)
+    out: list[np.ndarray | None] = [None] * len(images)
+    if crops:
+        for position, vector in zip(owners, embedder.embed(torch.cat(crops)), strict=True):
+            out[position] = vector
+    return out

@@ -1,0 +1,49 @@
+"""Plain-JSON views of recognition results, shared by the CLI and the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve_app.model.detector import DetectedFace
+from serve_app.model.recognizer import ImageResult, RecognizedFace
+
+
+def _round(value: float, places: int = 2) -> float:
+    return round(float(value), places)
+
+
+def detection_to_dict(face: DetectedFace) -> dict[str, Any]:
+    return {
+        "box": [_round(v) for v in face.box],
+        "detection_score": _round(face.probability, 5),
+        "landmarks": [[_round(x), _round(y)] for x, y in face.landmarks],
+    }
+
+
+def face_to_dict(face: RecognizedFace) -> dict[str, Any]:
+    return {
+        **detection_to_dict(face.detection),
+        "name": face.name,
+        "similarity": _round(face.similarity, 4),
+        "margin": _round(face.margin, 4),
+        "candidates": [{"name": c.name, "similarity": _round(c.similarity, 4)} for c in face.candidates],
+    }
+
+
+def image_result_to_dict(result: ImageResult) -> dict[str, Any]:
+    timings = result.timings
+    return {
+        "width": result.width,
+        "height": result.height,
+        "model_id": result.model_id,
+        "main_face": result.main_face,
+        "name": result.main_name,
+        "faces": [face_to_dict(face) for face in result.faces],
+        "timings_ms": {
+            "decode": _round(timings.decode_ms),
+            "detect": _round(timings.detect_ms),
+            "embed": _round(timings.embed_ms),
+            "match": _round(timings.match_ms),
+            "batch_size": timings.batch_size,
+        },
+    }

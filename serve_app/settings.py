@@ -1,0 +1,32 @@
+"""Recognition settings, read once (environment variables prefixed ``FACEREC_``) and handed down."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve_app.model.checkpoints import DEFAULT_CHECKPOINT
+from serve_app.model.detector import DetectorConfig
+
+
+class RecognitionSettings(BaseSettings):
+    """How faces are detected, embedded and matched. Every field can be set as ``FACEREC_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEREC_", extra="ignore")
+
+    checkpoint: str = Field(DEFAULT_CHECKPOINT, description="embedder: a registry name or a path to a .pt state dict")
+    flip: bool = Field(False, description="average each embedding with that of the mirrored face")
+    threshold: float | None = Field(None, description="cosine similarity for a match; default: the checkpoint's")
+    top_k: int = Field(3, ge=1, le=100, description="candidates returned per face")
+    max_embed_batch: int = Field(32, ge=1, le=1024, description="faces per embedder forward pass")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
+    detect_probability: float = Field(0.95, ge=0.0, le=1.0, description="minimum MTCNN face probability")
+    min_face_size: int = Field(20, ge=8, description="smallest face side searched for, in pixels")
+    detect_max_side: int = Field(1280, ge=64, description="photos are downscaled to this longest side for detection")
+
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig(
+            probability_threshold=self.detect_probability,
+            min_face_size=self.min_face_size,
+            max_side=self.detect_max_side,
+        )

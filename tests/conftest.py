@@ -1,0 +1,37 @@
+"""Shared fixtures: the datasets beside the repository, and the real models loaded once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+SCENES = DATASETS / "scenes"
+LFW = DATASETS / "lfw-view1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    # These machines have 2 cores; more threads only contend.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    if not DATASETS.is_dir():
+        pytest.fail(f"the shared datasets are missing at {DATASETS}")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def models():  # type: ignore[no-untyped-def]
+    """The default detector + embedder, loaded once (about 2 s) and shared by every test that needs them."""
+    from serve_app.model.checkpoints import DEFAULT_CHECKPOINT
+    from serve_app.model.pipeline import load_models
+
+    return load_models(DEFAULT_CHECKPOINT)

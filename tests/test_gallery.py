@@ -1,0 +1,139 @@
+"""Gallery maths and persistence, with synthetic unit vectors and no model loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.model.gallery import GALLERY_FILENAME, Gallery, GalleryError, ModelMismatchError
+
+MODEL = "test-model"
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.fixture
+def gallery() -> Gallery:
+    g = Gallery(MODEL, 3)
+    g.add("alice", np.stack([unit(1, 0, 0), unit(1, 0.2, 0)]), MODEL)
+    g.add("bob", unit(0, 1, 0)[None], MODEL)
+    g.add("carol", unit(0, 0, 1)[None], MODEL)
+    return g
+
+
+def test_best_match_threshold_margin_and_candidates(gallery: Gallery) -> None:
+    query = unit(1, 0.1, 0)
+    (match,) = gallery.match(query[None], threshold=0.5, top_k=3)
+    assert match.name == "alice"
+    best_alice = max(float(query @ unit(1, 0, 0)), float(query @ unit(1, 0.2, 0)))
+    assert match.similarity == pytest.approx(best_alice, abs=1e-6)
+    assert [c.name for c in match.candidates] == ["alice", "bob", "carol"]
+    assert match.margin == pytest.approx(best_alice - float(query @ unit(0, 1, 0)), abs=1e-6)
+
+
+def test_below_threshold_is_unknown_but_keeps_candidates(gallery: Gallery) -> None:
+    (match,) = gallery.match(unit(1, 1, 1)[None], threshold=0.9, top_k=2)
+    assert match.name is None
+    assert len(match.candidates) == 2
+    assert match.similarity == pytest.approx(match.candidates[0].similarity)
+
+
+def test_batch_matching_equals_one_by_one(gallery: Gallery) -> None:
+    rng = np.random.default_rng(7)
+    queries = rng.normal(size=(50, 3)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    batch = gallery.match(queries, threshold=0.3, top_k=3)
+    single = [gallery.match(q[None], threshold=0.3, top_k=3)[0] for q in queries]
+    for one, other in zip(batch, single, strict=True):
+        assert one.name == other.name
+        assert [c.name for c in one.candidates] == [c.name for c in other.candidates]
+        assert one.similarity == pytest.approx(other.similarity, abs=1e-6)
+        assert one.margin == pytest.approx(other.margin, abs=1e-6)
+    # Brute force: the best person is the one owning the most similar single face.
+    names = gallery.names
+    for query, match in zip(queries, batch, strict=True):
+        sims = gallery.embeddings @ query
+        assert match.candidates[0].name == names[int(np.argmax(sims))]
+        assert match.similarity == pytest.approx(float(sims.max()), abs=1e-6)
+
+
+def test_empty_gallery_answers_unknown() -> None:
+    (match,) = Gallery(MODEL, 3).match(unit(1, 0, 0)[None], threshold=0.0)
+    assert match.name is None and match.candidates == ()
+
+
+def test_single_person_margin_is_against_nobody() -> None:
+    g = Gallery(MODEL, 3)
+    g.add("solo", unit(1, 0, 0)[None], MODEL)
+    (match,) = g.match(unit(1, 0, 0)[None], threshold=0.5)
+    assert match.name == "solo"
+    assert match.margin == pytest.approx(2.0)
+
+
+def test_add_remove_person_and_face(gallery: Gallery) -> None:
+    assert gallery.people() == {"alice": 2, "bob": 1, "carol": 1}
+    first_alice = gallery.faces_of("alice")[0]
+    assert gallery.remove_face("alice", first_alice)
+    assert not gallery.remove_face("alice", first_alice)
+    assert gallery.people()["alice"] == 1
+    assert gallery.remove_person("bob") == 1
+    assert gallery.remove_person("bob") == 0
+    (match,) = gallery.match(unit(0, 1, 0)[None], threshold=0.9)
+    assert match.name is None
+
+
+def test_refuses_other_models_and_bad_shapes(gallery: Gallery) -> None:
+    with pytest.raises(ModelMismatchError):
+        gallery.add("eve", unit(1, 0, 0)[None], "other-model")
+    with pytest.raises(GalleryError):
+        gallery.add("eve", np.ones((1, 4), dtype=np.float32), MODEL)
+    with pytest.raises(GalleryError):
+        gallery.add("   ", unit(1, 0, 0)[None], MODEL)
+    with pytest.raises(GalleryError):
+        gallery.add("eve", np.zeros((1, 3), dtype=np.float32), MODEL)
+
+
+def test_add_normalises(gallery: Gallery) -> None:
+    gallery.add("dave", np.array([[0.0, 3.0, 4.0]], dtype=np.float32), MODEL)
+    norms = np.linalg.norm(gallery.embeddings, axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-6)
+
+
+def test_save_load_roundtrip_is_atomic_and_checks_model(gallery: Gallery, tmp_path: Path) -> None:
+    before = gallery.match(unit(1, 0.1, 0.3)[None], threshold=0.2)
+    path = gallery.save(tmp_path)
+    assert path.name == GALLERY_FILENAME
+    assert [p.name for p in tmp_path.iterdir()] == [GALLERY_FILENAME]  # no temp files left behind
+    loaded = Gallery.load(tmp_path, expected_model_id=MODEL)
+    assert loaded.people() == gallery.people()
+    assert loaded.match(unit(1, 0.1, 0.3)[None], threshold=0.2) == before
+    with pytest.raises(ModelMismatchError):
+        Gallery.load(tmp_path, expected_model_id="other-model")
+
+
+def test_corrupt_file_is_a_gallery_error(tmp_path: Path) -> None:
+    (tmp_path / GALLERY_FILENAME).write_bytes(b"not an npz at all")
+    with pytest.raises(GalleryError):
+        Gallery.load(tmp_path)
+    with pytest.raises(GalleryError):
+        Gallery.load(tmp_path / "missing")
+
+
+def test_import_legacy_data_pt(tmp_path: Path) -> None:
+    embeddings = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[0.9, 0.1, 0.0]])]
+    names = ["Paul", "Ringo", "Paul"]
+    torch.save((embeddings, names), tmp_path / "data.pt")
+    gallery = Gallery.import_legacy(tmp_path / "data.pt", "facenet-pytorch-vggface2-512")
+    assert gallery.model_id == "facenet-pytorch-vggface2-512"
+    assert gallery.people() == {"Paul": 2, "Ringo": 1}
+    (match,) = gallery.match(unit(0, 1, 0)[None], threshold=0.9)
+    assert match.name == "Ringo"
+    (tmp_path / "broken.pt").write_bytes(b"junk")
+    with pytest.raises(GalleryError):
+        Gallery.import_legacy(tmp_path / "broken.pt", "x")
