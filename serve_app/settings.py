@@ -1,18 +1,16 @@
-"""Recognition settings, read once (environment variables prefixed ``FACEREC_``) and handed down."""
+"""Recognition settings: one object, built once at the entry point (CLI or Serve app) and handed down."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve_app.model.checkpoints import DEFAULT_CHECKPOINT
 from serve_app.model.detector import DetectorConfig
 
 
-class RecognitionSettings(BaseSettings):
-    """How faces are detected, embedded and matched. Every field can be set as ``FACEREC_<FIELD>``."""
-
-    model_config = SettingsConfigDict(env_prefix="FACEREC_", extra="ignore")
+class RecognitionConfig(BaseModel):
+    """How faces are detected, embedded and matched (a plain model: the Serve app takes it from its config)."""
 
     checkpoint: str = Field(DEFAULT_CHECKPOINT, description="embedder: a registry name or a path to a .pt state dict")
     flip: bool = Field(False, description="average each embedding with that of the mirrored face")
@@ -30,3 +28,9 @@ class RecognitionSettings(BaseSettings):
             min_face_size=self.min_face_size,
             max_side=self.detect_max_side,
         )
+
+
+class RecognitionSettings(RecognitionConfig, BaseSettings):
+    """:class:`RecognitionConfig` read from the environment (``FACEREC_<FIELD>``), for the command line."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEREC_", extra="ignore")

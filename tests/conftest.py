@@ -30,8 +30,8 @@ def datasets() -> Path:
 
 @pytest.fixture(scope="session")
 def models():  # type: ignore[no-untyped-def]
-    """The default detector + embedder, loaded once (about 2 s) and shared by every test that needs them."""
-    from serve_app.model.checkpoints import DEFAULT_CHECKPOINT
+    """The configured (default: the default) detector + embedder, loaded once and shared by the tests."""
     from serve_app.model.pipeline import load_models
+    from serve_app.settings import RecognitionSettings
 
-    return load_models(DEFAULT_CHECKPOINT)
+    return load_models(RecognitionSettings().checkpoint)

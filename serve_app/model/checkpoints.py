@@ -18,9 +18,7 @@ import torch
 from facenet_pytorch import InceptionResnetV1
 from torch import nn
 
-from serve_app.model.weights.casia_graphdef import load_casia_state_dict
 from serve_app.model.weights.files import casia_graph_path, keras_h5_path
-from serve_app.model.weights.keras_h5 import build_keras_facenet_model, load_keras_facenet_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +51,18 @@ class Checkpoint:
     load: Callable[[], nn.Module]
 
 
+# Converters are imported when their checkpoint is loaded: each pulls in its own file-format reader.
 def _keras() -> nn.Module:
+    from serve_app.model.weights.keras_h5 import build_keras_facenet_model, load_keras_facenet_state_dict
+
     model = build_keras_facenet_model()
     model.load_state_dict(load_keras_facenet_state_dict(keras_h5_path()), strict=True)
     return model
 
 
 def _casia() -> nn.Module:
+    from serve_app.model.weights.casia_graphdef import load_casia_state_dict
+
     model = InceptionResnetV1(classify=False)
     model.load_state_dict(load_casia_state_dict(casia_graph_path()), strict=True)
     return model

@@ -80,10 +80,12 @@ class FaceDetector:
         for index, image in enumerate(images):
             pixels, scale = self._detection_view(image)
             groups[(pixels.shape[0], pixels.shape[1], scale)].append((index, pixels))
-        for (_, _, scale), members in groups.items():
-            batch = torch.from_numpy(np.stack([pixels for _, pixels in members])).to(self.device)
+        for (height, width, scale), members in groups.items():
             # The pyramid starts at 12 / min_size; never upscale the image for a face smaller than MTCNN's cell.
             min_size = max(12.0, self.config.min_face_size * scale)
+            if min(height, width) < min_size:
+                continue  # smaller than the smallest face searched for: MTCNN would build an empty pyramid
+            batch = torch.from_numpy(np.stack([pixels for _, pixels in members])).to(self.device)
             with torch.inference_mode():
                 batch_boxes, batch_points = detect_face(
                     batch,

@@ -7,7 +7,8 @@ instead of averaging it away.
 Serialised format (``gallery.npz``, see :meth:`Gallery.to_bytes`): a NumPy ``.npz`` archive, readable without
 pickles, holding
 
-* ``meta``: a JSON string ``{"format": "facerec-gallery", "version": 1, "model_id": ..., "dim": ...}``;
+* ``meta``: a JSON string ``{"format": "facerec-gallery", "version": 1, "model_id": ..., "dim": ...,
+  "revision": ...}`` (``revision`` counts the changes made to the gallery since it was created);
 * ``embeddings``: ``(N, dim)`` float32, L2-normalised rows;
 * ``names``: ``(N,)`` unicode, the person each row belongs to;
 * ``face_ids``: ``(N,)`` unicode, a stable id per enrolled face (for removing one face).
@@ -74,6 +75,8 @@ class Gallery:
         self._names: list[str] = []
         self._face_ids: list[str] = []
         self._index: _PersonIndex | None = None
+        #: Increases with every change; shared copies compare revisions to know which is newer.
+        self.revision = 0
 
     # --- contents -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -123,6 +126,7 @@ class Gallery:
         self._names.extend([name] * len(vectors))
         self._face_ids.extend(ids)
         self._index = None
+        self.revision += 1
         return ids
 
     def remove_person(self, name: str) -> int:
@@ -142,6 +146,7 @@ class Gallery:
             self._names = [n for n, k in zip(self._names, keep, strict=True) if k]
             self._face_ids = [f for f, k in zip(self._face_ids, keep, strict=True) if k]
             self._index = None
+            self.revision += 1
         return removed
 
     # --- matching -------------------------------------------------------------------------------------------
@@ -190,7 +195,13 @@ class Gallery:
     # --- persistence ----------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """The gallery in the documented ``.npz`` format."""
-        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim}
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "dim": self.dim,
+            "revision": self.revision,
+        }
         buffer = io.BytesIO()
         np.savez(
             buffer,
@@ -222,6 +233,7 @@ class Gallery:
         if embeddings.shape != (len(names), gallery.dim) or len(face_ids) != len(names):
             raise GalleryError("gallery file is inconsistent: embeddings, names and face ids differ in length")
         gallery._embeddings, gallery._names, gallery._face_ids = embeddings, names, face_ids
+        gallery.revision = int(meta.get("revision", 0))
         return gallery
 
     def save(self, directory: Path) -> Path:

@@ -1,0 +1,100 @@
+"""The Serve application: ``Ingress.bind(Recognizer.bind(...), GalleryWriter.bind(...))``.
+
+``serve run serve_app.app:build_app`` or ``serve deploy serve_app/config.yaml``; every setting is an
+application argument (see :class:`AppArgs`), validated before anything starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from serve_app.deployments.gallery_writer import GalleryWriterDeployment
+from serve_app.deployments.ingress import IngressDeployment, IngressLimits
+from serve_app.deployments.recognizer import RecognizerDeployment
+from serve_app.model.checkpoints import resolve_checkpoint
+from serve_app.model.images import DEFAULT_MAX_PIXELS
+from serve_app.settings import RecognitionConfig
+
+
+class RecognizerScaling(BaseModel):
+    """Recognizer replicas: Serve adds one per ``target_ongoing_requests`` in flight, up to ``max_replicas``."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    #: A batch of 16 keeps a replica busy; twice that in flight keeps the next batch queued and ready.
+    target_ongoing_requests: float = Field(32, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0, description="CPU reserved per replica; torch threads follow it")
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class AppArgs(BaseModel):
+    """Application arguments (the ``args:`` of an application in ``serve_app/config.yaml``)."""
+
+    gallery_uri: str = Field("run/gallery", description="s3://bucket/prefix, or a local directory")
+    gallery_refresh_s: float = Field(1.0, gt=0, description="how often replicas look for gallery changes")
+    recognition: RecognitionConfig = Field(default_factory=RecognitionConfig)
+    recognizer: RecognizerScaling = Field(default_factory=RecognizerScaling)
+    max_batch_size: int = Field(16, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.1, gt=0)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_enrol_photos: int = Field(20, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+
+
+def build_app(args: dict[str, object] | AppArgs) -> Application:
+    """Validate ``args`` and wire the three deployments together."""
+    config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    checkpoint = resolve_checkpoint(config.recognition.checkpoint, config.recognition.threshold)
+    model_id = checkpoint.model_id + ("+flip" if config.recognition.flip else "")
+    threshold = checkpoint.threshold if config.recognition.threshold is None else config.recognition.threshold
+    scaling = config.recognizer
+    torch_threads = config.recognition.torch_threads or max(1, math.floor(scaling.num_cpus))
+
+    recognizer = serve.deployment(
+        RecognizerDeployment,
+        name="Recognizer",
+        ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
+        max_ongoing_requests=scaling.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": scaling.initial_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+        },
+    ).bind(
+        config.recognition,
+        config.gallery_uri,
+        config.gallery_refresh_s,
+        config.max_batch_size,
+        config.batch_wait_timeout_s,
+        config.max_pixels,
+        torch_threads,
+    )
+    writer = serve.deployment(
+        GalleryWriterDeployment, name="GalleryWriter", num_replicas=1, ray_actor_options={"num_cpus": 0.05}
+    ).bind(config.gallery_uri, model_id, checkpoint.dim)
+    limits = IngressLimits(
+        max_upload_bytes=config.max_upload_bytes,
+        # multipart framing on top of the largest allowed set of files
+        max_body_bytes=config.max_upload_bytes * config.max_enrol_photos + 64 * 1024,
+        max_enrol_photos=config.max_enrol_photos,
+    )
+    return serve.deployment(
+        IngressDeployment,
+        name="Ingress",
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=1000,
+    ).bind(recognizer, writer, limits, model_id, threshold)

@@ -1,0 +1,75 @@
+"""The GalleryWriter deployment: the single writer of the shared gallery.
+
+Every change (enrol, remove) goes through this one replica, which applies it under a lock to the newest
+snapshot in the store and writes the result back. Serialising writers here is what makes two concurrent
+enrolments keep each other's faces; Recognizer replicas only ever read the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
+from serve_app.metrics import metrics
+from serve_app.model.gallery import Gallery
+
+log = logging.getLogger("ray.serve")
+
+
+class GalleryWriterDeployment:
+    def __init__(self, gallery_uri: str, model_id: str, dim: int) -> None:
+        self._store: GalleryStore = open_gallery_store(gallery_uri)
+        self._model_id = model_id
+        self._dim = dim
+        self._lock = asyncio.Lock()
+        self._gallery = self._load()
+        metrics().gallery_faces.set(len(self._gallery))
+        log.info("GalleryWriter on %s: revision %d", self._store.describe(), self._gallery.revision)
+
+    def _load(self) -> Gallery:
+        data = self._store.read()
+        if data is None:
+            return Gallery(self._model_id, self._dim)
+        return Gallery.from_bytes(data, expected_model_id=self._model_id)
+
+    async def _mutate(self, change: Any) -> tuple[Any, int]:
+        async with self._lock:
+            # Start from the store's newest snapshot, in case anything else wrote it (an operator restoring a
+            # backup, a previous writer replica): never overwrite a newer revision with an older one.
+            stored = await asyncio.to_thread(self._load)
+            if stored.revision > self._gallery.revision:
+                self._gallery = stored
+            before = self._gallery.revision
+            outcome = change(self._gallery)
+            if self._gallery.revision != before:
+                try:
+                    await asyncio.to_thread(self._store.write, self._gallery.to_bytes())
+                except GalleryStoreError:
+                    # Not stored means not done: drop the in-memory change so memory and store agree.
+                    self._gallery = await asyncio.to_thread(self._load)
+                    raise
+                metrics().gallery_faces.set(len(self._gallery))
+            return outcome, self._gallery.revision
+
+    async def add_faces(self, name: str, embeddings: np.ndarray, model_id: str) -> tuple[list[str], int]:
+        """Enrol embeddings for ``name``; returns the new face ids and the gallery revision that has them."""
+        ids, revision = await self._mutate(lambda g: g.add(name, embeddings, model_id))
+        return list(ids), revision
+
+    async def remove_person(self, name: str) -> tuple[int, int]:
+        removed, revision = await self._mutate(lambda g: g.remove_person(name))
+        return int(removed), revision
+
+    async def remove_face(self, name: str, face_id: str) -> tuple[bool, int]:
+        removed, revision = await self._mutate(lambda g: g.remove_face(name, face_id))
+        return bool(removed), revision
+
+    def people(self) -> tuple[dict[str, int], int]:
+        return self._gallery.people(), self._gallery.revision
+
+    def person(self, name: str) -> tuple[list[str], int]:
+        return self._gallery.faces_of(name), self._gallery.revision

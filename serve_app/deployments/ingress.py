@@ -1,0 +1,259 @@
+"""The HTTP ingress: the legacy ``POST /`` contract and the JSON API, in front of the Recognizer.
+
+Bad input never becomes a 500: a missing part is 400, a body over the limit 413, bytes that are not an image
+415, an image that cannot be decoded or has absurd dimensions 422, each with a JSON body that says what is
+wrong. Gallery changes need ``X-API-Key`` when ``FACEREC_API_KEY`` is set in the replica's environment.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Header, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
+from serve_app.metrics import metrics
+
+log = logging.getLogger("ray.serve")
+
+API_KEY_ENV = "FACEREC_API_KEY"
+NAME_PATTERN = re.compile(r"^[\w][\w .'\-]{0,99}$")
+
+# InvalidImageError.reason -> HTTP status.
+STATUS_FOR_REASON = {"empty": 400, "not_an_image": 415, "truncated": 422, "bad_size": 422, "too_large": 422}
+
+app = FastAPI(
+    title="facerec",
+    version="0.1.0",
+    description="Face recognition: the legacy `POST /` contract and a JSON API for recognition and the gallery.",
+)
+
+
+class HTTPProblem(Exception):
+    """An error answer with a JSON body ``{"error": {"code": ..., "message": ...}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@app.exception_handler(HTTPProblem)
+async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
+    return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+
+
+@app.middleware("http")
+async def _limits_and_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    started = time.perf_counter()
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    declared = request.headers.get("content-length")
+    if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+        # Refuse before reading a byte of the body.
+        response: Response = JSONResponse(
+            {"error": {"code": "body_too_large", "message": f"the request body is {declared} bytes; the limit is {limit}"}},
+            status_code=413,
+        )
+    else:
+        response = await call_next(request)
+    route = request.scope.get("route")
+    path = getattr(route, "path", "unmatched")
+    metrics().requests.inc(tags={"route": path, "status": str(response.status_code)})
+    metrics().request_latency_ms.observe((time.perf_counter() - started) * 1000.0, tags={"route": path})
+    return response
+
+
+@dataclass(frozen=True)
+class IngressLimits:
+    max_upload_bytes: int
+    max_body_bytes: int
+    max_enrol_photos: int
+
+
+FileParam = Annotated[UploadFile | None, File()]
+
+
+@serve.ingress(app)
+class IngressDeployment:
+    """FastAPI routes; the work is done by the Recognizer and GalleryWriter deployments, through handles."""
+
+    def __init__(
+        self,
+        recognizer: DeploymentHandle,
+        writer: DeploymentHandle,
+        limits: IngressLimits,
+        model_id: str,
+        threshold: float,
+    ) -> None:
+        self._recognizer = recognizer
+        self._writer = writer
+        self._limits = limits
+        self._model_id = model_id
+        self._threshold = threshold
+        # The newest gallery revision this replica has written: recognitions it sends ask for at least this.
+        self._min_revision = 0
+        # Read here, in the replica, not at bind time: the key arrives through the runtime environment.
+        self._api_key = os.environ.get(API_KEY_ENV) or None
+        app.state.max_body_bytes = limits.max_body_bytes
+
+    # --- helpers ------------------------------------------------------------------------------------------
+    async def _read(self, upload: UploadFile | None, part: str) -> tuple[str, bytes]:
+        if upload is None:
+            raise HTTPProblem(400, "missing_part", f"the multipart part {part!r} is missing")
+        data = await upload.read(self._limits.max_upload_bytes + 1)
+        if len(data) > self._limits.max_upload_bytes:
+            raise HTTPProblem(
+                413, "file_too_large", f"{part!r} is over the {self._limits.max_upload_bytes}-byte upload limit"
+            )
+        return upload.filename or part, data
+
+    @staticmethod
+    def _raise_for(result: Any, label: str) -> None:
+        if isinstance(result, JobError):
+            raise HTTPProblem(STATUS_FOR_REASON.get(result.reason, 422), result.reason, f"{label}: {result.message}")
+
+    def _authorize(self, key: str | None) -> None:
+        if self._api_key is None:
+            return
+        if key is None or not hmac.compare_digest(key.encode(), self._api_key.encode()):
+            raise HTTPProblem(401, "unauthorized", "gallery changes need a valid X-API-Key header")
+
+    @staticmethod
+    def _check_name(name: str) -> str:
+        name = name.strip()
+        if not NAME_PATTERN.match(name):
+            raise HTTPProblem(
+                422, "bad_name", "a name is 1-100 letters, digits, spaces or . ' - _ and starts with a letter or digit"
+            )
+        return name
+
+    async def _recognize(self, data: bytes, threshold: float | None = None, top_k: int | None = None) -> Any:
+        job = RecognizeJob(data, threshold=threshold, top_k=top_k, min_revision=self._min_revision)
+        return await self._recognizer.run.remote(job)
+
+    # --- the legacy contract ------------------------------------------------------------------------------
+    @app.post("/", response_class=PlainTextResponse, summary="Legacy: the main face's name as `<stem>:<Name>`")
+    async def legacy(self, input_file: Annotated[UploadFile | None, File(alias="inputFile")] = None) -> Response:
+        filename, data = await self._read(input_file, "inputFile")
+        result = await self._recognize(data)
+        self._raise_for(result, filename)
+        stem = PurePath(filename).stem
+        metrics().faces_per_image.observe(len(result["faces"]))
+        return PlainTextResponse(f"{stem}:{result['name'] or 'Unknown'}")
+
+    # --- JSON API -----------------------------------------------------------------------------------------
+    @app.post("/v1/recognize", summary="Every face in the photo: box, landmarks, name or null, similarity")
+    async def recognize(
+        self,
+        image: FileParam = None,
+        top_k: Annotated[int | None, Query(ge=1, le=100)] = None,
+        threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    ) -> dict[str, Any]:
+        filename, data = await self._read(image, "image")
+        result = await self._recognize(data, threshold, top_k)
+        self._raise_for(result, filename)
+        return {"filename": filename, **result}
+
+    @app.post("/v1/detect", summary="Faces only: boxes, detection scores and landmarks")
+    async def detect(self, image: FileParam = None) -> dict[str, Any]:
+        filename, data = await self._read(image, "image")
+        result = await self._recognizer.run.remote(DetectJob(data))
+        self._raise_for(result, filename)
+        return {"filename": filename, **result}
+
+    @app.post("/v1/verify", summary="Are the main faces of two photos the same person?")
+    async def verify(self, image1: FileParam = None, image2: FileParam = None) -> dict[str, Any]:
+        (name1, data1), (name2, data2) = await self._read(image1, "image1"), await self._read(image2, "image2")
+        first, second = await asyncio.gather(
+            self._recognizer.run.remote(EmbedJob(data1)), self._recognizer.run.remote(EmbedJob(data2))
+        )
+        self._raise_for(first, name1)
+        self._raise_for(second, name2)
+        missing = [n for n, v in ((name1, first), (name2, second)) if v is None]
+        if missing:
+            raise HTTPProblem(422, "no_face", f"no face found in {', '.join(missing)}")
+        similarity = float(np.dot(first, second))
+        return {
+            "same_person": similarity >= self._threshold,
+            "similarity": round(similarity, 4),
+            "threshold": self._threshold,
+            "model_id": self._model_id,
+        }
+
+    # --- the gallery --------------------------------------------------------------------------------------
+    @app.get("/v1/people", summary="Enrolled people and how many faces each has")
+    async def people(self) -> dict[str, Any]:
+        people, revision = await self._writer.people.remote()
+        return {"people": [{"name": n, "faces": c} for n, c in people.items()], "revision": revision}
+
+    @app.get("/v1/people/{name}", summary="One enrolled person and their face ids")
+    async def person(self, name: str) -> dict[str, Any]:
+        faces, revision = await self._writer.person.remote(name)
+        if not faces:
+            raise HTTPProblem(404, "unknown_person", f"nobody called {name!r} is enrolled")
+        return {"name": name, "face_ids": faces, "faces": len(faces), "revision": revision}
+
+    @app.post("/v1/people/{name}/faces", status_code=201, summary="Enrol one or more photos of one face each")
+    async def enrol(
+        self,
+        name: str,
+        images: Annotated[list[UploadFile] | None, File()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        self._authorize(x_api_key)
+        name = self._check_name(name)
+        if not images:
+            raise HTTPProblem(400, "missing_part", "the multipart part 'images' is missing (one or more files)")
+        if len(images) > self._limits.max_enrol_photos:
+            raise HTTPProblem(413, "too_many_files", f"at most {self._limits.max_enrol_photos} photos per request")
+        photos = tuple([await self._read(upload, "images") for upload in images])
+        outcomes = await self._recognizer.run.remote(EnrolJob(photos))
+        accepted = [o for o in outcomes if o["embedding"] is not None]
+        refused = [{"photo": o["photo"], "reason": o["refused"]} for o in outcomes if o["embedding"] is None]
+        if not accepted:
+            return JSONResponse({"name": name, "enrolled": [], "refused": refused, "revision": None}, status_code=422)
+        face_ids, revision = await self._writer.add_faces.remote(
+            name, np.stack([o["embedding"] for o in accepted]), self._model_id
+        )
+        self._min_revision = max(self._min_revision, revision)
+        enrolled = [{"photo": o["photo"], "face_id": f} for o, f in zip(accepted, face_ids, strict=True)]
+        return JSONResponse({"name": name, "enrolled": enrolled, "refused": refused, "revision": revision}, 201)
+
+    @app.delete("/v1/people/{name}", summary="Forget a person and all their faces")
+    async def forget(self, name: str, x_api_key: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        self._authorize(x_api_key)
+        removed, revision = await self._writer.remove_person.remote(name)
+        if not removed:
+            raise HTTPProblem(404, "unknown_person", f"nobody called {name!r} is enrolled")
+        self._min_revision = max(self._min_revision, revision)
+        return {"name": name, "removed_faces": removed, "revision": revision}
+
+    @app.delete("/v1/people/{name}/faces/{face_id}", summary="Forget one enrolled face")
+    async def forget_face(
+        self, name: str, face_id: str, x_api_key: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        self._authorize(x_api_key)
+        removed, revision = await self._writer.remove_face.remote(name, face_id)
+        if not removed:
+            raise HTTPProblem(404, "unknown_face", f"{name!r} has no face {face_id!r}")
+        self._min_revision = max(self._min_revision, revision)
+        return {"name": name, "removed_face": face_id, "revision": revision}
+
+    # --- operations ---------------------------------------------------------------------------------------
+    @app.get("/healthz", summary="200 once a Recognizer replica has its models loaded")
+    async def healthz(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self._recognizer.info.remote(), timeout=5.0)
+        except (TimeoutError, asyncio.TimeoutError):
+            return JSONResponse({"status": "starting", "detail": "no Recognizer replica answered"}, status_code=503)
+        return JSONResponse({"status": "ok", **info})

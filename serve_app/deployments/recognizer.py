@@ -1,0 +1,148 @@
+"""The Recognizer deployment: owns the models and a read-only copy of the shared gallery, batches requests.
+
+Concurrent requests (HTTP and queue alike) are gathered by ``@serve.batch`` and run as one batch on a worker
+thread, so the event loop keeps accepting requests while torch computes. The gallery copy follows the store:
+a background task polls the store's change token every ``gallery_refresh_s`` seconds, and a request that
+carries a newer ``min_revision`` (read-your-writes after an enrolment) refreshes it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import torch
+from ray import serve
+
+from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
+from serve_app.jobs import Job, RecognizeJob, run_jobs
+from serve_app.metrics import metrics
+from serve_app.model.gallery import Gallery, GalleryError
+from serve_app.model.pipeline import load_models
+from serve_app.model.recognizer import Recognizer
+from serve_app.settings import RecognitionConfig
+
+log = logging.getLogger("ray.serve")
+
+
+class RecognizerDeployment:
+    """Serve wrapper around :class:`serve_app.model.recognizer.Recognizer`. Deployed by :mod:`serve_app.app`."""
+
+    def __init__(
+        self,
+        recognition: RecognitionConfig,
+        gallery_uri: str,
+        gallery_refresh_s: float,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_pixels: int,
+        torch_threads: int,
+    ) -> None:
+        # Size torch to this replica's CPU share: more threads than reserved cores only contend with neighbours.
+        torch.set_num_threads(max(1, torch_threads))
+        models = load_models(
+            recognition.checkpoint,
+            detector_config=recognition.detector_config(),
+            flip=recognition.flip,
+            max_embed_batch=recognition.max_embed_batch,
+            threshold=recognition.threshold,
+        )
+        self._store: GalleryStore = open_gallery_store(gallery_uri)
+        self._model_id = models.embedder.model_id
+        self._token: str | None = None
+        gallery = self._read_gallery() or Gallery(models.embedder.model_id, models.embedder.dim)
+        self._recognizer = Recognizer(
+            models.detector, models.embedder, gallery, threshold=models.threshold, top_k=recognition.top_k
+        )
+        self._max_pixels = max_pixels
+        self._refresh_s = gallery_refresh_s
+        self._refresh_lock = asyncio.Lock()
+        self._run_batch.set_max_batch_size(max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._metrics = metrics()
+        self._publish_gallery_metrics()
+        self._poller = asyncio.get_event_loop().create_task(self._poll_gallery())
+        log.info("Recognizer ready: %s, gallery %s (%d faces)", self._model_id, self._store.describe(), len(gallery))
+
+    # --- gallery following --------------------------------------------------------------------------------
+    def _read_gallery(self) -> Gallery | None:
+        token = self._store.token()
+        if token is None:
+            return None
+        data = self._store.read()
+        if data is None:
+            return None
+        gallery = Gallery.from_bytes(data, expected_model_id=self._model_id)
+        self._token = token
+        return gallery
+
+    async def _refresh(self, force: bool = False) -> None:
+        async with self._refresh_lock:
+            token = await asyncio.to_thread(self._store.token)
+            if token == self._token and not force:
+                return
+            gallery = await asyncio.to_thread(self._read_gallery)
+            if gallery is not None and gallery.revision >= self._recognizer.gallery.revision:
+                self._recognizer.gallery = gallery  # one reference swap: a running batch keeps its old copy
+                self._publish_gallery_metrics()
+                log.info("gallery refreshed to revision %d (%d faces)", gallery.revision, len(gallery))
+
+    async def _poll_gallery(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self._refresh()
+            except (GalleryStoreError, GalleryError) as exc:
+                # Keep serving the copy we have; the next poll tries again.
+                log.warning("gallery refresh failed: %s", exc)
+
+    def _publish_gallery_metrics(self) -> None:
+        gallery = self._recognizer.gallery
+        self._metrics.gallery_faces.set(len(gallery))
+        self._metrics.gallery_people.set(len(gallery.people()))
+        self._metrics.gallery_revision.set(gallery.revision)
+
+    # --- requests -----------------------------------------------------------------------------------------
+    async def run(self, job: Job) -> Any:
+        """Run one job; concurrent calls are batched together."""
+        return await self._run_batch(job)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _run_batch(self, jobs: list[Job]) -> list[Any]:
+        newest = max((j.min_revision for j in jobs if isinstance(j, RecognizeJob)), default=0)
+        if newest > self._recognizer.gallery.revision:
+            await self._refresh(force=True)
+        started = time.perf_counter()
+        results = await asyncio.to_thread(run_jobs, self._recognizer, jobs, self._max_pixels)
+        self._metrics.batch_size.observe(len(jobs))
+        self._record_stage_metrics(results, started)
+        return results
+
+    def _record_stage_metrics(self, results: list[Any], started: float) -> None:
+        seen_batch = False
+        for result in results:
+            if isinstance(result, dict) and "timings_ms" in result:
+                self._metrics.faces_per_image.observe(len(result["faces"]))
+                timings = result["timings_ms"]
+                self._metrics.stage_latency_ms.observe(timings["decode"], tags={"stage": "decode"})
+                if not seen_batch:  # detect/embed/match are per batch: record them once
+                    seen_batch = True
+                    for stage in ("detect", "embed", "match"):
+                        self._metrics.stage_latency_ms.observe(timings[stage], tags={"stage": stage})
+        self._metrics.stage_latency_ms.observe((time.perf_counter() - started) * 1000.0, tags={"stage": "batch"})
+
+    def info(self) -> dict[str, Any]:
+        """Model and gallery facts for /healthz (a replica only answers once its models are loaded)."""
+        gallery = self._recognizer.gallery
+        return {
+            "model_id": self._model_id,
+            "threshold": self._recognizer.threshold,
+            "gallery_revision": gallery.revision,
+            "gallery_faces": len(gallery),
+            "gallery_people": len(gallery.people()),
+        }
+
+    def people(self) -> dict[str, int]:
+        return self._recognizer.gallery.people()

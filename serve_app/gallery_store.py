@@ -1,0 +1,146 @@
+"""Where the shared gallery lives: an S3 object or a local file, read by every replica, written by one.
+
+A store holds the serialised gallery (see :mod:`serve_app.model.gallery`) and answers two cheap questions:
+``token()`` (has it changed since I last read it?) and ``read()``. Writes replace the whole snapshot
+atomically (S3 ``PutObject`` is atomic per object; locally, write-then-rename), so a reader sees the old
+gallery or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from serve_app.model.gallery import GALLERY_FILENAME
+
+
+class GalleryStoreError(RuntimeError):
+    """The gallery store cannot be read or written (permissions, missing bucket, network)."""
+
+
+class GalleryStore(Protocol):
+    """Whole-snapshot storage for one gallery."""
+
+    def describe(self) -> str: ...
+
+    def token(self) -> str | None:
+        """A value that changes whenever the snapshot changes; ``None`` while there is no snapshot."""
+        ...
+
+    def read(self) -> bytes | None:
+        """The snapshot bytes, or ``None`` while there is none."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Replace the snapshot atomically."""
+        ...
+
+
+@dataclass
+class LocalGalleryStore:
+    """``<directory>/gallery.npz`` on a local (or shared) file system."""
+
+    directory: Path
+
+    @property
+    def path(self) -> Path:
+        return self.directory / GALLERY_FILENAME
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def token(self) -> str | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        # A rename-into-place gives a new inode even when size and mtime happen to match.
+        return f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}"
+
+    def read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, data: bytes) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".gallery-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@dataclass
+class S3GalleryStore:
+    """``s3://<bucket>/<prefix>gallery.npz``. The boto3 client is passed in (credentials: the standard chain)."""
+
+    client: Any
+    bucket: str
+    prefix: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.prefix.rstrip('/')}/{GALLERY_FILENAME}" if self.prefix.strip("/") else GALLERY_FILENAME
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def token(self) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise GalleryStoreError(f"cannot read {self.describe()}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise GalleryStoreError(f"cannot reach {self.describe()}: {exc}") from exc
+        return str(head["ETag"])
+
+    def read(self) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return bytes(response["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise GalleryStoreError(f"cannot read {self.describe()}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise GalleryStoreError(f"cannot reach {self.describe()}: {exc}") from exc
+
+    def write(self, data: bytes) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, ContentType="application/octet-stream")
+        except (BotoCoreError, ClientError) as exc:
+            raise GalleryStoreError(f"cannot write {self.describe()}: {exc}") from exc
+
+
+def open_gallery_store(uri: str) -> GalleryStore:
+    """``s3://bucket/prefix`` or a local directory (``file:///dir`` or a plain path)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"gallery URI {uri!r} names no bucket")
+        import boto3
+
+        # boto3 finds credentials, region and (for the local moto server) AWS_ENDPOINT_URL by itself.
+        return S3GalleryStore(boto3.client("s3"), parsed.netloc, parsed.path.lstrip("/"))
+    if parsed.scheme in ("", "file"):
+        return LocalGalleryStore(Path(parsed.path if parsed.scheme == "file" else uri).expanduser())
+    raise ValueError(f"unsupported gallery URI {uri!r}: use s3://bucket/prefix or a directory")

@@ -1,0 +1,114 @@
+"""Work items the ingress (and the SQS bridge) send to Recognizer replicas, and what comes back.
+
+Plain dataclasses, no Ray: they cross process boundaries pickled, and the batch logic that consumes them
+(:func:`run_jobs`) is tested without a cluster. Each job carries raw image bytes; decoding happens in the
+replica so that a bad upload costs the ingress nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.model.enrollment import embed_for_enrolment
+from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
+from serve_app.model.recognizer import Recognizer, embed_main_faces
+from serve_app.results import detection_to_dict, image_result_to_dict
+
+
+@dataclass(frozen=True)
+class RecognizeJob:
+    """Every face in a photo, named. ``threshold``/``top_k`` of ``None`` mean the service defaults."""
+
+    image: bytes
+    threshold: float | None = None
+    top_k: int | None = None
+    #: Read-your-writes: the replica refreshes its gallery first if it is older than this revision.
+    min_revision: int = 0
+
+
+@dataclass(frozen=True)
+class DetectJob:
+    """Faces only: boxes, scores, landmarks."""
+
+    image: bytes
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """The main face's embedding (for verify)."""
+
+    image: bytes
+
+
+@dataclass(frozen=True)
+class EnrolJob:
+    """Embeddings for enrolment: exactly one face per photo, or the reason a photo is refused."""
+
+    photos: tuple[tuple[str, bytes], ...]
+
+
+Job = RecognizeJob | DetectJob | EmbedJob | EnrolJob
+
+
+@dataclass(frozen=True)
+class JobError:
+    """A job that failed because of its input. ``reason`` is :attr:`InvalidImageError.reason`."""
+
+    reason: str
+    message: str
+
+
+def run_jobs(recognizer: Recognizer, jobs: Sequence[Job], max_pixels: int) -> list[Any]:
+    """Run a mixed batch: jobs of one kind (and settings) share one detector pass and one embedder pass.
+
+    Returns, per job: a JSON-ready ``dict`` (recognize, detect), an embedding ``np.ndarray`` or ``None``
+    (embed), a list of per-photo dicts (enrol), or a :class:`JobError`.
+    """
+    out: list[Any] = [None] * len(jobs)
+    decoded: dict[int, DecodedImage] = {}
+    for position, job in enumerate(jobs):
+        if isinstance(job, EnrolJob):
+            continue
+        try:
+            decoded[position] = decode_image(job.image, max_pixels=max_pixels)
+        except InvalidImageError as exc:
+            out[position] = JobError(exc.reason, str(exc))
+
+    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for position, job in enumerate(jobs):
+        if isinstance(job, EnrolJob):
+            groups[("enrol",)].append(position)
+        elif position in decoded:
+            key = ("recognize", job.threshold, job.top_k) if isinstance(job, RecognizeJob) else (type(job).__name__,)
+            groups[key].append(position)
+
+    for key, positions in groups.items():
+        kind = key[0]
+        if kind == "recognize":
+            results = recognizer.recognize([decoded[p] for p in positions], threshold=key[1], top_k=key[2])
+            for position, result in zip(positions, results, strict=True):
+                out[position] = image_result_to_dict(result)
+        elif kind == "DetectJob":
+            images = [decoded[p] for p in positions]
+            for position, image, faces in zip(positions, images, recognizer.detector.detect(images), strict=True):
+                out[position] = {
+                    "width": image.width,
+                    "height": image.height,
+                    "faces": [detection_to_dict(face) for face in faces],
+                }
+        elif kind == "EmbedJob":
+            vectors = embed_main_faces(recognizer.detector, recognizer.embedder, [decoded[p] for p in positions])
+            for position, vector in zip(positions, vectors, strict=True):
+                out[position] = vector
+        else:
+            for position in positions:
+                job = jobs[position]
+                assert isinstance(job, EnrolJob)
+                outcomes = embed_for_enrolment(recognizer.detector, recognizer.embedder, job.photos)
+                out[position] = [
+                    {"photo": o.label, "embedding": o.embedding, "refused": o.refused} for o in outcomes
+                ]
+    return out

@@ -1,0 +1,51 @@
+"""Application metrics, exported through Ray's metrics agent (Prometheus format) to the Ray dashboard.
+
+Names are prefixed ``facerec_``; Ray adds ``ray_`` when it exports them, so on the metrics endpoint they read
+``ray_facerec_requests_total`` and so on. Created lazily, once per process, because a metric object must be
+built inside the Ray worker that records it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+FACE_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 5.5, 10.5, 20.5, 50.5]
+BATCH_BOUNDARIES = [1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "facerec_requests", description="HTTP requests by route and status code.", tag_keys=("route", "status")
+        )
+        self.request_latency_ms = Histogram(
+            "facerec_request_latency_ms",
+            description="HTTP request latency by route (milliseconds).",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("route",),
+        )
+        self.faces_per_image = Histogram(
+            "facerec_faces_per_image", description="Faces found per recognised image.", boundaries=FACE_BOUNDARIES
+        )
+        self.stage_latency_ms = Histogram(
+            "facerec_stage_latency_ms",
+            description="Recognizer batch time per stage: decode, detect, embed, match (milliseconds).",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("stage",),
+        )
+        self.batch_size = Histogram(
+            "facerec_batch_size", description="Jobs per Recognizer batch.", boundaries=BATCH_BOUNDARIES
+        )
+        self.gallery_faces = Gauge(
+            "facerec_gallery_faces", description="Faces enrolled in the gallery a replica serves from."
+        )
+        self.gallery_people = Gauge("facerec_gallery_people", description="People enrolled in the gallery.")
+        self.gallery_revision = Gauge("facerec_gallery_revision", description="Gallery revision a replica serves.")
+
+
+@cache
+def metrics() -> Metrics:
+    return Metrics()

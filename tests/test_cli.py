@@ -1,0 +1,86 @@
+"""The ``facerec`` command line on real photos: enrol, recognise (JSON lines), verify, gallery tools."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve_app.cli.main import main
+
+from .conftest import LFW, SCENES
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[dict[str, object]]]:
+    code = main(list(argv))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return code, [json.loads(line) for line in lines]
+
+
+def test_enroll_then_recognize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gallery = tmp_path / "gallery"
+    code, (summary,) = run(capsys, "enroll", "--gallery", str(gallery), str(SCENES / "knn" / "train"))
+    assert code == 0
+    assert summary["enrolled_faces"] == 9 and summary["refused_photos"] == 0
+    assert (gallery / "gallery.npz").is_file()
+
+    images = [SCENES / "knn" / "test" / "obama1.jpg", SCENES / "knn" / "test" / "kit_with_rose.jpg"]
+    code, results = run(capsys, "recognize", "--gallery", str(gallery), *map(str, images))
+    assert code == 0 and len(results) == 2
+    assert results[0]["name"] == "obama"
+    assert sorted(f["name"] for f in results[1]["faces"]) == ["kit_harington", "rose_leslie"]  # type: ignore[union-attr,index]
+
+    code, (shown,) = run(capsys, "gallery", "show", "--gallery", str(gallery))
+    assert shown["faces"] == 9 and shown["people"]["obama"] == 2  # type: ignore[index]
+
+
+def test_recognize_reports_bad_files_and_keeps_going(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gallery = tmp_path / "gallery"
+    people = tmp_path / "people"
+    shutil.copytree(SCENES / "knn" / "train" / "obama", people / "obama")
+    assert run(capsys, "enroll", "--gallery", str(gallery), str(people))[0] == 0
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"definitely not a jpeg")
+    good = SCENES / "knn" / "test" / "obama1.jpg"
+    code, results = run(capsys, "recognize", "--gallery", str(gallery), str(broken), str(good))
+    assert code == 2
+    assert results[0]["reason"] == "not_an_image" and "error" in results[0]
+    assert results[1]["name"] == "obama"
+
+
+def test_enroll_refuses_group_photos(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    people = tmp_path / "people"
+    (people / "group").mkdir(parents=True)
+    shutil.copy(SCENES / "couple.jpg", people / "group" / "couple.jpg")
+    code, (summary,) = run(capsys, "enroll", "--gallery", str(tmp_path / "g"), str(people))
+    assert code == 0 and summary["enrolled_faces"] == 0 and summary["refused_photos"] == 1
+
+
+def test_verify_same_and_different_people(capsys: pytest.CaptureFixture[str]) -> None:
+    sorkin = LFW / "images" / "Aaron_Sorkin"
+    code, (same,) = run(capsys, "verify", str(sorkin / "Aaron_Sorkin_0001.jpg"), str(sorkin / "Aaron_Sorkin_0002.jpg"))
+    assert code == 0 and same["same_person"] is True
+    other = LFW / "images" / "AJ_Cook" / "AJ_Cook_0001.jpg"
+    code, (different,) = run(capsys, "verify", str(sorkin / "Aaron_Sorkin_0001.jpg"), str(other))
+    assert code == 0 and different["same_person"] is False
+    assert float(same["similarity"]) > float(different["similarity"])  # type: ignore[arg-type]
+
+
+def test_import_legacy_gallery(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(([torch.ones(1, 4), torch.zeros(1, 4) + 0.5], ["Paul", "John"]), tmp_path / "data.pt")
+    code, (summary,) = run(
+        capsys, "gallery", "import-legacy", str(tmp_path / "data.pt"), "--gallery", str(tmp_path / "g"), "--model-id", "m"
+    )
+    assert code == 0 and summary["people"] == {"John": 1, "Paul": 1}
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("facerec")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True, timeout=60)
+    for command in ("enroll", "recognize", "verify", "eval", "weights"):
+        assert command in out.stdout
