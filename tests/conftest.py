@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.serve_fixtures import moto_endpoint, serve_cluster
+
+__all__ = ["moto_endpoint", "serve_cluster"]
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -137,6 +137,7 @@ class RecognizerDeployment:
         """Model and gallery facts for /healthz (a replica only answers once its models are loaded)."""
         gallery = self._recognizer.gallery
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "model_id": self._model_id,
             "threshold": self._recognizer.threshold,
             "gallery_revision": gallery.revision,

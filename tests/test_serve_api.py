@@ -1,0 +1,238 @@
+"""The HTTP API of a real Serve application on 127.0.0.1: legacy contract, JSON API, bad input, API key."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.serve_fixtures import API_KEY, ServeCluster, wait_until
+
+from .conftest import LFW, SCENES
+
+KNN = SCENES / "knn"
+MAX_UPLOAD = 3_000_000
+MAX_PHOTOS = 4
+EXPECTED = {
+    "alex_lacamoire1.jpg": ["alex_lacamoire"],
+    "johnsnow_test1.jpg": ["kit_harington"],
+    "obama1.jpg": ["obama"],
+    "obama_and_biden.jpg": ["biden", "obama"],
+    "kit_with_rose.jpg": ["rose_leslie", "kit_harington"],
+}
+
+
+@pytest.fixture(scope="module")
+def api(serve_cluster: ServeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.settings import RecognitionSettings
+
+    gallery = tmp_path_factory.mktemp("gallery")
+    app = build_app(
+        {
+            "gallery_uri": str(gallery),
+            "recognition": RecognitionSettings().model_dump(),
+            "gallery_refresh_s": 0.5,
+            "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0},
+            "max_upload_bytes": MAX_UPLOAD,
+            "max_enrol_photos": MAX_PHOTOS,
+        }
+    )
+    serve.run(app, name="api", route_prefix="/", blocking=False)
+    wait_until(lambda: _healthy(serve_cluster.url), 180, "the application did not become healthy")
+    yield serve_cluster.url
+    serve.delete("api")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def enrol(api: str, name: str, paths: list[Path], key: str | None = API_KEY) -> requests.Response:
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    headers = {"X-API-Key": key} if key is not None else {}
+    return requests.post(f"{api}/v1/people/{name}/faces", files=files, headers=headers, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def enrolled(api: str) -> str:
+    for person in sorted((KNN / "train").iterdir()):
+        response = enrol(api, person.name, sorted(person.iterdir()))
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["refused"] == [] and len(body["enrolled"]) == len(list(person.iterdir()))
+    return api
+
+
+def legacy(api: str, filename: str, data: bytes) -> requests.Response:
+    return requests.post(f"{api}/", files={"inputFile": (filename, data, "image/jpeg")}, timeout=120)
+
+
+def test_health_reports_loaded_models(api: str) -> None:
+    body = requests.get(f"{api}/healthz", timeout=10).json()
+    assert body["status"] == "ok" and body["model_id"].startswith("facenet-")
+
+
+def test_legacy_contract_byte_for_byte(enrolled: str) -> None:
+    response = legacy(enrolled, "test_000.jpg", (KNN / "test" / "obama1.jpg").read_bytes())
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.content == b"test_000:obama"
+
+
+def test_legacy_unknown_and_no_face(enrolled: str) -> None:
+    stranger = (LFW / "images" / "Aaron_Sorkin" / "Aaron_Sorkin_0001.jpg").read_bytes()
+    assert legacy(enrolled, "test_017.jpg", stranger).content == b"test_017:Unknown"
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), (90, 140, 200)).save(buffer, "PNG")
+    assert legacy(enrolled, "sky.png", buffer.getvalue()).content == b"sky:Unknown"
+
+
+def test_every_test_face_is_named(enrolled: str) -> None:
+    for filename, expected in EXPECTED.items():
+        response = requests.post(
+            f"{enrolled}/v1/recognize",
+            files={"image": (filename, (KNN / "test" / filename).read_bytes())},
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        faces = sorted(body["faces"], key=lambda f: f["box"][0])
+        assert [f["name"] for f in faces if f["name"] is not None] == expected, filename
+        face = faces[0]
+        assert {"box", "detection_score", "landmarks", "name", "similarity", "margin", "candidates"} <= set(face)
+        assert len(face["landmarks"]) == 5 and len(face["box"]) == 4
+        assert body["model_id"] and body["width"] > 0 and body["height"] > 0
+        assert {"decode", "detect", "embed", "match"} <= set(body["timings_ms"])
+
+
+def test_recognize_query_parameters(enrolled: str) -> None:
+    data = (KNN / "test" / "obama1.jpg").read_bytes()
+    strict = requests.post(f"{enrolled}/v1/recognize?threshold=0.999&top_k=2", files={"image": ("o.jpg", data)}).json()
+    assert strict["faces"][0]["name"] is None and len(strict["faces"][0]["candidates"]) == 2
+    assert strict["faces"][0]["candidates"][0]["name"] == "obama"
+    bad = requests.post(f"{enrolled}/v1/recognize?top_k=0", files={"image": ("o.jpg", data)})
+    assert bad.status_code == 422
+
+
+def test_verify(api: str) -> None:
+    sorkin = LFW / "images" / "Aaron_Sorkin"
+
+    def verify(a: Path, b: Path) -> dict[str, object]:
+        files = {"image1": (a.name, a.read_bytes()), "image2": (b.name, b.read_bytes())}
+        response = requests.post(f"{api}/v1/verify", files=files, timeout=120)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    same = verify(sorkin / "Aaron_Sorkin_0001.jpg", sorkin / "Aaron_Sorkin_0002.jpg")
+    different = verify(sorkin / "Aaron_Sorkin_0001.jpg", KNN / "test" / "obama1.jpg")
+    assert same["same_person"] is True and different["same_person"] is False
+    assert same["threshold"] == different["threshold"]
+    missing = requests.post(f"{api}/v1/verify", files={"image1": ("a.jpg", b"x")})
+    assert missing.status_code == 400
+
+
+def test_detect(api: str) -> None:
+    data = (KNN / "test" / "kit_with_rose.jpg").read_bytes()
+    body = requests.post(f"{api}/v1/detect", files={"image": ("k.jpg", data)}, timeout=120).json()
+    assert len(body["faces"]) == 2 and "name" not in body["faces"][0]
+
+
+def _bomb_png() -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 99)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("route", ["/", "/v1/recognize", "/v1/detect"])
+def test_bad_input_matrix(api: str, route: str) -> None:
+    part = "inputFile" if route == "/" else "image"
+    photo = (KNN / "test" / "obama1.jpg").read_bytes()
+    cases = [
+        ({"wrong": ("a.jpg", photo)}, 400, "missing_part"),
+        ({part: ("a.jpg", b"")}, 400, "empty"),
+        ({part: ("a.txt", b"hello, I am text")}, 415, "not_an_image"),
+        ({part: ("a.jpg", photo[:2000])}, 422, "truncated"),
+        ({part: ("bomb.png", _bomb_png())}, 422, "too_large"),
+        ({part: ("big.jpg", b"\xff" * (MAX_UPLOAD + 10))}, 413, "file_too_large"),
+    ]
+    for files, status, code in cases:
+        response = requests.post(f"{api}{route}", files=files, timeout=120)
+        assert response.status_code == status, (code, response.text)
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["error"]["code"] == code
+
+
+def test_body_over_the_limit_is_refused_before_reading(api: str) -> None:
+    body = b"x" * (MAX_UPLOAD * MAX_PHOTOS + 200_000)
+    response = requests.post(
+        f"{api}/v1/recognize", data=body, headers={"Content-Type": "multipart/form-data; boundary=zzz"}, timeout=60
+    )
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_api_key_guards_gallery_changes(api: str) -> None:
+    photo = [KNN / "train" / "biden" / "biden.jpg"]
+    assert enrol(api, "keytest", photo, key=None).status_code == 401
+    assert enrol(api, "keytest", photo, key="wrong").status_code == 401
+    assert requests.delete(f"{api}/v1/people/keytest", timeout=30).status_code == 401
+    assert enrol(api, "keytest", photo).status_code == 201
+    deleted = requests.delete(f"{api}/v1/people/keytest", headers={"X-API-Key": API_KEY}, timeout=30)
+    assert deleted.status_code == 200 and deleted.json()["removed_faces"] == 1
+    gone = requests.delete(f"{api}/v1/people/keytest", headers={"X-API-Key": API_KEY}, timeout=30)
+    assert gone.status_code == 404
+    assert requests.get(f"{api}/v1/people", timeout=30).status_code == 200  # reading needs no key
+
+
+def test_enrolment_refuses_group_and_faceless_photos(api: str) -> None:
+    response = enrol(api, "mixed", [SCENES / "couple.jpg", KNN / "train" / "obama" / "obama.jpg"])
+    assert response.status_code == 201
+    body = response.json()
+    assert [e["photo"] for e in body["enrolled"]] == ["obama.jpg"]
+    assert body["refused"][0]["photo"] == "couple.jpg" and "2 faces" in body["refused"][0]["reason"]
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 200), (10, 200, 10)).save(buffer, "JPEG")
+    files = [("images", ("green.jpg", buffer.getvalue()))]
+    only_bad = requests.post(f"{api}/v1/people/nobody/faces", files=files, headers={"X-API-Key": API_KEY})
+    assert only_bad.status_code == 422 and only_bad.json()["refused"][0]["reason"] == "no face found"
+    requests.delete(f"{api}/v1/people/mixed", headers={"X-API-Key": API_KEY}, timeout=30)
+
+
+def test_bad_names_and_unknown_people(api: str) -> None:
+    for bad in ("*star", "-dash", "x" * 101):
+        assert enrol(api, bad, [KNN / "train" / "obama" / "obama.jpg"]).status_code == 422, bad
+    assert requests.get(f"{api}/v1/people/nobody-at-all", timeout=30).status_code == 404
+
+
+def test_concurrent_enrolments_keep_each_others_faces(api: str) -> None:
+    photo = KNN / "train" / "rose_leslie" / "img1.jpg"
+    names = [f"concurrent_{i}" for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda n: enrol(api, n, [photo]).status_code, names))
+    assert statuses == [201] * 8
+    people = {p["name"]: p["faces"] for p in requests.get(f"{api}/v1/people", timeout=30).json()["people"]}
+    assert all(people.get(n) == 1 for n in names)
+    person = requests.get(f"{api}/v1/people/{names[0]}", timeout=30).json()
+    assert person["faces"] == 1 and len(person["face_ids"]) == 1
+    for name in names:
+        requests.delete(f"{api}/v1/people/{name}", headers={"X-API-Key": API_KEY}, timeout=30)
+
+
+def test_openapi_docs(api: str) -> None:
+    assert requests.get(f"{api}/docs", timeout=30).status_code == 200
+    paths = requests.get(f"{api}/openapi.json", timeout=30).json()["paths"]
+    assert {"/", "/v1/recognize", "/v1/verify", "/v1/detect", "/v1/people", "/healthz"} <= set(paths)
