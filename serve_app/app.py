@@ -61,7 +61,6 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
     torch_threads = config.recognition.torch_threads or max(1, math.floor(scaling.num_cpus))
 
     recognizer = serve.deployment(
-        RecognizerDeployment,
         name="Recognizer",
         ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
         max_ongoing_requests=scaling.max_ongoing_requests,
@@ -73,7 +72,7 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
             "upscale_delay_s": scaling.upscale_delay_s,
             "downscale_delay_s": scaling.downscale_delay_s,
         },
-    ).bind(
+    )(RecognizerDeployment).bind(
         config.recognition,
         config.gallery_uri,
         config.gallery_refresh_s,
@@ -82,8 +81,8 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
         config.max_pixels,
         torch_threads,
     )
-    writer = serve.deployment(
-        GalleryWriterDeployment, name="GalleryWriter", num_replicas=1, ray_actor_options={"num_cpus": 0.05}
+    writer = serve.deployment(name="GalleryWriter", num_replicas=1, ray_actor_options={"num_cpus": 0.05})(
+        GalleryWriterDeployment
     ).bind(config.gallery_uri, model_id, checkpoint.dim)
     limits = IngressLimits(
         max_upload_bytes=config.max_upload_bytes,
@@ -91,10 +90,10 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
         max_body_bytes=config.max_upload_bytes * config.max_enrol_photos + 64 * 1024,
         max_enrol_photos=config.max_enrol_photos,
     )
-    return serve.deployment(
-        IngressDeployment,
+    ingress = serve.deployment(
         name="Ingress",
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=1000,
-    ).bind(recognizer, writer, limits, model_id, threshold)
+    )(IngressDeployment)
+    return ingress.bind(recognizer, writer, limits, model_id, threshold)

@@ -8,14 +8,12 @@ gallery or the new one, never a mixture.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from serve_app.model.gallery import GALLERY_FILENAME
+from serve_app.model.gallery import GALLERY_FILENAME, write_atomically
 
 
 class GalleryStoreError(RuntimeError):
@@ -68,17 +66,7 @@ class LocalGalleryStore:
             return None
 
     def write(self, data: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".gallery-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, data)
 
 
 @dataclass

@@ -77,18 +77,20 @@ def run_jobs(recognizer: Recognizer, jobs: Sequence[Job], max_pixels: int) -> li
         except InvalidImageError as exc:
             out[position] = JobError(exc.reason, str(exc))
 
-    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    # Recognitions with different thresholds or top-k cannot share one matching step; everything else can.
+    groups: dict[tuple[str, float | None, int | None], list[int]] = defaultdict(list)
     for position, job in enumerate(jobs):
         if isinstance(job, EnrolJob):
-            groups[("enrol",)].append(position)
+            groups[("enrol", None, None)].append(position)
         elif position in decoded:
-            key = ("recognize", job.threshold, job.top_k) if isinstance(job, RecognizeJob) else (type(job).__name__,)
-            groups[key].append(position)
+            if isinstance(job, RecognizeJob):
+                groups[("recognize", job.threshold, job.top_k)].append(position)
+            else:
+                groups[(type(job).__name__, None, None)].append(position)
 
-    for key, positions in groups.items():
-        kind = key[0]
+    for (kind, threshold, top_k), positions in groups.items():
         if kind == "recognize":
-            results = recognizer.recognize([decoded[p] for p in positions], threshold=key[1], top_k=key[2])
+            results = recognizer.recognize([decoded[p] for p in positions], threshold=threshold, top_k=top_k)
             for position, result in zip(positions, results, strict=True):
                 out[position] = image_result_to_dict(result)
         elif kind == "DetectJob":
@@ -108,7 +110,5 @@ def run_jobs(recognizer: Recognizer, jobs: Sequence[Job], max_pixels: int) -> li
                 job = jobs[position]
                 assert isinstance(job, EnrolJob)
                 outcomes = embed_for_enrolment(recognizer.detector, recognizer.embedder, job.photos)
-                out[position] = [
-                    {"photo": o.label, "embedding": o.embedding, "refused": o.refused} for o in outcomes
-                ]
+                out[position] = [{"photo": o.label, "embedding": o.embedding, "refused": o.refused} for o in outcomes]
     return out

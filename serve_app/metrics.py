@@ -11,7 +11,7 @@ from functools import cache
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+LATENCY_BOUNDARIES_MS = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0]
 FACE_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 5.5, 10.5, 20.5, 50.5]
 BATCH_BOUNDARIES = [1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5]
 

@@ -66,7 +66,7 @@ def serve_cluster(moto_endpoint: str) -> Iterator[ServeCluster]:
     try:
         yield ServeCluster(port)
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
 
 

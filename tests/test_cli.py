@@ -33,7 +33,9 @@ def test_enroll_then_recognize(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, results = run(capsys, "recognize", "--gallery", str(gallery), *map(str, images))
     assert code == 0 and len(results) == 2
     assert results[0]["name"] == "obama"
-    assert sorted(f["name"] for f in results[1]["faces"]) == ["kit_harington", "rose_leslie"]  # type: ignore[union-attr,index]
+    faces = results[1]["faces"]
+    assert isinstance(faces, list)
+    assert sorted(f["name"] for f in faces) == ["kit_harington", "rose_leslie"]
 
     code, (shown,) = run(capsys, "gallery", "show", "--gallery", str(gallery))
     assert shown["faces"] == 9 and shown["people"]["obama"] == 2  # type: ignore[index]
@@ -74,7 +76,14 @@ def test_verify_same_and_different_people(capsys: pytest.CaptureFixture[str]) ->
 def test_import_legacy_gallery(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.save(([torch.ones(1, 4), torch.zeros(1, 4) + 0.5], ["Paul", "John"]), tmp_path / "data.pt")
     code, (summary,) = run(
-        capsys, "gallery", "import-legacy", str(tmp_path / "data.pt"), "--gallery", str(tmp_path / "g"), "--model-id", "m"
+        capsys,
+        "gallery",
+        "import-legacy",
+        str(tmp_path / "data.pt"),
+        "--gallery",
+        str(tmp_path / "g"),
+        "--model-id",
+        "m",
     )
     assert code == 0 and summary["people"] == {"John": 1, "Paul": 1}
 

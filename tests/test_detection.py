@@ -83,7 +83,7 @@ def test_landmarks_lie_inside_their_box(detector: FaceDetector) -> None:
     for face in detector.detect([load("knn/test/kit_with_rose.jpg")])[0]:
         x1, y1, x2, y2 = face.box
         assert all(x1 <= x <= x2 and y1 <= y <= y2 for x, y in face.landmarks)
-        (lx, ly), (rx, ry) = face.landmarks[:2]
+        (lx, _ly), (rx, _ry) = face.landmarks[:2]
         assert lx < rx  # left eye is left of the right eye as seen
 
 
@@ -91,11 +91,11 @@ def test_crops_have_the_embedder_shape(detector: FaceDetector) -> None:
     image = load("knn/test/kit_with_rose.jpg")
     crops = detector.crops(image, detector.detect([image])[0])
     assert crops.shape == (2, 3, 160, 160)
-    assert 0.0 <= float(crops.min()) and float(crops.max()) <= 255.0
+    assert float(crops.min()) >= 0.0 and float(crops.max()) <= 255.0
 
 
 def face(box: tuple[float, float, float, float]) -> DetectedFace:
-    return DetectedFace(box=box, probability=0.99, landmarks=((0.0, 0.0),) * 5)  # type: ignore[arg-type]
+    return DetectedFace(box=box, probability=0.99, landmarks=((0.0, 0.0),) * 5)
 
 
 def test_main_face_prefers_the_centre_over_the_largest() -> None:

@@ -95,7 +95,8 @@ def test_calibrated_view1_uses_the_calibration_threshold(tmp_path: Path) -> None
         return np.array([1.0, 0.0]), np.array([np.cos(angle), np.sin(angle)])
 
     embeddings: dict[str, np.ndarray] = {}
-    cal_rows, ev_rows = [], []
+    cal_rows: list[str] = []
+    ev_rows: list[str] = []
     for i, (kind, angle) in enumerate(angles.items()):
         a, b = pair_vectors(angle)
         embeddings[f"P{i}/P{i}_0001.jpg"], embeddings[f"P{i}/P{i}_0002.jpg"] = a, b

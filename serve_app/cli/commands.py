@@ -68,7 +68,9 @@ def enroll(settings: RecognitionSettings, gallery_dir: Path, photos_dir: Path) -
             gallery.add(person.name, np.stack(vectors), models.embedder.model_id)
             enrolled += len(vectors)
     gallery.save(gallery_dir)
-    emit({"gallery": str(gallery_dir), "enrolled_faces": enrolled, "refused_photos": refused, "people": gallery.people()})
+    emit(
+        {"gallery": str(gallery_dir), "enrolled_faces": enrolled, "refused_photos": refused, "people": gallery.people()}
+    )
     return 0
 
 

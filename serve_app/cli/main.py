@@ -12,6 +12,7 @@ from serve_app.settings import RecognitionSettings
 
 log = logging.getLogger("facerec")
 
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (defaults from FACEREC_* environment variables)")
     group.add_argument("--checkpoint", help="embedder: facenet-keras-128 (default), casia-webface-512, or a .pt file")

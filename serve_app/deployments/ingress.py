@@ -40,7 +40,7 @@ app = FastAPI(
 )
 
 
-class HTTPProblem(Exception):
+class APIError(Exception):
     """An error answer with a JSON body ``{"error": {"code": ..., "message": ...}}``."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -48,8 +48,8 @@ class HTTPProblem(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-@app.exception_handler(HTTPProblem)
-async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
+@app.exception_handler(APIError)
+async def _problem(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
 
 
@@ -61,7 +61,12 @@ async def _limits_and_metrics(request: Request, call_next: Callable[[Request], A
     if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
         # Refuse before reading a byte of the body.
         response: Response = JSONResponse(
-            {"error": {"code": "body_too_large", "message": f"the request body is {declared} bytes; the limit is {limit}"}},
+            {
+                "error": {
+                    "code": "body_too_large",
+                    "message": f"the request body is {declared} bytes; the limit is {limit}",
+                }
+            },
             status_code=413,
         )
     else:
@@ -89,8 +94,8 @@ class IngressDeployment:
 
     def __init__(
         self,
-        recognizer: DeploymentHandle,
-        writer: DeploymentHandle,
+        recognizer: DeploymentHandle[Any],
+        writer: DeploymentHandle[Any],
         limits: IngressLimits,
         model_id: str,
         threshold: float,
@@ -109,10 +114,10 @@ class IngressDeployment:
     # --- helpers ------------------------------------------------------------------------------------------
     async def _read(self, upload: UploadFile | None, part: str) -> tuple[str, bytes]:
         if upload is None:
-            raise HTTPProblem(400, "missing_part", f"the multipart part {part!r} is missing")
+            raise APIError(400, "missing_part", f"the multipart part {part!r} is missing")
         data = await upload.read(self._limits.max_upload_bytes + 1)
         if len(data) > self._limits.max_upload_bytes:
-            raise HTTPProblem(
+            raise APIError(
                 413, "file_too_large", f"{part!r} is over the {self._limits.max_upload_bytes}-byte upload limit"
             )
         return upload.filename or part, data
@@ -120,19 +125,19 @@ class IngressDeployment:
     @staticmethod
     def _raise_for(result: Any, label: str) -> None:
         if isinstance(result, JobError):
-            raise HTTPProblem(STATUS_FOR_REASON.get(result.reason, 422), result.reason, f"{label}: {result.message}")
+            raise APIError(STATUS_FOR_REASON.get(result.reason, 422), result.reason, f"{label}: {result.message}")
 
     def _authorize(self, key: str | None) -> None:
         if self._api_key is None:
             return
         if key is None or not hmac.compare_digest(key.encode(), self._api_key.encode()):
-            raise HTTPProblem(401, "unauthorized", "gallery changes need a valid X-API-Key header")
+            raise APIError(401, "unauthorized", "gallery changes need a valid X-API-Key header")
 
     @staticmethod
     def _check_name(name: str) -> str:
         name = name.strip()
         if not NAME_PATTERN.match(name):
-            raise HTTPProblem(
+            raise APIError(
                 422, "bad_name", "a name is 1-100 letters, digits, spaces or . ' - _ and starts with a letter or digit"
             )
         return name
@@ -181,7 +186,7 @@ class IngressDeployment:
         self._raise_for(second, name2)
         missing = [n for n, v in ((name1, first), (name2, second)) if v is None]
         if missing:
-            raise HTTPProblem(422, "no_face", f"no face found in {', '.join(missing)}")
+            raise APIError(422, "no_face", f"no face found in {', '.join(missing)}")
         similarity = float(np.dot(first, second))
         return {
             "same_person": similarity >= self._threshold,
@@ -200,7 +205,7 @@ class IngressDeployment:
     async def person(self, name: str) -> dict[str, Any]:
         faces, revision = await self._writer.person.remote(name)
         if not faces:
-            raise HTTPProblem(404, "unknown_person", f"nobody called {name!r} is enrolled")
+            raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
         return {"name": name, "face_ids": faces, "faces": len(faces), "revision": revision}
 
     @app.post("/v1/people/{name}/faces", status_code=201, summary="Enrol one or more photos of one face each")
@@ -213,9 +218,9 @@ class IngressDeployment:
         self._authorize(x_api_key)
         name = self._check_name(name)
         if not images:
-            raise HTTPProblem(400, "missing_part", "the multipart part 'images' is missing (one or more files)")
+            raise APIError(400, "missing_part", "the multipart part 'images' is missing (one or more files)")
         if len(images) > self._limits.max_enrol_photos:
-            raise HTTPProblem(413, "too_many_files", f"at most {self._limits.max_enrol_photos} photos per request")
+            raise APIError(413, "too_many_files", f"at most {self._limits.max_enrol_photos} photos per request")
         photos = tuple([await self._read(upload, "images") for upload in images])
         outcomes = await self._recognizer.run.remote(EnrolJob(photos))
         accepted = [o for o in outcomes if o["embedding"] is not None]
@@ -234,7 +239,7 @@ class IngressDeployment:
         self._authorize(x_api_key)
         removed, revision = await self._writer.remove_person.remote(name)
         if not removed:
-            raise HTTPProblem(404, "unknown_person", f"nobody called {name!r} is enrolled")
+            raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
         self._min_revision = max(self._min_revision, revision)
         return {"name": name, "removed_faces": removed, "revision": revision}
 
@@ -245,7 +250,7 @@ class IngressDeployment:
         self._authorize(x_api_key)
         removed, revision = await self._writer.remove_face.remote(name, face_id)
         if not removed:
-            raise HTTPProblem(404, "unknown_face", f"{name!r} has no face {face_id!r}")
+            raise APIError(404, "unknown_face", f"{name!r} has no face {face_id!r}")
         self._min_revision = max(self._min_revision, revision)
         return {"name": name, "removed_face": face_id, "revision": revision}
 
@@ -254,6 +259,6 @@ class IngressDeployment:
     async def healthz(self) -> JSONResponse:
         try:
             info = await asyncio.wait_for(self._recognizer.info.remote(), timeout=5.0)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return JSONResponse({"status": "starting", "detail": "no Recognizer replica answered"}, status_code=503)
         return JSONResponse({"status": "ok", **info})

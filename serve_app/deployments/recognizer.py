@@ -59,8 +59,9 @@ class RecognizerDeployment:
         self._max_pixels = max_pixels
         self._refresh_s = gallery_refresh_s
         self._refresh_lock = asyncio.Lock()
-        self._run_batch.set_max_batch_size(max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # serve.batch adds these setters to the decorated method at run time; the decorator's type hides them.
+        self._run_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._metrics = metrics()
         self._publish_gallery_metrics()
         self._poller = asyncio.get_event_loop().create_task(self._poll_gallery())

@@ -251,14 +251,11 @@ def embed_lfw_images(
         for start in range(0, len(images), batch_size):
             names = list(images[start : start + batch_size])
             payloads = [(root / name).read_bytes() for name in names]
-            vectors = embed_batch(payloads)
-            lost = [i for i, v in enumerate(vectors) if v is None]
-            if lost:
-                for i, vector in zip(lost, fallback([payloads[i] for i in lost]), strict=True):
-                    vectors[i] = vector
-                missing.extend(names[i] for i in lost)
-            for name, vector in zip(names, vectors, strict=True):
-                assert vector is not None
-                embeddings[name] = vector
+            found = embed_batch(payloads)
+            lost = [i for i, v in enumerate(found) if v is None]
+            rescued = dict(zip(lost, fallback([payloads[i] for i in lost]), strict=True)) if lost else {}
+            missing.extend(names[i] for i in lost)
+            for i, (name, vector) in enumerate(zip(names, found, strict=True)):
+                embeddings[name] = vector if vector is not None else rescued[i]
             bar.update(len(names))
     return EmbeddedImages(embeddings, missing, time.perf_counter() - started)

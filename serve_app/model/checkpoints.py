@@ -55,7 +55,7 @@ class Checkpoint:
 def _keras() -> nn.Module:
     from serve_app.model.weights.keras_h5 import build_keras_facenet_model, load_keras_facenet_state_dict
 
-    model = build_keras_facenet_model()
+    model: nn.Module = build_keras_facenet_model()
     model.load_state_dict(load_keras_facenet_state_dict(keras_h5_path()), strict=True)
     return model
 
@@ -63,14 +63,15 @@ def _keras() -> nn.Module:
 def _casia() -> nn.Module:
     from serve_app.model.weights.casia_graphdef import load_casia_state_dict
 
-    model = InceptionResnetV1(classify=False)
+    model: nn.Module = InceptionResnetV1(classify=False)
     model.load_state_dict(load_casia_state_dict(casia_graph_path()), strict=True)
     return model
 
 
 def _vggface2() -> nn.Module:
     # facenet-pytorch downloads these weights from GitHub on first use: only where a network exists.
-    return InceptionResnetV1(pretrained="vggface2", classify=False)  # type: ignore[no-any-return]
+    model: nn.Module = InceptionResnetV1(pretrained="vggface2", classify=False)
+    return model
 
 
 # Thresholds: see the README's "Choosing the embedder" table for the runs that produced them.
@@ -100,7 +101,7 @@ def resolve_checkpoint(name: str, threshold: float | None = None) -> Checkpoint:
         dim = int(state["last_linear.weight"].shape[0])
 
         def load_pt() -> nn.Module:
-            model = InceptionResnetV1(classify=False)
+            model: nn.Module = InceptionResnetV1(classify=False)
             if dim != 512:
                 model.last_linear = nn.Linear(1792, dim, bias=False)
                 model.last_bn = nn.BatchNorm1d(dim, eps=0.001, momentum=0.1, affine=True)

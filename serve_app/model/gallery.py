@@ -238,18 +238,8 @@ class Gallery:
 
     def save(self, directory: Path) -> Path:
         """Write ``directory/gallery.npz`` atomically: readers see the old file or the new one, never half."""
-        directory.mkdir(parents=True, exist_ok=True)
         target = directory / GALLERY_FILENAME
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".gallery-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(self.to_bytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(target, self.to_bytes())
         return target
 
     @classmethod
@@ -305,8 +295,24 @@ class _PersonIndex:
         return cls(starts=starts, people=[str(sorted_labels[s]) for s in starts])
 
 
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``target``, fsync it, then rename it over ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if np.any(norms == 0):
         raise GalleryError("an embedding is all zeros")
-    return (vectors / norms).astype(np.float32)
+    normalised: np.ndarray = (vectors / norms).astype(np.float32)
+    return normalised

@@ -70,7 +70,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(f"the image is too large to decode safely: {exc}", reason="too_large") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidImageError("the file is not an image in a format this service reads", reason="not_an_image") from exc
+        raise InvalidImageError(
+            "the file is not an image in a format this service reads", reason="not_an_image"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated or corrupt pixel data as OSError ("image file is truncated", "broken data
         # stream") and some malformed headers as SyntaxError/ValueError.

@@ -156,7 +156,9 @@ class Recognizer:
         return results
 
 
-def embed_main_faces(detector: FaceDetector, embedder: Embedder, images: Sequence[DecodedImage]) -> list[np.ndarray | None]:
+def embed_main_faces(
+    detector: FaceDetector, embedder: Embedder, images: Sequence[DecodedImage]
+) -> list[np.ndarray | None]:
     """The main face's embedding for each image (``None`` where no face is found): for verify, enrol and LFW."""
     detections = detector.detect(images)
     crops: list[torch.Tensor] = []

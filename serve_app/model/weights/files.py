@@ -97,6 +97,6 @@ def fetch_keras_h5(force: bool = False) -> Path:
             raise ValueError(f"{KERAS_MEMBER}: unexpected sha256")
         partial = Path(tmp) / KERAS_H5_NAME
         partial.write_bytes(data)
-        os.replace(partial, target)
+        partial.replace(target)
     log.info("Keras FaceNet weights verified and cached at %s", target)
     return target

@@ -133,9 +133,11 @@ def load_keras_facenet_state_dict(path: Path) -> dict[str, torch.Tensor]:
             group = weights[layer]
             variables: dict[str, np.ndarray] = {}
             group.visititems(
-                lambda name, obj, out=variables: out.__setitem__(name.rsplit("/", 1)[-1].removesuffix(":0"), obj[()])
-                if isinstance(obj, h5py.Dataset)
-                else None
+                lambda name, obj, out=variables: (
+                    out.__setitem__(name.rsplit("/", 1)[-1].removesuffix(":0"), obj[()])
+                    if isinstance(obj, h5py.Dataset)
+                    else None
+                )
             )
             if not variables:
                 continue  # activations, pooling, concatenation, lambdas, dropout: no weights
