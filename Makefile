@@ -38,5 +38,14 @@ unit: install
 test: lint typecheck
 	$(BIN)/pytest
 
+# The service on this machine: moto (local S3/SQS), a Ray head and the Serve app, all on 127.0.0.1.
+run: install
+	$(BIN)/python -m serve_app.local_run
+
+# Stops what `make run` started (it removes run/facerec.pid when it has stopped).
+stop:
+	@if [ -f run/facerec.pid ]; then kill -TERM $$(cat run/facerec.pid) && echo "stopping facerec (pid $$(cat run/facerec.pid))"; \
+	else echo "facerec is not running (no run/facerec.pid)"; fi
+
 clean:
 	rm -rf $(STAMPS) .mypy_cache .ruff_cache .pytest_cache

@@ -97,3 +97,7 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
         max_ongoing_requests=1000,
     )(IngressDeployment)
     return ingress.bind(recognizer, writer, limits, model_id, threshold)
+
+
+#: The application with default arguments, for ``serve build serve_app.app:app`` and ``serve run``.
+app = build_app({})

@@ -77,10 +77,10 @@ def _vggface2() -> nn.Module:
 # Thresholds: see the README's "Choosing the embedder" table for the runs that produced them.
 CHECKPOINTS: dict[str, Checkpoint] = {
     "facenet-keras-128": Checkpoint(
-        "facenet-keras-128", "facenet-keras-ms-celeb-128-v1", 128, Standardization.PREWHITEN, 0.42, _keras
+        "facenet-keras-128", "facenet-keras-ms-celeb-128-v1", 128, Standardization.PREWHITEN, 0.40, _keras
     ),
     "casia-webface-512": Checkpoint(
-        "casia-webface-512", "facenet-casia-webface-512-20180408", 512, Standardization.FIXED, 0.30, _casia
+        "casia-webface-512", "facenet-casia-webface-512-20180408", 512, Standardization.FIXED, 0.35, _casia
     ),
     "vggface2-512": Checkpoint(
         "vggface2-512", "facenet-pytorch-vggface2-512", 512, Standardization.FIXED, 0.40, _vggface2

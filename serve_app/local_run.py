@@ -1,0 +1,163 @@
+"""``make run``: the whole service on this machine, on loopback only.
+
+Starts a moto server as the local S3 (and, for the queue path, SQS), a local Ray head with the dashboard,
+and the Serve application with its HTTP proxy on 127.0.0.1:8000. Ctrl-C, SIGTERM or ``make stop`` stops
+everything it started (and only that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import yaml
+
+log = logging.getLogger("facerec.local")
+
+RUN_DIR = Path("run")
+PID_FILE = RUN_DIR / "facerec.pid"
+CONFIG = Path(__file__).with_name("config.yaml")
+GALLERY_BUCKET = "facerec-local-gallery"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+@contextmanager
+def moto_server(port: int) -> Iterator[str]:
+    """The local stand-in for S3/SQS. Its credentials are placeholders: moto accepts any."""
+    server = Path(sys.executable).with_name("moto_server")
+    RUN_DIR.mkdir(exist_ok=True)
+    with (RUN_DIR / "moto.log").open("ab") as output:
+        process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=output, stderr=output)
+    try:
+        _wait_for_port(port, 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _local_aws_environment(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "moto-local",
+        "AWS_SECRET_ACCESS_KEY": "moto-local",
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    }
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) -> int:
+    for port in (http_port, dashboard_port, moto_port, metrics_port):
+        if not _port_free(port):
+            log.error("127.0.0.1:%d is in use: is the service already running? (`make stop`)", port)
+            return 1
+    RUN_DIR.mkdir(exist_ok=True)
+    PID_FILE.write_text(str(os.getpid()))
+    try:
+        with moto_server(moto_port) as endpoint:
+            os.environ.update(_local_aws_environment(endpoint))
+            import boto3
+
+            boto3.client("s3").create_bucket(Bucket=GALLERY_BUCKET)
+            # Loopback only: this keeps GCS, raylet and dashboard on 127.0.0.1 (see the README).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # A local, loopback-only dashboard: no token, so the browser link just works.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            import ray
+            from ray import serve
+
+            from serve_app.app import build_app
+
+            ray.init(
+                address="local",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                _node_ip_address="127.0.0.1",
+                _metrics_export_port=metrics_port,
+                runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FACEREC_"))}},
+            )
+            # After ray.init: Ray installs its own SIGTERM handler there, which would abort instead of stopping.
+            stop = _stop_event()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+                args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+                args["gallery_uri"] = f"s3://{GALLERY_BUCKET}/gallery"
+                serve.run(build_app(args), name="facerec", route_prefix="/")
+                api = f"http://127.0.0.1:{http_port}"
+                print(
+                    "\nfacerec is running (Ctrl-C or `make stop` to stop):\n"
+                    f"  API        {api}/   (legacy POST /, JSON API under /v1)\n"
+                    f"  API docs   {api}/docs\n"
+                    f"  health     {api}/healthz\n"
+                    f"  dashboard  http://127.0.0.1:{dashboard_port}\n"
+                    f"  metrics    http://127.0.0.1:{metrics_port}/metrics   (grep facerec_)\n"
+                    f"  local S3   {endpoint}   (moto; gallery at s3://{GALLERY_BUCKET}/gallery)\n",
+                    flush=True,
+                )
+                stop.wait()
+            finally:
+                serve.shutdown()  # type: ignore[no-untyped-call]
+                ray.shutdown()
+    finally:
+        PID_FILE.unlink(missing_ok=True)
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--moto-port", type=int, default=5000)
+    parser.add_argument("--metrics-port", type=int, default=8080)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(run(args.http_port, args.dashboard_port, args.moto_port, args.metrics_port))
+
+
+if __name__ == "__main__":
+    main()
