@@ -56,7 +56,11 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
     config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     checkpoint = resolve_checkpoint(config.recognition.checkpoint, config.recognition.threshold)
     model_id = checkpoint.model_id + ("+flip" if config.recognition.flip else "")
-    threshold = checkpoint.threshold if config.recognition.threshold is None else config.recognition.threshold
+    threshold = (
+        checkpoint.threshold_for(config.recognition.flip)
+        if config.recognition.threshold is None
+        else config.recognition.threshold
+    )
     scaling = config.recognizer
     torch_threads = config.recognition.torch_threads or max(1, math.floor(scaling.num_cpus))
 

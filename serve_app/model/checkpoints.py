@@ -49,6 +49,11 @@ class Checkpoint:
     #: Cosine-similarity threshold for "same person", chosen on LFW View 1 DevTrain (``facerec eval lfw``).
     threshold: float
     load: Callable[[], nn.Module]
+    #: The DevTrain threshold with flip averaging, where it was measured (flipped embeddings agree more).
+    flip_threshold: float | None = None
+
+    def threshold_for(self, flip: bool) -> float:
+        return self.flip_threshold if flip and self.flip_threshold is not None else self.threshold
 
 
 # Converters are imported when their checkpoint is loaded: each pulls in its own file-format reader.
@@ -77,7 +82,13 @@ def _vggface2() -> nn.Module:
 # Thresholds: see the README's "Choosing the embedder" table for the runs that produced them.
 CHECKPOINTS: dict[str, Checkpoint] = {
     "facenet-keras-128": Checkpoint(
-        "facenet-keras-128", "facenet-keras-ms-celeb-128-v1", 128, Standardization.PREWHITEN, 0.40, _keras
+        "facenet-keras-128",
+        "facenet-keras-ms-celeb-128-v1",
+        128,
+        Standardization.PREWHITEN,
+        0.40,
+        _keras,
+        flip_threshold=0.42,
     ),
     "casia-webface-512": Checkpoint(
         "casia-webface-512", "facenet-casia-webface-512-20180408", 512, Standardization.FIXED, 0.35, _casia

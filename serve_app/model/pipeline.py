@@ -34,4 +34,4 @@ def load_models(
     resolved = resolve_checkpoint(checkpoint, threshold)
     detector = FaceDetector(detector_config, device=device)
     embedder = Embedder(resolved, max_batch=max_embed_batch, flip=flip, device=device)
-    return Models(detector, embedder, resolved.threshold if threshold is None else threshold)
+    return Models(detector, embedder, resolved.threshold_for(flip) if threshold is None else threshold)

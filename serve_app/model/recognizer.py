@@ -86,7 +86,7 @@ class Recognizer:
         self.detector = detector
         self.embedder = embedder
         self.gallery = gallery
-        self.threshold = embedder.checkpoint.threshold if threshold is None else threshold
+        self.threshold = embedder.checkpoint.threshold_for(embedder.flip) if threshold is None else threshold
         self.top_k = top_k
 
     def recognize_bytes(
