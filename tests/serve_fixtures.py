@@ -36,6 +36,7 @@ def wait_until(condition: object, timeout: float, message: str, interval: float 
 @dataclass(frozen=True)
 class ServeCluster:
     http_port: int
+    metrics_port: int
 
     @property
     def url(self) -> str:
@@ -53,18 +54,19 @@ def serve_cluster(moto_endpoint: str) -> Iterator[ServeCluster]:
     import ray
     from ray import serve
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     ray.init(
         address="local",
         num_cpus=4,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_port,
         runtime_env={"env_vars": {"FACEREC_API_KEY": API_KEY, "RAY_USAGE_STATS_ENABLED": "0"}},
         log_to_driver=False,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        yield ServeCluster(port)
+        yield ServeCluster(port, metrics_port)
     finally:
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()

@@ -1,0 +1,132 @@
+"""Two Recognizer replicas share one gallery in S3 (the moto server): changes reach both, and survive restarts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import boto3
+import pytest
+import requests
+
+from tests.serve_fixtures import API_KEY, ServeCluster, wait_until
+
+from .conftest import SCENES
+
+KNN = SCENES / "knn"
+APP = "shared"
+BUCKET = "facerec-test-gallery"
+#: gallery_refresh_s in this app; the README promises "within gallery_refresh_s plus one snapshot read".
+REFRESH_S = 0.5
+
+
+def _build(recognition: dict[str, object]):  # type: ignore[no-untyped-def]
+    from serve_app.app import build_app
+
+    return build_app(
+        {
+            "gallery_uri": f"s3://{BUCKET}/gallery",
+            "gallery_refresh_s": REFRESH_S,
+            "recognition": recognition,
+            "recognizer": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 1.0},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def shared(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.settings import RecognitionSettings
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    recognition = RecognitionSettings().model_dump()
+    serve.run(_build(recognition), name=APP, route_prefix="/", blocking=False)
+    url = serve_cluster.url
+    wait_until(lambda: _health(url) is not None, 240, "the two-replica application did not become healthy")
+    yield url
+    serve.delete(APP)
+
+
+def _health(url: str) -> dict[str, object] | None:
+    try:
+        response = requests.get(f"{url}/healthz", timeout=10)
+    except requests.ConnectionError:
+        return None
+    return dict(response.json()) if response.status_code == 200 else None
+
+
+def replica_states(url: str, calls: int = 40) -> dict[str, dict[str, object]]:
+    """What each Recognizer replica reports, keyed by replica id (health checks spread over the replicas)."""
+    seen: dict[str, dict[str, object]] = {}
+    for _ in range(calls):
+        info = _health(url)
+        if info is not None:
+            seen[str(info["replica"])] = info
+    return seen
+
+
+def recognize_name(url: str) -> str:
+    data = (KNN / "test" / "obama1.jpg").read_bytes()
+    return requests.post(f"{url}/", files={"inputFile": ("q.jpg", data)}, timeout=120).text
+
+
+def test_both_replicas_follow_an_enrolment(shared: str) -> None:
+    wait_until(lambda: len(replica_states(shared)) == 2, 120, "two replicas never answered")
+    photos = [("images", (p.name, p.read_bytes())) for p in sorted((KNN / "train" / "obama").iterdir())]
+    response = requests.post(
+        f"{shared}/v1/people/obama/faces", files=photos, headers={"X-API-Key": API_KEY}, timeout=120
+    )
+    assert response.status_code == 201, response.text
+    revision = int(response.json()["revision"])
+
+    def both_current() -> bool:
+        states = replica_states(shared)
+        return len(states) == 2 and all(int(s["gallery_revision"]) >= revision for s in states.values())  # type: ignore[call-overload]
+
+    wait_until(both_current, 10 * REFRESH_S + 10, "a replica did not pick up the enrolment")
+    assert all(recognize_name(shared) == "q:obama" for _ in range(6))
+    # The snapshot is in S3, where any later replica will find it.
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]]
+    assert keys == ["gallery/gallery.npz"]
+
+
+def test_gallery_survives_a_replica_restart(shared: str) -> None:
+    import ray
+
+    before = replica_states(shared)
+    assert len(before) == 2
+    victims = [n for n in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#Recognizer#" in n["name"]]
+    assert len(victims) == 2
+    ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+
+    def replaced() -> bool:
+        states = replica_states(shared)
+        fresh = set(states) - set(before)
+        return len(states) == 2 and bool(fresh) and all(states[r]["gallery_faces"] == 2 for r in fresh)
+
+    wait_until(replaced, 240, "the killed replica was not replaced by one that loaded the gallery")
+    assert recognize_name(shared) == "q:obama"
+
+
+def test_gallery_survives_an_application_restart(serve_cluster: ServeCluster, shared: str) -> None:
+    from ray import serve
+
+    from serve_app.settings import RecognitionSettings
+
+    serve.delete(APP)
+    serve.run(_build(RecognitionSettings().model_dump()), name=APP, route_prefix="/", blocking=False)
+    wait_until(lambda: _health(shared) is not None, 240, "the application did not come back")
+    people = requests.get(f"{shared}/v1/people", timeout=30).json()["people"]
+    assert people == [{"name": "obama", "faces": 2}]
+    assert recognize_name(shared) == "q:obama"
+
+
+def test_metrics_reach_the_metrics_endpoint(serve_cluster: ServeCluster, shared: str) -> None:
+    recognize_name(shared)
+
+    def exported() -> bool:
+        text = requests.get(f"http://127.0.0.1:{serve_cluster.metrics_port}/metrics", timeout=10).text
+        names = ("facerec_requests", "facerec_stage_latency_ms", "facerec_batch_size", "facerec_gallery_faces")
+        return all(name in text for name in names)
+
+    wait_until(exported, 90, "facerec metrics never appeared on the metrics endpoint", interval=2.0)
