@@ -28,7 +28,6 @@ log = logging.getLogger("facerec.local")
 RUN_DIR = Path("run")
 PID_FILE = RUN_DIR / "facerec.pid"
 CONFIG = Path(__file__).with_name("config.yaml")
-GALLERY_BUCKET = "facerec-local-gallery"
 
 
 def _port_free(port: int) -> bool:
@@ -99,9 +98,11 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
     try:
         with moto_server(moto_port) as endpoint:
             os.environ.update(_local_aws_environment(endpoint))
-            import boto3
+            from sqs_bridge.stack import AwsClients, StackConfig, provision
 
-            boto3.client("s3").create_bucket(Bucket=GALLERY_BUCKET)
+            stack = StackConfig(endpoint=endpoint, region=os.environ["AWS_DEFAULT_REGION"])
+            provision(stack, AwsClients.for_stack(stack))
+            stack.save_local()  # `facerec aws status` finds the local stack through this file
             # Loopback only: this keeps GCS, raylet and dashboard on 127.0.0.1 (see the README).
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             # A local, loopback-only dashboard: no token, so the browser link just works.
@@ -111,6 +112,7 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
             from ray import serve
 
             from serve_app.app import build_app
+            from sqs_bridge.deployment import build_bridge
 
             ray.init(
                 address="local",
@@ -126,8 +128,9 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
             try:
                 serve.start(http_options={"host": "127.0.0.1", "port": http_port})
                 args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
-                args["gallery_uri"] = f"s3://{GALLERY_BUCKET}/gallery"
+                args["gallery_uri"] = stack.gallery_uri
                 serve.run(build_app(args), name="facerec", route_prefix="/")
+                serve.run(build_bridge({"stack": stack.model_dump()}), name="bridge", route_prefix=None)
                 api = f"http://127.0.0.1:{http_port}"
                 print(
                     "\nfacerec is running (Ctrl-C or `make stop` to stop):\n"
@@ -136,7 +139,10 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
                     f"  health     {api}/healthz\n"
                     f"  dashboard  http://127.0.0.1:{dashboard_port}\n"
                     f"  metrics    http://127.0.0.1:{metrics_port}/metrics   (grep facerec_)\n"
-                    f"  local S3   {endpoint}   (moto; gallery at s3://{GALLERY_BUCKET}/gallery)\n",
+                    f"  local AWS  {endpoint}   (moto S3 + SQS; `facerec aws status` shows the queues)\n"
+                    f"  queues     requests {stack.request_queue}, responses {stack.response_queue}, "
+                    f"dead letters {stack.dead_letter_queue}\n"
+                    f"  buckets    in {stack.in_bucket}, out {stack.out_bucket}, gallery {stack.gallery_uri}\n",
                     flush=True,
                 )
                 stop.wait()
@@ -145,6 +151,7 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
                 ray.shutdown()
     finally:
         PID_FILE.unlink(missing_ok=True)
+        (RUN_DIR / "aws.json").unlink(missing_ok=True)
     return 0
 
 

@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-id", required=True, help="the checkpoint that made the embeddings; they only match that one"
     )
 
+    aws = commands.add_parser("aws", help="the S3 buckets and SQS queues of the queue contract")
+    aws_commands = aws.add_subparsers(dest="aws_command", required=True)
+    for name, text in (("provision", "create buckets and queues (idempotent)"), ("status", "counts per queue/bucket")):
+        sub = aws_commands.add_parser(name, help=text)
+        sub.add_argument("--prefix", help="resource name prefix (default facerec, or the local stack's)")
+        sub.add_argument("--region", help="AWS region (default us-east-1, or the local stack's)")
+        sub.add_argument("--endpoint", help="S3/SQS endpoint URL (default: AWS, or the local moto server)")
+        if name == "provision":
+            sub.add_argument("--max-receive-count", type=int, help="deliveries before the dead-letter queue")
+        else:
+            sub.add_argument("--json", action="store_true", help="one JSON object (for scripts)")
+
     evaluate = commands.add_parser("eval", help="accuracy on standard benchmarks")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
     lfw = eval_commands.add_parser("lfw", help="LFW verification (View 1 with --calibrate, or 10-fold View 2)")
@@ -93,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(fetch_keras_h5(force=args.force))
         return 0
+    if args.command == "aws":
+        from serve_app.cli import aws_commands
+
+        return aws_commands.run(args)
     from serve_app.cli import commands
 
     if args.command == "enroll":

@@ -1,0 +1,54 @@
+"""``facerec aws provision`` and ``facerec aws status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from sqs_bridge.stack import AwsClients, StackConfig, provision, status
+
+log = logging.getLogger("facerec")
+
+
+def stack_from_args(args: argparse.Namespace) -> StackConfig:
+    """Flags first, then the stack `make run` recorded (run/aws.json), then the AWS defaults."""
+    base = StackConfig.load_local() or StackConfig()
+    overrides = {
+        field: value
+        for field, value in (
+            ("prefix", args.prefix),
+            ("region", args.region),
+            ("endpoint", args.endpoint),
+            ("max_receive_count", getattr(args, "max_receive_count", None)),
+        )
+        if value is not None
+    }
+    return base.model_copy(update=overrides) if overrides else base
+
+
+def run(args: argparse.Namespace) -> int:
+    config = stack_from_args(args)
+    clients = AwsClients.for_stack(config)
+    try:
+        if args.aws_command == "provision":
+            urls = provision(config, clients)
+            print(json.dumps({"prefix": config.prefix, "endpoint": config.endpoint, **urls.__dict__}))
+            return 0
+        report = status(config, clients)
+    except (BotoCoreError, ClientError) as exc:
+        log.error("%s (stack %r at %s)", exc, config.prefix, config.endpoint or "AWS")
+        return 1
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    where = config.endpoint or f"AWS {config.region}"
+    print(f"stack {config.prefix!r} at {where}")
+    for queue in ("request_queue", "response_queue", "dead_letter_queue"):
+        counts = report[queue]
+        print(f"  {queue:<18} visible {counts['visible']:>6}   in flight {counts['in_flight']:>6}")
+    print(f"  {'in bucket':<18} {report['in_bucket_objects']:>6} objects   ({config.in_bucket})")
+    print(f"  {'out bucket':<18} {report['out_bucket_objects']:>6} objects   ({config.out_bucket})")
+    return 0

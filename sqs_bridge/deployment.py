@@ -1,0 +1,102 @@
+"""The bridge as a Serve application: consumers that live in the cluster, supervised (restarted) by Serve.
+
+Each replica runs one :class:`RequestConsumer` loop in the background and sends photos to the ``Recognizer``
+deployment of the recognition application through a handle, so queue traffic is batched together with HTTP
+traffic. On shutdown Serve calls ``__del__``: the loop stops receiving and finishes the messages it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+from ray.util.metrics import Counter, Gauge
+
+from serve_app.jobs import JobError, RecognizeJob
+from sqs_bridge.consumer import ConsumerConfig, RequestConsumer
+from sqs_bridge.processor import UNKNOWN_NAME, Answer, RequestProcessor, UnusableInputError
+from sqs_bridge.stack import AwsClients, StackConfig, queue_urls
+
+log = logging.getLogger("ray.serve")
+
+
+class BridgeArgs(BaseModel):
+    """Application arguments of the bridge."""
+
+    stack: StackConfig = Field(default_factory=StackConfig)
+    consumers: int = Field(1, ge=1, le=64, description="bridge replicas, each one consumer loop")
+    max_in_flight: int = Field(32, ge=1, le=1000, description="messages one consumer holds at once")
+    wait_time_s: int = Field(5, ge=0, le=20, description="long-poll wait")
+    recognition_app: str = Field("facerec", description="the Serve application that has the Recognizer")
+
+
+class SqsBridgeDeployment:
+    def __init__(self, args: BridgeArgs) -> None:
+        clients = AwsClients.for_stack(args.stack)
+        urls = queue_urls(args.stack, clients)
+        self._recognizer = serve.get_deployment_handle("Recognizer", app_name=args.recognition_app)
+        processor = RequestProcessor(
+            s3=clients.s3,
+            sqs=clients.sqs,
+            in_bucket=args.stack.in_bucket,
+            out_bucket=args.stack.out_bucket,
+            response_queue_url=urls.responses,
+            recognize=self._recognize,
+        )
+        self._consumer = RequestConsumer(
+            clients.sqs,
+            urls.requests,
+            processor,
+            ConsumerConfig(
+                max_in_flight=args.max_in_flight,
+                wait_time_s=args.wait_time_s,
+                visibility_timeout_s=args.stack.visibility_timeout_s,
+            ),
+        )
+        self._processed = Counter(
+            "facerec_bridge_messages", description="Request messages finished, by outcome.", tag_keys=("outcome",)
+        )
+        self._in_flight = Gauge("facerec_bridge_in_flight", description="Request messages held by a consumer.")
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_event_loop().create_task(self._consumer.run(self._stop))
+        self._reporter = asyncio.get_event_loop().create_task(self._report())
+        log.info("SQS bridge consuming %s", urls.requests)
+
+    async def _recognize(self, data: bytes) -> Answer:
+        result = await self._recognizer.run.remote(RecognizeJob(data))
+        if isinstance(result, JobError):
+            raise UnusableInputError(result.reason, result.message)
+        return Answer(result["name"] or UNKNOWN_NAME)
+
+    async def _report(self) -> None:
+        reported: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(2.0)
+            self._in_flight.set(self._consumer.in_flight)
+            for outcome, count in self._consumer.counts.items():
+                if count > reported.get(outcome, 0):
+                    self._processed.inc(count - reported.get(outcome, 0), tags={"outcome": outcome})
+                    reported[outcome] = count
+
+    def stats(self) -> dict[str, Any]:
+        return {"in_flight": self._consumer.in_flight, **self._consumer.counts}
+
+    async def __del__(self) -> None:
+        self._stop.set()
+        await asyncio.wait([self._loop], timeout=60)
+        self._reporter.cancel()
+
+
+def build_bridge(args: dict[str, object] | BridgeArgs) -> Application:
+    config = args if isinstance(args, BridgeArgs) else BridgeArgs.model_validate(args)
+    deployment = serve.deployment(
+        name="SqsBridge",
+        num_replicas=config.consumers,
+        ray_actor_options={"num_cpus": 0.1},
+        graceful_shutdown_timeout_s=90,
+    )(SqsBridgeDeployment)
+    return deployment.bind(config)

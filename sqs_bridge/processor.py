@@ -1,0 +1,252 @@
+"""One request message, from receipt to acknowledgement: the queue contract, at least once, never twice.
+
+Order of effects for a message whose body is an input key (``test_000.jpg``) and whose ``key`` attribute is a
+correlation id:
+
+1. read the input object (its bytes and ETag);
+2. if the output object already holds a result for this correlation id and this input ETag, reuse it (a
+   redelivery after a crash never produces a second, different result);
+3. otherwise recognise the photo and write the output object ``test_000`` = ``Paul`` (metadata: correlation id,
+   input ETag, status);
+4. send the response ``('test_000', 'Paul')`` with attribute ``key`` = the correlation id, unless the output
+   object records that it was already sent; then record it;
+5. only then is the request deleted (by the caller).
+
+A poison message (missing object, not an image, ...) gets an error result (``Error`` in the output object, a
+response with attribute ``status`` = ``error`` and the reason) and is deleted. Anything else is transient: the
+caller leaves the message on the queue with a growing visibility timeout, and after ``maxReceiveCount``
+deliveries SQS moves it to the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+log = logging.getLogger(__name__)
+
+ERROR_NAME = "Error"
+UNKNOWN_NAME = "Unknown"
+MAX_KEY_LENGTH = 512
+
+
+class TransientError(RuntimeError):
+    """Worth retrying: a dependency (S3, SQS, the Recognizer) failed, not the input."""
+
+
+class UnusableInputError(ValueError):
+    """The input itself is unusable (not an image, truncated, ...): answering again would not help."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RequestMessage:
+    message_id: str
+    receipt_handle: str
+    body: str
+    correlation_id: str
+    receive_count: int
+
+    @classmethod
+    def from_sqs(cls, message: dict[str, Any]) -> RequestMessage:
+        attributes = message.get("MessageAttributes") or {}
+        key_attribute = attributes.get("key", {}).get("StringValue")
+        return cls(
+            message_id=message["MessageId"],
+            receipt_handle=message["ReceiptHandle"],
+            body=message.get("Body", ""),
+            # A request without a correlation id still gets an answer; its message id stands in.
+            correlation_id=key_attribute or message["MessageId"],
+            receive_count=int((message.get("Attributes") or {}).get("ApproximateReceiveCount", "1")),
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the service says about one photo: a name (or ``Unknown``), or an error for a poison input."""
+
+    name: str
+    error_reason: str | None = None
+    error_message: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error_reason is None else "error"
+
+
+class Outcome(Enum):
+    ANSWERED = "answered"
+    REUSED = "reused"  # a redelivery: the stored result was re-announced or already complete
+    POISON = "poison"
+
+
+#: Recognise one photo: returns its :class:`Answer`, or raises :class:`UnusableInputError` for an unusable image;
+#: any other exception counts as transient.
+Recognize = Callable[[bytes], Awaitable[Answer]]
+
+
+def output_key(input_key: str) -> str:
+    """``test_000.jpg`` -> ``test_000`` (the filename without its extension)."""
+    return posixpath.splitext(input_key)[0]
+
+
+def response_body(stem: str, name: str) -> str:
+    """The Python tuple repr that old web tiers parse with ``strip("()").split(", ")``."""
+    return repr((stem, name))
+
+
+@dataclass
+class RequestProcessor:
+    s3: Any
+    sqs: Any
+    in_bucket: str
+    out_bucket: str
+    response_queue_url: str
+    recognize: Recognize
+    _active: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    async def process(self, message: RequestMessage) -> Outcome:
+        """Handle one message up to (not including) its deletion. Raises :class:`TransientError` to retry."""
+        # Two copies of one request held at once (SQS may deliver twice) run one after the other, so the second
+        # finds the first one's stored result instead of answering again.
+        lock = self._active.setdefault(message.correlation_id, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._process(message)
+        finally:
+            if not lock.locked() and self._active.get(message.correlation_id) is lock:
+                del self._active[message.correlation_id]
+
+    async def _process(self, message: RequestMessage) -> Outcome:
+        key = message.body.strip()
+        if not key or len(key) > MAX_KEY_LENGTH or key.endswith("/"):
+            return await self._finish(message, key or "(empty)", _poison("bad_request", "the body is not an input key"))
+        try:
+            obj = await asyncio.to_thread(self.s3.get_object, Bucket=self.in_bucket, Key=key)
+            data = await asyncio.to_thread(obj["Body"].read)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return await self._finish(
+                    message, key, _poison("missing_input", f"no object {key} in the input bucket")
+                )
+            raise TransientError(f"reading {key}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise TransientError(f"reading {key}: {exc}") from exc
+        etag = str(obj.get("ETag", ""))
+
+        stored = await self._stored_result(output_key(key))
+        same_request = stored is not None and stored.get("correlation-id") == message.correlation_id
+        if stored is not None and same_request and stored.get("input-etag") == etag:
+            if stored.get("response-sent") != "true":
+                await self._respond(message, output_key(key), stored["answer"])
+                await self._mark_sent(output_key(key), stored)
+            return Outcome.REUSED
+
+        try:
+            answer = await self.recognize(data)
+        except UnusableInputError as exc:
+            answer = _poison(exc.reason, str(exc))
+        except Exception as exc:
+            raise TransientError(f"recognising {key}: {exc}") from exc
+        return await self._finish(message, key, answer, etag)
+
+    async def _finish(self, message: RequestMessage, key: str, answer: Answer, etag: str = "") -> Outcome:
+        stem = output_key(key)
+        metadata = {
+            "correlation-id": message.correlation_id,
+            "input-etag": etag,
+            "status": answer.status,
+            "response-sent": "false",
+        }
+        if answer.error_reason:
+            metadata["error-reason"] = answer.error_reason
+        await self._call(
+            self.s3.put_object,
+            Bucket=self.out_bucket,
+            Key=stem,
+            Body=answer.name.encode(),
+            ContentType="text/plain; charset=utf-8",
+            Metadata=metadata,
+        )
+        await self._respond(message, stem, answer)
+        await self._mark_sent(stem, {**metadata, "answer": answer})
+        if answer.error_reason:
+            log.warning(
+                "request %s (%s): %s: %s", message.correlation_id, key, answer.error_reason, answer.error_message
+            )
+            return Outcome.POISON
+        return Outcome.ANSWERED
+
+    async def _respond(self, message: RequestMessage, stem: str, answer: Answer) -> None:
+        attributes: dict[str, Any] = {
+            "key": {"DataType": "String", "StringValue": message.correlation_id},
+            "status": {"DataType": "String", "StringValue": answer.status},
+        }
+        if answer.error_reason:
+            attributes["error"] = {
+                "DataType": "String",
+                "StringValue": f"{answer.error_reason}: {answer.error_message}",
+            }
+        await self._call(
+            self.sqs.send_message,
+            QueueUrl=self.response_queue_url,
+            MessageBody=response_body(stem, answer.name),
+            MessageAttributes=attributes,
+        )
+
+    async def _stored_result(self, stem: str) -> dict[str, Any] | None:
+        try:
+            head = await asyncio.to_thread(self.s3.head_object, Bucket=self.out_bucket, Key=stem)
+        except ClientError as exc:
+            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise TransientError(f"checking {stem}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise TransientError(f"checking {stem}: {exc}") from exc
+        metadata = dict(head.get("Metadata", {}))
+        if "correlation-id" not in metadata:
+            return None
+        body = await self._call(self.s3.get_object, Bucket=self.out_bucket, Key=stem)
+        name = (await asyncio.to_thread(body["Body"].read)).decode()
+        reason = metadata.get("error-reason")
+        metadata["answer"] = Answer(name, reason, reason)
+        return metadata
+
+    async def _mark_sent(self, stem: str, metadata: dict[str, Any]) -> None:
+        # Rewrite the object's metadata in place: the output bucket keeps exactly one object per request.
+        fields = {k: str(v) for k, v in metadata.items() if k != "answer"}
+        fields["response-sent"] = "true"
+        await self._call(
+            self.s3.copy_object,
+            Bucket=self.out_bucket,
+            Key=stem,
+            CopySource={"Bucket": self.out_bucket, "Key": stem},
+            Metadata=fields,
+            MetadataDirective="REPLACE",
+            ContentType="text/plain; charset=utf-8",
+        )
+
+    @staticmethod
+    async def _call(function: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(function, **kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise TransientError(f"{getattr(function, '__name__', 'AWS call')}: {exc}") from exc
+
+
+def _poison(reason: str, message: str) -> Answer:
+    return Answer(ERROR_NAME, reason, message)
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
