@@ -1,0 +1,122 @@
+"""Queue mechanics against the moto server, without Ray: dead-lettering, backoff, graceful drain.
+
+The recognition step is replaced by small stand-ins (an unavailable service, a slow fixed answer): these
+tests are about what the consumer does with messages, not about faces (tests/test_sqs_bridge.py covers the
+real path end to end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from sqs_bridge.consumer import ConsumerConfig, RequestConsumer, backoff_seconds
+from sqs_bridge.processor import Answer, RequestProcessor, output_key, response_body
+from sqs_bridge.stack import AwsClients, QueueUrls, StackConfig, provision, status
+
+
+def make_stack(endpoint: str, max_receive_count: int) -> tuple[StackConfig, AwsClients, QueueUrls]:
+    config = StackConfig(
+        prefix=f"c{uuid.uuid4().hex[:8]}",
+        endpoint=endpoint,
+        max_receive_count=max_receive_count,
+        visibility_timeout_s=5,
+    )
+    clients = AwsClients.for_stack(config)
+    return config, clients, provision(config, clients)
+
+
+def send(clients: AwsClients, config: StackConfig, urls: QueueUrls, key: str, data: bytes) -> None:
+    clients.s3.put_object(Bucket=config.in_bucket, Key=key, Body=data)
+    clients.sqs.send_message(
+        QueueUrl=urls.requests,
+        MessageBody=key,
+        MessageAttributes={"key": {"DataType": "String", "StringValue": str(uuid.uuid4())}},
+    )
+
+
+def consumer(clients: AwsClients, config: StackConfig, urls: QueueUrls, recognize: object) -> RequestConsumer:
+    processor = RequestProcessor(
+        s3=clients.s3,
+        sqs=clients.sqs,
+        in_bucket=config.in_bucket,
+        out_bucket=config.out_bucket,
+        response_queue_url=urls.responses,
+        recognize=recognize,  # type: ignore[arg-type]
+    )
+    return RequestConsumer(
+        clients.sqs,
+        urls.requests,
+        processor,
+        ConsumerConfig(max_in_flight=8, wait_time_s=1, visibility_timeout_s=5, backoff_base_s=1),
+    )
+
+
+@pytest.mark.parametrize(("count", "expected"), [(1, 2), (2, 4), (3, 8), (20, 300)])
+def test_backoff_grows_and_is_capped(count: int, expected: int) -> None:
+    assert backoff_seconds(count, base=2, cap=300) == expected
+
+
+def test_contract_formats() -> None:
+    assert output_key("test_000.jpg") == "test_000"
+    assert output_key("photos/a.b.png") == "photos/a.b"
+    assert response_body("test_000", "Paul") == "('test_000', 'Paul')"
+    assert response_body("test_000", "Paul").strip("()").split(", ") == ["'test_000'", "'Paul'"]
+
+
+def test_transient_failures_end_in_the_dead_letter_queue(moto_endpoint: str) -> None:
+    config, clients, urls = make_stack(moto_endpoint, max_receive_count=2)
+    send(clients, config, urls, "test_000.jpg", b"any bytes")
+    attempts = 0
+
+    async def unavailable_recognizer(_: bytes) -> Answer:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionError("recognizer unavailable")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.create_task(consumer(clients, config, urls, unavailable_recognizer).run(stop))
+        for _ in range(120):
+            await asyncio.sleep(0.5)
+            if status(config, clients)["dead_letter_queue"]["visible"] == 1:
+                break
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+
+    asyncio.run(scenario())
+    report = status(config, clients)
+    assert report["dead_letter_queue"]["visible"] == 1
+    assert report["request_queue"] == {"visible": 0, "in_flight": 0}
+    assert report["out_bucket_objects"] == 0 and report["response_queue"]["visible"] == 0
+    assert attempts == 2  # maxReceiveCount deliveries, each retried through visibility, then redriven
+
+
+def test_stop_drains_messages_already_received(moto_endpoint: str) -> None:
+    config, clients, urls = make_stack(moto_endpoint, max_receive_count=5)
+    for i in range(5):
+        send(clients, config, urls, f"test_{i:03d}.jpg", b"bytes")
+
+    async def slow_fixed_answer(_: bytes) -> Answer:
+        await asyncio.sleep(2.0)
+        return Answer("Paul")
+
+    async def scenario() -> RequestConsumer:
+        stop = asyncio.Event()
+        worker = consumer(clients, config, urls, slow_fixed_answer)
+        loop = asyncio.create_task(worker.run(stop))
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if worker.in_flight == 5:
+                break
+        stop.set()  # all five are held and mid-work: they must still be answered and acknowledged
+        await asyncio.wait_for(loop, 60)
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert worker.counts["answered"] == 5
+    report = status(config, clients)
+    assert report["request_queue"] == {"visible": 0, "in_flight": 0}
+    assert report["out_bucket_objects"] == 5 and report["response_queue"]["visible"] == 5
