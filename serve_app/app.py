@@ -13,11 +13,13 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.deployments.gallery_writer import GalleryWriterDeployment
-from serve_app.deployments.ingress import IngressDeployment, IngressLimits
+from serve_app.deployments.ingress import IngressDeployment, IngressLimits, QueueSettings
 from serve_app.deployments.recognizer import RecognizerDeployment
 from serve_app.model.checkpoints import resolve_checkpoint
 from serve_app.model.images import DEFAULT_MAX_PIXELS
 from serve_app.settings import RecognitionConfig
+from sqs_bridge.response_router import ResponseRouterDeployment
+from sqs_bridge.stack import StackConfig
 
 
 class RecognizerScaling(BaseModel):
@@ -49,6 +51,10 @@ class AppArgs(BaseModel):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_enrol_photos: int = Field(20, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    #: Legacy web-tier mode: POST / uploads to the input bucket, enqueues, and awaits the bridge's answer.
+    queue_mode: bool = False
+    queue_timeout_s: float = Field(120.0, gt=0, description="POST / answers 504 after this long in queue mode")
+    stack: StackConfig | None = Field(None, description="the buckets and queues (required in queue mode)")
 
 
 def build_app(args: dict[str, object] | AppArgs) -> Application:
@@ -94,13 +100,21 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
         max_body_bytes=config.max_upload_bytes * config.max_enrol_photos + 64 * 1024,
         max_enrol_photos=config.max_enrol_photos,
     )
+    queue = router = None
+    if config.queue_mode:
+        if config.stack is None:
+            raise ValueError("queue_mode needs `stack` (the buckets and queues)")
+        router = serve.deployment(
+            name="ResponseRouter", num_replicas=1, max_ongoing_requests=10000, ray_actor_options={"num_cpus": 0.05}
+        )(ResponseRouterDeployment).bind(config.stack)
+        queue = QueueSettings(config.stack, config.queue_timeout_s)
     ingress = serve.deployment(
         name="Ingress",
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=1000,
     )(IngressDeployment)
-    return ingress.bind(recognizer, writer, limits, model_id, threshold)
+    return ingress.bind(recognizer, writer, limits, model_id, threshold, queue, router)
 
 
 #: The application with default arguments, for ``serve build serve_app.app:app`` and ``serve run``.

@@ -24,6 +24,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
+from sqs_bridge.queue_client import QueueClient, QueueTimeoutError
+from sqs_bridge.stack import StackConfig
 
 log = logging.getLogger("ray.serve")
 
@@ -85,6 +87,12 @@ class IngressLimits:
     max_enrol_photos: int
 
 
+@dataclass(frozen=True)
+class QueueSettings:
+    stack: StackConfig
+    timeout_s: float
+
+
 FileParam = Annotated[UploadFile | None, File()]
 
 
@@ -99,6 +107,8 @@ class IngressDeployment:
         limits: IngressLimits,
         model_id: str,
         threshold: float,
+        queue: QueueSettings | None = None,
+        router: DeploymentHandle[Any] | None = None,
     ) -> None:
         self._recognizer = recognizer
         self._writer = writer
@@ -110,6 +120,10 @@ class IngressDeployment:
         # Read here, in the replica, not at bind time: the key arrives through the runtime environment.
         self._api_key = os.environ.get(API_KEY_ENV) or None
         app.state.max_body_bytes = limits.max_body_bytes
+        self._queue: QueueClient | None = None
+        if queue is not None and router is not None:
+            # Queue mode: POST / goes through S3 + SQS like the legacy web tier, answered by the SQS bridge.
+            self._queue = QueueClient.for_stack(queue.stack, router, queue.timeout_s)
 
     # --- helpers ------------------------------------------------------------------------------------------
     async def _read(self, upload: UploadFile | None, part: str) -> tuple[str, bytes]:
@@ -150,9 +164,15 @@ class IngressDeployment:
     @app.post("/", response_class=PlainTextResponse, summary="Legacy: the main face's name as `<stem>:<Name>`")
     async def legacy(self, input_file: Annotated[UploadFile | None, File(alias="inputFile")] = None) -> Response:
         filename, data = await self._read(input_file, "inputFile")
+        stem = PurePath(filename).stem
+        if self._queue is not None:
+            try:
+                name = await self._queue.recognize(PurePath(filename).name, data)
+            except QueueTimeoutError as exc:
+                raise APIError(504, "queue_timeout", str(exc)) from exc
+            return PlainTextResponse(f"{stem}:{name}")
         result = await self._recognize(data)
         self._raise_for(result, filename)
-        stem = PurePath(filename).stem
         metrics().faces_per_image.observe(len(result["faces"]))
         return PlainTextResponse(f"{stem}:{result['name'] or 'Unknown'}")
 
