@@ -11,8 +11,8 @@ by ``_``, so each one maps onto a module of facenet-pytorch's ``InceptionResnetV
 
 Using it correctly:
 
-* inputs are RGB 160x160 crops standardised per image with :func:`prewhiten`, not with the fixed
-  ``(x - 127.5) / 128`` of facenet-pytorch's own checkpoints;
+* inputs are RGB 160x160 crops standardised per image (``serve_app.model.standardization.prewhiten``), not
+  with the fixed ``(x - 127.5) / 128`` of facenet-pytorch's own checkpoints;
 * the Keras model's output (its ``Bottleneck_BatchNorm``) is not L2-normalised, while facenet-pytorch's
   ``forward`` L2-normalises after ``last_bn``; the directions, and so all cosine similarities, are the same.
 
@@ -324,21 +324,3 @@ def _text(value: object) -> str:
 def _texts(values: object) -> list[str]:
     """An HDF5 string-array attribute (bytes or str items) as a list of str."""
     return [_text(value) for value in np.asarray(values).ravel()]
-
-
-def prewhiten(batch: torch.Tensor) -> torch.Tensor:
-    """Per-image standardisation this checkpoint was trained with: ``(x - mean) / max(std, 1/sqrt(n))``.
-
-    ``batch`` is a float NCHW tensor of pixels in 0..255; mean and (population) standard deviation are taken over
-    each image's ``n = C*H*W`` values, in float64 so the statistics do not depend on summation order. The floor
-    on the deviation keeps a flat image from dividing by zero. Returns the input's dtype and device.
-    """
-    if batch.ndim != 4:
-        raise ValueError(f"expected an NCHW batch, got shape {tuple(batch.shape)}")
-    if not batch.is_floating_point():
-        raise TypeError(f"expected a floating-point batch, got {batch.dtype}")
-    flat = batch.flatten(1).double()
-    mean = flat.mean(dim=1)
-    std = flat.std(dim=1, correction=0).clamp_min(1.0 / math.sqrt(flat.shape[1]))
-    shape = (-1, 1, 1, 1)
-    return (batch - mean.view(shape).to(batch.dtype)) / std.view(shape).to(batch.dtype)
