@@ -85,38 +85,28 @@ class S3GalleryStore:
         return f"s3://{self.bucket}/{self.key}"
 
     def token(self) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise GalleryStoreError(f"cannot read {self.describe()}: {exc}") from exc
-        except BotoCoreError as exc:
-            raise GalleryStoreError(f"cannot reach {self.describe()}: {exc}") from exc
-        return str(head["ETag"])
+        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key)
+        return None if head is None else str(head["ETag"])
 
     def read(self) -> bytes | None:
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key)
+        return None if response is None else bytes(response["Body"].read())
+
+    def write(self, data: bytes) -> None:
+        self._call(self.client.put_object, Bucket=self.bucket, Key=self.key, Body=data)
+
+    def _call(self, operation: Any, **kwargs: Any) -> Any:
+        """One S3 call; ``None`` for a missing snapshot, :class:`GalleryStoreError` for any other failure."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
-            return bytes(response["Body"].read())
+            return operation(**kwargs)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise GalleryStoreError(f"cannot read {self.describe()}: {exc}") from exc
+            raise GalleryStoreError(f"{self.describe()}: {exc}") from exc
         except BotoCoreError as exc:
             raise GalleryStoreError(f"cannot reach {self.describe()}: {exc}") from exc
-
-    def write(self, data: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, ContentType="application/octet-stream")
-        except (BotoCoreError, ClientError) as exc:
-            raise GalleryStoreError(f"cannot write {self.describe()}: {exc}") from exc
 
 
 def open_gallery_store(uri: str) -> GalleryStore:

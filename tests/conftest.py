@@ -18,6 +18,15 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SCENES = DATASETS / "scenes"
 LFW = DATASETS / "lfw-view1"
 
+#: Every enrolled face in scenes/knn/test, left to right (x of the box centre decides the order).
+KNN_EXPECTED = {
+    "alex_lacamoire1.jpg": ["alex_lacamoire"],
+    "johnsnow_test1.jpg": ["kit_harington"],
+    "obama1.jpg": ["obama"],
+    "obama_and_biden.jpg": ["biden", "obama"],
+    "kit_with_rose.jpg": ["rose_leslie", "kit_harington"],
+}
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:

@@ -98,6 +98,14 @@ def moto_endpoint() -> Iterator[str]:
         process.wait(timeout=10)
 
 
+def healthy(url: str) -> bool:
+    """The application at ``url`` answers /healthz with 200 (its models are loaded)."""
+    try:
+        return requests.get(f"{url}/healthz", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
 def _answers(url: str) -> bool:
     try:
         requests.get(url, timeout=1)

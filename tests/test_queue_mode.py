@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from sqs_bridge.stack import AwsClients, StackConfig, provision, status
-from tests.serve_fixtures import API_KEY, ServeCluster, wait_until
+from tests.serve_fixtures import API_KEY, ServeCluster, healthy, wait_until
 from tests.test_sqs_bridge import ENROLLED, person_photos, pool
 
 
@@ -44,7 +44,7 @@ def queued(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[tuple[st
     provision(stack, clients)
     serve.run(_app(stack, 240), name="facerec", route_prefix="/", blocking=False)
     url = serve_cluster.url
-    wait_until(lambda: _healthy(url), 240, "queue-mode app did not start")
+    wait_until(lambda: healthy(url), 240, "queue-mode app did not start")
     serve.run(build_bridge({"stack": stack.model_dump(), "wait_time_s": 1}), name="bridge", route_prefix=None)
     for person in ENROLLED:
         photo = person_photos(person)[0]
@@ -58,13 +58,6 @@ def queued(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[tuple[st
     yield url, stack, clients
     serve.delete("bridge")
     serve.delete("facerec")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/healthz", timeout=5).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 def test_two_hundred_concurrent_requests_each_get_their_own_answer(

@@ -11,16 +11,7 @@ from serve_app.model.images import InvalidImageError, decode_image
 from serve_app.model.pipeline import Models
 from serve_app.model.recognizer import ImageResult, Recognizer, embed_main_faces
 
-from .conftest import LFW, SCENES
-
-# Every known face in knn/test, left to right (x of the box centre decides the order).
-EXPECTED = {
-    "alex_lacamoire1.jpg": ["alex_lacamoire"],
-    "johnsnow_test1.jpg": ["kit_harington"],
-    "obama1.jpg": ["obama"],
-    "obama_and_biden.jpg": ["biden", "obama"],
-    "kit_with_rose.jpg": ["rose_leslie", "kit_harington"],
-}
+from .conftest import KNN_EXPECTED, LFW, SCENES
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +43,11 @@ def test_enrolment_used_every_training_photo(recognizer: Recognizer) -> None:
 
 
 def test_every_test_face_gets_the_right_name(recognizer: Recognizer) -> None:
-    names = sorted(EXPECTED)
+    names = sorted(KNN_EXPECTED)
     results = recognizer.recognize_bytes([(SCENES / "knn" / "test" / n).read_bytes() for n in names])
     for name, result in zip(names, results, strict=True):
         assert isinstance(result, ImageResult)
-        assert known_faces_left_to_right(result) == EXPECTED[name], name
+        assert known_faces_left_to_right(result) == KNN_EXPECTED[name], name
         for face in result.faces:
             if face.name is not None:
                 assert face.similarity >= recognizer.threshold
@@ -68,7 +59,7 @@ def test_main_face_answer_for_single_person_photos(recognizer: Recognizer) -> No
     for name in ("alex_lacamoire1.jpg", "johnsnow_test1.jpg", "obama1.jpg"):
         (result,) = recognizer.recognize_bytes([(SCENES / "knn" / "test" / name).read_bytes()])
         assert isinstance(result, ImageResult)
-        assert result.main_name == EXPECTED[name][0]
+        assert result.main_name == KNN_EXPECTED[name][0]
 
 
 def test_strangers_are_unknown(recognizer: Recognizer) -> None:

@@ -13,20 +13,13 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.serve_fixtures import API_KEY, ServeCluster, wait_until
+from tests.serve_fixtures import API_KEY, ServeCluster, healthy, wait_until
 
-from .conftest import LFW, SCENES
+from .conftest import KNN_EXPECTED, LFW, SCENES
 
 KNN = SCENES / "knn"
 MAX_UPLOAD = 3_000_000
 MAX_PHOTOS = 4
-EXPECTED = {
-    "alex_lacamoire1.jpg": ["alex_lacamoire"],
-    "johnsnow_test1.jpg": ["kit_harington"],
-    "obama1.jpg": ["obama"],
-    "obama_and_biden.jpg": ["biden", "obama"],
-    "kit_with_rose.jpg": ["rose_leslie", "kit_harington"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +41,9 @@ def api(serve_cluster: ServeCluster, tmp_path_factory: pytest.TempPathFactory) -
         }
     )
     serve.run(app, name="api", route_prefix="/", blocking=False)
-    wait_until(lambda: _healthy(serve_cluster.url), 180, "the application did not become healthy")
+    wait_until(lambda: healthy(serve_cluster.url), 180, "the application did not become healthy")
     yield serve_cluster.url
     serve.delete("api")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/healthz", timeout=5).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 def enrol(api: str, name: str, paths: list[Path], key: str | None = API_KEY) -> requests.Response:
@@ -101,7 +87,7 @@ def test_legacy_unknown_and_no_face(enrolled: str) -> None:
 
 
 def test_every_test_face_is_named(enrolled: str) -> None:
-    for filename, expected in EXPECTED.items():
+    for filename, expected in KNN_EXPECTED.items():
         response = requests.post(
             f"{enrolled}/v1/recognize",
             files={"image": (filename, (KNN / "test" / filename).read_bytes())},

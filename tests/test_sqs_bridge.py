@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from sqs_bridge.stack import AwsClients, QueueUrls, StackConfig, provision, status
-from tests.serve_fixtures import API_KEY, ServeCluster, wait_until
+from tests.serve_fixtures import API_KEY, ServeCluster, healthy, wait_until
 
 from .conftest import LFW
 
@@ -66,7 +66,7 @@ def recognition(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str
     )
     serve.run(app, name="facerec", route_prefix="/", blocking=False)
     url = serve_cluster.url
-    wait_until(lambda: _healthy(url), 240, "recognition app did not start")
+    wait_until(lambda: healthy(url), 240, "recognition app did not start")
     for person in ENROLLED:
         photo = person_photos(person)[0]
         response = requests.post(
@@ -82,13 +82,6 @@ def recognition(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str
         assert answer == f"p:{expected}"
     yield url
     serve.delete("facerec")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/healthz", timeout=5).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 @pytest.fixture

@@ -1,0 +1,52 @@
+"""Gallery snapshots in a directory and in S3 (the moto server): absent, written, changed, read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from serve_app.gallery_store import GalleryStore, GalleryStoreError, S3GalleryStore, open_gallery_store
+from serve_app.model.gallery import Gallery
+
+
+def roundtrip(store: GalleryStore) -> None:
+    assert store.token() is None and store.read() is None
+    gallery = Gallery("m", 2)
+    gallery.add("ann", np.array([[1.0, 0.0]], dtype=np.float32), "m")
+    store.write(gallery.to_bytes())
+    first = store.token()
+    assert first is not None
+    assert Gallery.from_bytes(store.read() or b"").people() == {"ann": 1}
+    gallery.add("bob", np.array([[0.0, 1.0]], dtype=np.float32), "m")
+    store.write(gallery.to_bytes())
+    assert store.token() not in (None, first)
+    loaded = Gallery.from_bytes(store.read() or b"", expected_model_id="m")
+    assert loaded.people() == {"ann": 1, "bob": 1} and loaded.revision == 2
+
+
+def test_local_directory_store(tmp_path: Path) -> None:
+    store = open_gallery_store(str(tmp_path / "gallery"))
+    roundtrip(store)
+    assert [p.name for p in (tmp_path / "gallery").iterdir()] == ["gallery.npz"]
+    assert open_gallery_store(f"file://{tmp_path}/gallery").describe() == store.describe()
+
+
+def test_s3_store(moto_endpoint: str) -> None:
+    boto3.client("s3").create_bucket(Bucket="store-test")
+    store = open_gallery_store("s3://store-test/some/prefix")
+    assert isinstance(store, S3GalleryStore) and store.describe() == "s3://store-test/some/prefix/gallery.npz"
+    roundtrip(store)
+
+
+def test_s3_store_without_a_bucket_is_a_store_error(moto_endpoint: str) -> None:
+    with pytest.raises(GalleryStoreError):
+        open_gallery_store("s3://no-such-bucket-here/x").write(b"data")
+
+
+@pytest.mark.parametrize("uri", ["s3://", "ftp://host/dir"])
+def test_bad_uris(uri: str) -> None:
+    with pytest.raises(ValueError):
+        open_gallery_store(uri)
