@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--json", action="store_true", help="one JSON object (for scripts)")
 
+    sim = commands.add_parser("sim", help="simulate scaling rules on arrival traces")
+    sim_commands = sim.add_subparsers(dest="sim_command", required=True)
+    autoscale = sim_commands.add_parser("autoscale", help="our policy vs the original controller on one trace")
+    autoscale.add_argument("--trace", choices=["burst", "day"], default="burst")
+    autoscale.add_argument("--images", type=int, default=10_000, help="images in the trace")
+    autoscale.add_argument("--horizon-s", type=int, default=3600, help="simulated seconds")
+    autoscale.add_argument("--service-time-s", type=float, default=0.1, help="seconds per image per replica")
+    autoscale.add_argument("--latency-target-s", type=float, default=30.0)
+    autoscale.add_argument("--startup-s", type=float, default=90.0, help="node start-up delay")
+    autoscale.add_argument("--max-nodes", type=int, default=19)
+    autoscale.add_argument("--plot", type=Path, help="write backlog / nodes / latency to this PNG")
+
     evaluate = commands.add_parser("eval", help="accuracy on standard benchmarks")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
     lfw = eval_commands.add_parser("lfw", help="LFW verification (View 1 with --calibrate, or 10-fold View 2)")
@@ -105,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(fetch_keras_h5(force=args.force))
         return 0
+    if args.command == "sim":
+        from serve_app.cli.sim_commands import autoscale as simulate_autoscale
+
+        return simulate_autoscale(args)
     if args.command == "aws":
         from serve_app.cli import aws_commands
 
