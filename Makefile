@@ -30,7 +30,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy serve_app sqs_bridge tests bench
+	$(BIN)/mypy serve_app sqs_bridge cluster tests bench
 
 unit: install
 	$(BIN)/pytest -m "not slow"

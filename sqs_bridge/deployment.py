@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from pydantic import BaseModel, Field
 from ray import serve
@@ -81,9 +80,6 @@ class SqsBridgeDeployment:
                 if count > reported.get(outcome, 0):
                     self._processed.inc(count - reported.get(outcome, 0), tags={"outcome": outcome})
                     reported[outcome] = count
-
-    def stats(self) -> dict[str, Any]:
-        return {"in_flight": self._consumer.in_flight, **self._consumer.counts}
 
     async def __del__(self) -> None:
         self._stop.set()

@@ -46,9 +46,6 @@ class ResponseRouterDeployment:
         finally:
             self._waiters.pop(correlation_id, None)
 
-    async def waiting(self) -> int:
-        return len(self._waiters)
-
     async def _read_forever(self) -> None:
         while True:
             if not self._waiters:

@@ -145,6 +145,3 @@ class RecognizerDeployment:
             "gallery_faces": len(gallery),
             "gallery_people": len(gallery.people()),
         }
-
-    def people(self) -> dict[str, int]:
-        return self._recognizer.gallery.people()
