@@ -12,16 +12,31 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from serve_app.model.images import decode_image
-from serve_app.model.pipeline import load_models
+from serve_app.model.pipeline import Models, load_models
 from serve_app.model.recognizer import embed_main_faces
 
 LFW_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw-view1" / "images"
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def lfw_payloads(count: int, skip: int = 0) -> list[bytes]:
+    """The bytes of ``count`` LFW photos in a fixed order (sorted by path), after the first ``skip``."""
+    return [p.read_bytes() for p in sorted(LFW_IMAGES.glob("*/*.jpg"))[skip : skip + count]]
+
+
+def images_per_s(models: Models, payloads: Sequence[bytes], batch: int) -> float:
+    """Decode, detect and embed the main face of ``payloads``, ``batch`` photos at a time: images per second."""
+    started = time.perf_counter()
+    for start in range(0, len(payloads), batch):
+        images = [decode_image(p) for p in payloads[start : start + batch]]
+        embed_main_faces(models.detector, models.embedder, images)
+    return len(payloads) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -33,19 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = load_models(args.checkpoint, max_embed_batch=args.batch)
-    paths = sorted(LFW_IMAGES.glob("*/*.jpg"))[: args.images]
-    payloads = [p.read_bytes() for p in paths]
-
-    def run(batch: int) -> float:
-        started = time.perf_counter()
-        for start in range(0, len(payloads), batch):
-            images = [decode_image(p) for p in payloads[start : start + batch]]
-            embed_main_faces(models.detector, models.embedder, images)
-        return len(payloads) / (time.perf_counter() - started)
-
-    run(8)  # warm-up: first calls allocate and pick kernels
-    single = run(1)
-    batched = run(args.batch)
+    payloads = lfw_payloads(args.images)
+    images_per_s(models, payloads, 8)  # warm-up: first calls allocate and pick kernels
+    single = images_per_s(models, payloads, 1)
+    batched = images_per_s(models, payloads, args.batch)
     result = {
         "benchmark": "model_throughput",
         "images": len(payloads),

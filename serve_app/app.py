@@ -35,6 +35,12 @@ class RecognizerScaling(BaseModel):
     downscale_delay_s: float = Field(60.0, ge=0)
     num_cpus: float = Field(1.0, gt=0, description="CPU reserved per replica; torch threads follow it")
     num_gpus: float = Field(0.0, ge=0)
+    #: Custom resources each replica needs, e.g. ``{"recognizer": 1}`` to keep replicas on worker nodes.
+    resources: dict[str, float] = Field(default_factory=dict)
+    #: Replicas are set from outside (the queue-depth controller, through Serve's external scaling API):
+    #: Serve's own autoscaling is off and the count starts at ``initial_replicas`` (or ``min_replicas``). The
+    #: application must then be deployed with ``external_scaler_enabled: true``.
+    external_scaler: bool = False
 
 
 class AppArgs(BaseModel):
@@ -55,6 +61,8 @@ class AppArgs(BaseModel):
     queue_mode: bool = False
     queue_timeout_s: float = Field(120.0, gt=0, description="POST / answers 504 after this long in queue mode")
     stack: StackConfig | None = Field(None, description="the buckets and queues (required in queue mode)")
+    #: The Serve application of the queue-depth controller, told the ingress's in-flight requests (cluster).
+    controller_app: str | None = None
 
 
 def build_app(args: dict[str, object] | AppArgs) -> Application:
@@ -70,18 +78,29 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
     scaling = config.recognizer
     torch_threads = config.recognition.torch_threads or max(1, math.floor(scaling.num_cpus))
 
+    actor_options: dict[str, object] = {"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus}
+    if scaling.resources:
+        actor_options["resources"] = dict(scaling.resources)
+    replica_options: dict[str, object]
+    if scaling.external_scaler:
+        start = scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
+        replica_options = {"num_replicas": start}
+    else:
+        replica_options = {
+            "autoscaling_config": {
+                "min_replicas": scaling.min_replicas,
+                "initial_replicas": scaling.initial_replicas,
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s,
+            }
+        }
     recognizer = serve.deployment(
         name="Recognizer",
-        ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
+        ray_actor_options=actor_options,
         max_ongoing_requests=scaling.max_ongoing_requests,
-        autoscaling_config={
-            "min_replicas": scaling.min_replicas,
-            "initial_replicas": scaling.initial_replicas,
-            "max_replicas": scaling.max_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-        },
+        **replica_options,  # type: ignore[arg-type]
     )(RecognizerDeployment).bind(
         config.recognition,
         config.gallery_uri,
@@ -114,7 +133,7 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=1000,
     )(IngressDeployment)
-    return ingress.bind(recognizer, writer, limits, model_id, threshold, queue, router)
+    return ingress.bind(recognizer, writer, limits, model_id, threshold, queue, router, config.controller_app)
 
 
 #: The application with default arguments, for ``serve build serve_app.app:app`` and ``serve run``.

@@ -86,16 +86,22 @@ class AwsClients:
     @classmethod
     def for_stack(cls, config: StackConfig) -> AwsClients:
         retry = Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=64)
-        session = boto3.session.Session(region_name=config.region)
-        if config.endpoint and _is_loopback(config.endpoint) and session.get_credentials() is None:
-            # The local moto server accepts any signature; placeholders let `facerec aws status` work from any shell.
-            session = boto3.session.Session(
-                aws_access_key_id="moto-local", aws_secret_access_key="moto-local", region_name=config.region
-            )
+        session = session_for(config)
         return cls(
             s3=session.client("s3", endpoint_url=config.endpoint, config=retry),
             sqs=session.client("sqs", endpoint_url=config.endpoint, config=retry),
         )
+
+
+def session_for(config: StackConfig) -> boto3.session.Session:
+    """The standard credential chain; placeholder keys only for a loopback endpoint (the local moto server)."""
+    session = boto3.session.Session(region_name=config.region)
+    if config.endpoint and _is_loopback(config.endpoint) and session.get_credentials() is None:
+        # The local moto server accepts any signature; placeholders let `facerec aws status` work from any shell.
+        session = boto3.session.Session(
+            aws_access_key_id="moto-local", aws_secret_access_key="moto-local", region_name=config.region
+        )
+    return session
 
 
 def _is_loopback(url: str) -> bool:
@@ -163,7 +169,7 @@ def queue_urls(config: StackConfig, clients: AwsClients) -> QueueUrls:
     return QueueUrls(url(config.request_queue), url(config.response_queue), url(config.dead_letter_queue))
 
 
-def _queue_counts(sqs: Any, url: str) -> dict[str, int]:
+def queue_counts(sqs: Any, url: str) -> dict[str, int]:
     attributes = sqs.get_queue_attributes(
         QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
     )["Attributes"]
@@ -191,9 +197,9 @@ def status(config: StackConfig, clients: AwsClients) -> dict[str, Any]:
         "request_queue_url": urls.requests,
         "response_queue_url": urls.responses,
         "dead_letter_queue_url": urls.dead_letter,
-        "request_queue": _queue_counts(clients.sqs, urls.requests),
-        "response_queue": _queue_counts(clients.sqs, urls.responses),
-        "dead_letter_queue": _queue_counts(clients.sqs, urls.dead_letter),
+        "request_queue": queue_counts(clients.sqs, urls.requests),
+        "response_queue": queue_counts(clients.sqs, urls.responses),
+        "dead_letter_queue": queue_counts(clients.sqs, urls.dead_letter),
         "in_bucket_objects": _object_count(clients.s3, config.in_bucket),
         "out_bucket_objects": _object_count(clients.s3, config.out_bucket),
     }

@@ -1,4 +1,4 @@
-"""``facerec aws provision`` and ``facerec aws status``."""
+"""``facerec aws provision``, ``facerec aws status`` and ``facerec aws iam``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sqs_bridge.stack import AwsClients, StackConfig, provision, status
+from sqs_bridge.stack import AwsClients, StackConfig, provision, session_for, status
 
 log = logging.getLogger("facerec")
 
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     config = stack_from_args(args)
     clients = AwsClients.for_stack(config)
     try:
+        if args.aws_command == "iam":
+            return _iam(config, args.cluster_name or config.prefix)
         if args.aws_command == "provision":
             urls = provision(config, clients)
             print(json.dumps({"prefix": config.prefix, "endpoint": config.endpoint, **urls.__dict__}))
@@ -51,4 +53,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {queue:<18} visible {counts['visible']:>6}   in flight {counts['in_flight']:>6}")
     print(f"  {'in bucket':<18} {report['in_bucket_objects']:>6} objects   ({config.in_bucket})")
     print(f"  {'out bucket':<18} {report['out_bucket_objects']:>6} objects   ({config.out_bucket})")
+    return 0
+
+
+def _iam(config: StackConfig, cluster_name: str) -> int:
+    from cluster.iam import ensure_instance_profiles
+
+    session = session_for(config)
+    account = session.client("sts", endpoint_url=config.endpoint).get_caller_identity()["Account"]
+    arns = ensure_instance_profiles(
+        session.client("iam", endpoint_url=config.endpoint),
+        prefix=config.prefix,
+        region=config.region,
+        account=str(account),
+        cluster_name=cluster_name,
+    )
+    print(json.dumps({"account": account, "instance_profiles": arns}))
     return 0

@@ -69,15 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     aws = commands.add_parser("aws", help="the S3 buckets and SQS queues of the queue contract")
     aws_commands = aws.add_subparsers(dest="aws_command", required=True)
-    for name, text in (("provision", "create buckets and queues (idempotent)"), ("status", "counts per queue/bucket")):
+    for name, text in (
+        ("provision", "create buckets and queues (idempotent)"),
+        ("status", "counts per queue/bucket"),
+        ("iam", "create the cluster's head and worker roles and instance profiles (idempotent)"),
+    ):
         sub = aws_commands.add_parser(name, help=text)
         sub.add_argument("--prefix", help="resource name prefix (default facerec, or the local stack's)")
         sub.add_argument("--region", help="AWS region (default us-east-1, or the local stack's)")
         sub.add_argument("--endpoint", help="S3/SQS endpoint URL (default: AWS, or the local moto server)")
         if name == "provision":
             sub.add_argument("--max-receive-count", type=int, help="deliveries before the dead-letter queue")
+        elif name == "iam":
+            sub.add_argument("--cluster-name", help="cluster_name in cluster.yaml (default: the prefix)")
         else:
             sub.add_argument("--json", action="store_true", help="one JSON object (for scripts)")
+
+    cluster = commands.add_parser("cluster", help="the Ray cluster on AWS (run on its head by cluster.yaml)")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    deploy = cluster_commands.add_parser(
+        "deploy", help="deploy cluster/serve_config.yaml with the names from the cluster's bootstrap config"
+    )
+    deploy.add_argument("--bootstrap", type=Path, help="default ~/ray_bootstrap_config.yaml (written by ray up)")
+    deploy.add_argument("--address", default="http://127.0.0.1:8265", help="the head's dashboard")
+    deploy.add_argument("--print", action="store_true", help="print the rendered Serve config; deploy nothing")
 
     sim = commands.add_parser("sim", help="simulate scaling rules on arrival traces")
     sim_commands = sim.add_subparsers(dest="sim_command", required=True)
@@ -121,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from serve_app.cli.sim_commands import autoscale as simulate_autoscale
 
         return simulate_autoscale(args)
+    if args.command == "cluster":
+        from serve_app.cli.cluster_commands import deploy_command
+
+        return deploy_command(args)
     if args.command == "aws":
         from serve_app.cli import aws_commands
 

@@ -72,7 +72,11 @@ async def _limits_and_metrics(request: Request, call_next: Callable[[Request], A
             status_code=413,
         )
     else:
-        response = await call_next(request)
+        request.app.state.in_flight = getattr(request.app.state, "in_flight", 0) + 1
+        try:
+            response = await call_next(request)
+        finally:
+            request.app.state.in_flight -= 1
     route = request.scope.get("route")
     path = getattr(route, "path", "unmatched")
     metrics().requests.inc(tags={"route": path, "status": str(response.status_code)})
@@ -109,6 +113,7 @@ class IngressDeployment:
         threshold: float,
         queue: QueueSettings | None = None,
         router: DeploymentHandle[Any] | None = None,
+        controller_app: str | None = None,
     ) -> None:
         self._recognizer = recognizer
         self._writer = writer
@@ -124,6 +129,20 @@ class IngressDeployment:
         if queue is not None and router is not None:
             # Queue mode: POST / goes through S3 + SQS like the legacy web tier, answered by the SQS bridge.
             self._queue = QueueClient.for_stack(queue.stack, router, queue.timeout_s)
+        self._reporter = None
+        if controller_app is not None:
+            # On a cluster the queue-depth controller sizes the Recognizer; it sees HTTP demand only through this.
+            self._reporter = asyncio.get_event_loop().create_task(self._report_in_flight(controller_app))
+
+    async def _report_in_flight(self, controller_app: str, every_s: float = 2.0) -> None:
+        source = serve.get_replica_context().replica_id.unique_id
+        while True:
+            try:
+                controller = serve.get_app_handle(controller_app)
+                await controller.report.remote(source, int(getattr(app.state, "in_flight", 0)))
+            except Exception as error:  # the controller may be restarting; the next report retries
+                log.warning("could not report in-flight requests to %s: %s", controller_app, error)
+            await asyncio.sleep(every_s)
 
     # --- helpers ------------------------------------------------------------------------------------------
     async def _read(self, upload: UploadFile | None, part: str) -> tuple[str, bytes]:

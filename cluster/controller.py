@@ -1,0 +1,283 @@
+"""The queue-depth controller: SQS backlog and Serve's in-flight requests in, worker nodes and replicas out.
+
+Every ``period_s`` it reads the request queue's backlog (visible + in flight) and the requests the ingress
+replicas report in flight, runs :func:`cluster.policy.decide`, and acts only through Ray:
+
+* nodes: ``ray.autoscaler.sdk.request_resources(bundles=[node_bundle] * nodes)``; each call replaces the
+  previous request, so zero nodes clears it and the autoscaler's idle timeout then removes the workers;
+* replicas: Serve's external scaling API (``POST /api/v1/applications/<app>/deployments/<name>/scale`` on the
+  dashboard), which the Recognizer's application allows with ``external_scaler_enabled: true``.
+
+It never calls EC2 and never asks for more than the policy's caps. Every decision is logged with its inputs,
+and backlog, demand, desired and actual replicas and nodes are exported as ``facerec_controller_*`` metrics on
+the Ray dashboard.
+
+It runs as a one-replica Serve application on the head (``cluster/serve_config.yaml``), so Serve restarts it
+if it dies. :class:`QueueController` holds the loop's logic without Ray or AWS so that it can be tested alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import requests
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from cluster.policy import Decision, Observation, PolicyConfig, PolicyState, decide
+from sqs_bridge.stack import AwsClients, StackConfig, queue_counts, queue_urls
+
+log = logging.getLogger(__name__)
+
+
+class PolicyArgs(BaseModel):
+    """:class:`cluster.policy.PolicyConfig` as application arguments (same names, same meaning)."""
+
+    service_time_s: float = Field(0.1, gt=0, description="seconds one replica spends per image, batched")
+    latency_target_s: float = Field(10.0, gt=0, description="how long an image may wait in the backlog")
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(16, ge=1)
+    replicas_per_node: int = Field(1, ge=1)
+    max_nodes: int = Field(16, ge=0)
+    scale_down_after_s: float = Field(60.0, ge=0)
+    hysteresis: float = Field(0.2, ge=0, lt=1)
+
+    def to_config(self) -> PolicyConfig:
+        return PolicyConfig(**self.model_dump())
+
+
+class ControllerArgs(BaseModel):
+    """Application arguments of the controller (the ``args:`` of the ``controller`` application)."""
+
+    stack: StackConfig = Field(default_factory=StackConfig)
+    policy: PolicyArgs = Field(default_factory=PolicyArgs)
+    period_s: float = Field(5.0, gt=0, description="seconds between decisions")
+    recognition_app: str = "facerec"
+    recognizer_deployment: str = "Recognizer"
+    #: What one worker node offers the Recognizer: the custom resource only worker node types advertise.
+    node_bundle: dict[str, float] = Field(default_factory=lambda: {"recognizer": 1.0})
+    dashboard_url: str = Field("http://127.0.0.1:8265", description="the head's dashboard (Serve's scaling API)")
+    #: Ingress reports older than this are ignored (the replica that sent them has gone).
+    report_ttl_s: float = Field(15.0, gt=0)
+
+
+class Actuator(Protocol):
+    def set_nodes(self, nodes: int) -> None: ...
+
+    def set_replicas(self, replicas: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One period: what was observed and what was decided."""
+
+    observation: Observation
+    decision: Decision
+    applied: bool
+
+
+class QueueController:
+    """The control loop's body: observe, decide, act on change (or after a failed act), log."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        backlog: Callable[[], int],
+        ongoing: Callable[[], int],
+        actuator: Actuator,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._policy = policy
+        self._backlog = backlog
+        self._ongoing = ongoing
+        self._actuator = actuator
+        self._clock = clock
+        self._state = PolicyState()
+        self._applied: tuple[int, int] | None = None
+
+    def step(self) -> Step:
+        observation = Observation(now=self._clock(), backlog=self._backlog(), ongoing=self._ongoing())
+        decision = decide(observation, self._state, self._policy)
+        self._state = decision.state
+        wanted = (decision.replicas, decision.nodes)
+        applied = False
+        if wanted != self._applied:
+            # Nodes first: replicas asked for before their nodes exist just wait in Serve's pending state.
+            self._actuator.set_nodes(decision.nodes)
+            self._actuator.set_replicas(decision.replicas)
+            self._applied, applied = wanted, True
+        log.info(
+            "backlog=%d ongoing=%d -> replicas=%d nodes=%d (%s)%s",
+            observation.backlog,
+            observation.ongoing,
+            decision.replicas,
+            decision.nodes,
+            decision.reason,
+            " applied" if applied else "",
+        )
+        return Step(observation, decision, applied)
+
+
+class InFlightReports:
+    """The latest in-flight count from each ingress replica, expired after ``ttl_s``."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._reports: dict[str, tuple[float, int]] = {}
+
+    def report(self, source: str, in_flight: int) -> None:
+        self._reports[source] = (self._clock(), max(0, in_flight))
+
+    def total(self) -> int:
+        now = self._clock()
+        self._reports = {k: v for k, v in self._reports.items() if now - v[0] <= self._ttl_s}
+        return sum(count for _, count in self._reports.values())
+
+
+class RayActuator:
+    """Nodes through the autoscaler SDK, replicas through Serve's external scaling API."""
+
+    def __init__(self, args: ControllerArgs) -> None:
+        self._bundle = dict(args.node_bundle)
+        self._scale_url = (
+            f"{args.dashboard_url.rstrip('/')}/api/v1/applications/{args.recognition_app}"
+            f"/deployments/{args.recognizer_deployment}/scale"
+        )
+
+    def set_nodes(self, nodes: int) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        if nodes > 0:
+            request_resources(bundles=[dict(self._bundle) for _ in range(nodes)])
+        else:
+            request_resources(num_cpus=0)  # clears the standing request; idle workers then time out
+
+    def set_replicas(self, replicas: int) -> None:
+        response = requests.post(
+            self._scale_url, json={"target_num_replicas": replicas}, headers=_dashboard_headers(), timeout=10
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"Serve scaling API answered {response.status_code}: {response.text[:300]}")
+
+
+def _dashboard_headers() -> dict[str, str]:
+    """Ray's bearer token when the cluster runs with token authentication."""
+    headers: dict[str, str] = {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    token_file = Path.home() / ".ray" / "auth_token"
+    if not token and os.environ.get("RAY_AUTH_MODE", "") != "disabled" and token_file.is_file():
+        token = token_file.read_text().strip()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+class SqsBacklog:
+    """ApproximateNumberOfMessages + ApproximateNumberOfMessagesNotVisible of the request queue."""
+
+    def __init__(self, stack: StackConfig) -> None:
+        clients = AwsClients.for_stack(stack)
+        self._sqs = clients.sqs
+        self._url = queue_urls(stack, clients).requests
+
+    def __call__(self) -> int:
+        counts = queue_counts(self._sqs, self._url)
+        return counts["visible"] + counts["in_flight"]
+
+
+def cluster_state(app: str, deployment: str, node_bundle: dict[str, float]) -> tuple[int, int]:
+    """(running Recognizer replicas, alive nodes offering ``node_bundle``), for the metrics."""
+    import ray
+
+    replicas = 0
+    application = serve.status().applications.get(app)
+    if application is not None and deployment in application.deployments:
+        replicas = application.deployments[deployment].replica_states.get("RUNNING", 0)  # type: ignore[call-overload]
+    nodes = 0
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        resources = node.get("Resources", {})
+        if node.get("Alive") and all(resources.get(key, 0) >= amount for key, amount in node_bundle.items()):
+            nodes += 1
+    return int(replicas), nodes
+
+
+class ControllerDeployment:
+    """The Serve deployment that runs the loop (one replica, on the head)."""
+
+    def __init__(self, args: ControllerArgs) -> None:
+        from ray.util.metrics import Gauge
+
+        self._args = args
+        self._reports = InFlightReports(args.report_ttl_s)
+        self._controller = QueueController(
+            args.policy.to_config(), SqsBacklog(args.stack), self._reports.total, RayActuator(args)
+        )
+        self._gauges = {
+            name: Gauge(f"facerec_controller_{name}", description=description)
+            for name, description in {
+                "backlog": "Request queue backlog: visible plus in-flight messages.",
+                "ongoing": "Requests the ingress replicas report in flight.",
+                "desired_replicas": "Recognizer replicas the policy wants.",
+                "desired_nodes": "Worker nodes the policy asks Ray's autoscaler for.",
+                "actual_replicas": "Recognizer replicas running.",
+                "actual_nodes": "Worker nodes alive.",
+            }.items()
+        }
+        self._last: dict[str, object] = {}
+        self._task = asyncio.get_event_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                step = await asyncio.to_thread(self._controller.step)
+                replicas, nodes = await asyncio.to_thread(
+                    cluster_state, self._args.recognition_app, self._args.recognizer_deployment, self._args.node_bundle
+                )
+                self._publish(step, replicas, nodes)
+            except Exception:
+                # A failed read or act is retried next period (the controller re-applies until it succeeds).
+                log.exception("controller step failed")
+            await asyncio.sleep(max(0.0, self._args.period_s - (time.monotonic() - started)))
+
+    def _publish(self, step: Step, replicas: int, nodes: int) -> None:
+        values = {
+            "backlog": step.observation.backlog,
+            "ongoing": step.observation.ongoing,
+            "desired_replicas": step.decision.replicas,
+            "desired_nodes": step.decision.nodes,
+            "actual_replicas": replicas,
+            "actual_nodes": nodes,
+        }
+        for name, value in values.items():
+            self._gauges[name].set(value)
+        self._last = {**values, "reason": step.decision.reason, "at": time.time()}
+
+    def report(self, source: str, in_flight: int) -> None:
+        """Called by each ingress replica every few seconds with the requests it holds."""
+        self._reports.report(source, in_flight)
+
+    def status(self) -> dict[str, object]:
+        """The last observation and decision (for `facerec` tooling and tests)."""
+        return dict(self._last)
+
+    def __del__(self) -> None:
+        self._task.cancel()
+
+
+def build_controller(args: dict[str, object] | ControllerArgs) -> Application:
+    """``import_path: cluster.controller:build_controller`` in the Serve config."""
+    config = args if isinstance(args, ControllerArgs) else ControllerArgs.model_validate(args)
+    deployment = serve.deployment(
+        name="QueueController", num_replicas=1, max_ongoing_requests=100, ray_actor_options={"num_cpus": 0}
+    )(ControllerDeployment)
+    return deployment.bind(config)

@@ -1,0 +1,160 @@
+"""cluster.yaml: Ray's own validation, the IAM policies, and `ray up` / `ray down` against a moto server.
+
+`ray up` runs for real against moto's EC2 and IAM (through AWS_ENDPOINT_URL). moto's instances have fake
+addresses that nothing may connect to, so `ssh` and `rsync` are stand-in scripts first on PATH that only record
+their arguments, and HOME is a temporary directory (the launcher writes its key there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cluster.deploy import render_serve_config, stack_from_bootstrap
+from cluster.iam import ensure_instance_profiles, render_policy
+from sqs_bridge.stack import StackConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+RAY = Path(sys.executable).with_name("ray")
+
+
+def load_cluster_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(CLUSTER_YAML.read_text())
+    return config
+
+
+def test_cluster_yaml_passes_rays_validation() -> None:
+    config = prepare_config(load_cluster_config())
+    validate_config(config)
+    types = config["available_node_types"]
+    assert config["head_node_type"] == "head"
+    assert "recognizer" not in types["head"]["resources"]
+    for worker in ("cpu_worker", "gpu_worker"):
+        assert types[worker]["min_workers"] == 0
+        assert 0 < types[worker]["max_workers"] <= config["max_workers"]
+        assert types[worker]["resources"]["recognizer"] == 1
+        assert types[worker]["node_config"]["IamInstanceProfile"] == {"Name": "facerec-worker"}
+    assert types["gpu_worker"]["resources"]["GPU"] == 1
+    assert types["head"]["node_config"]["IamInstanceProfile"] == {"Name": "facerec-head"}
+    assert config["idle_timeout_minutes"] > 0
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "facerec cluster deploy" in start
+
+
+def test_iam_policies_name_only_this_projects_resources() -> None:
+    names = {"prefix": "demo", "region": "eu-west-1", "account": "123456789012", "cluster_name": "demo"}
+    head = render_policy("head", **names)
+    worker = render_policy("worker", **names)
+    for document in (head, worker):
+        for statement in document["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert all("*" not in action for action in actions), statement
+            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            if any(action.startswith(("s3:", "sqs:")) for action in actions):
+                assert all(":demo-" in r or ":::demo-" in r for r in resources), statement
+    head_actions = {a for s in head["Statement"] for a in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])}
+    assert "iam:PassRole" in head_actions and "ec2:TerminateInstances" in head_actions
+    terminate = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
+    assert terminate["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": "demo"}}
+    worker_actions = {s["Action"] for s in worker["Statement"]}
+    assert worker_actions == {"s3:GetObject", "s3:ListBucket"}
+
+
+def test_serve_config_for_the_cluster_is_valid_and_named_from_one_place(tmp_path: Path) -> None:
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump({"cluster_name": "faces-prod", "provider": {"region": "eu-west-1"}}))
+    stack = stack_from_bootstrap(bootstrap)
+    assert stack == StackConfig(prefix="faces-prod", region="eu-west-1")
+    config = render_serve_config(stack)
+    apps = {app["name"]: app for app in config["applications"]}
+    assert set(apps) == {"facerec", "bridge", "controller"}
+    assert apps["facerec"]["external_scaler_enabled"] is True
+    assert apps["facerec"]["args"]["gallery_uri"] == "s3://faces-prod-gallery/gallery"
+    for app in apps.values():
+        assert app["args"]["stack"]["prefix"] == "faces-prod" and app["args"]["stack"]["region"] == "eu-west-1"
+    # Only Recognizer replicas may leave the head: everything else is pinned to it.
+    for app in apps.values():
+        for deployment in app.get("deployments", []):
+            assert deployment["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
+
+
+@pytest.fixture
+def stand_in_ssh(tmp_path: Path) -> tuple[Path, Path]:
+    """``ssh`` and ``rsync`` that record one JSON line of arguments each and succeed, first on PATH."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    for name in ("ssh", "rsync"):
+        script = bin_dir / name
+        script.write_text(
+            f"#!{sys.executable}\nimport json, sys\n"
+            f"with open({str(calls)!r}, 'a') as f:\n"
+            f"    f.write(json.dumps({{'tool': {name!r}, 'args': sys.argv[1:]}}) + '\\n')\n"
+        )
+        script.chmod(0o755)
+    return bin_dir, calls
+
+
+def test_ray_up_and_down_against_moto(moto_endpoint: str, stand_in_ssh: tuple[Path, Path], tmp_path: Path) -> None:
+    bin_dir, calls = stand_in_ssh
+    home = tmp_path / "home"
+    home.mkdir()
+    iam = boto3.client("iam", endpoint_url=moto_endpoint)
+    arns = ensure_instance_profiles(
+        iam, prefix="facerec", region="us-east-1", account="123456789012", cluster_name="facerec"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home),
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    up = subprocess.run(
+        [str(RAY), "up", str(CLUSTER_YAML), "--yes", "--no-config-cache", "--disable-usage-stats"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+
+    ec2 = boto3.client("ec2", endpoint_url=moto_endpoint)
+    reservations = ec2.describe_instances(Filters=[{"Name": "tag:ray-cluster-name", "Values": ["facerec"]}])
+    instances = [i for r in reservations["Reservations"] for i in r["Instances"] if i["State"]["Name"] == "running"]
+    assert len(instances) == 1
+    head = instances[0]
+    tags = {t["Key"]: t["Value"] for t in head["Tags"]}
+    assert head["InstanceType"] == "m6i.large"
+    assert tags["ray-node-type"] == "head" and tags["ray-user-node-type"] == "head"
+    assert head["IamInstanceProfile"]["Arn"] == arns["head"]
+
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    commands = " ".join(" ".join(call["args"]) for call in recorded if call["tool"] == "ssh")
+    assert "make install" in commands
+    assert "uv==0.13.8" in commands
+    assert "ray start --head" in commands and "--dashboard-host=127.0.0.1" in commands
+    assert "facerec cluster deploy" in commands
+    assert any(call["tool"] == "rsync" for call in recorded), "the checkout was not copied to the head"
+
+    down = subprocess.run(
+        [str(RAY), "down", str(CLUSTER_YAML), "--yes"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    state = ec2.describe_instances(InstanceIds=[head["InstanceId"]])["Reservations"][0]["Instances"][0]["State"]
+    assert state["Name"] in ("shutting-down", "terminated")
