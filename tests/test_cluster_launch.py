@@ -57,17 +57,20 @@ def test_iam_policies_name_only_this_projects_resources() -> None:
     worker = render_policy("worker", **names)
     for document in (head, worker):
         for statement in document["Statement"]:
-            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            actions = _as_list(statement["Action"])
             assert all("*" not in action for action in actions), statement
-            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
             if any(action.startswith(("s3:", "sqs:")) for action in actions):
-                assert all(":demo-" in r or ":::demo-" in r for r in resources), statement
-    head_actions = {a for s in head["Statement"] for a in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])}
+                assert all(":demo-" in r or ":::demo-" in r for r in _as_list(statement["Resource"])), statement
+    head_actions = {action for s in head["Statement"] for action in _as_list(s["Action"])}
     assert "iam:PassRole" in head_actions and "ec2:TerminateInstances" in head_actions
     terminate = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
     assert terminate["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": "demo"}}
     worker_actions = {s["Action"] for s in worker["Statement"]}
     assert worker_actions == {"s3:GetObject", "s3:ListBucket"}
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
 
 
 def test_serve_config_for_the_cluster_is_valid_and_named_from_one_place(tmp_path: Path) -> None:
