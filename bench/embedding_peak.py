@@ -111,13 +111,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint", default="facenet-keras-128")
     parser.add_argument("--mm-size", type=int, default=2048)
-    parser.add_argument("--mm-repeats", type=int, default=5)
+    parser.add_argument("--mm-repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = load_models(args.checkpoint, max_embed_batch=max(args.batches))
     crops = face_crops(models, lfw_payloads(args.images), args.crops)
     flops = flops_per_image(models.embedder, crops[0])
-    peak = matmul_peak_gflops(args.mm_size, args.mm_repeats)
+    # Half the matmul runs before the embedding and half after: best-of is then robust to a neighbour's burst.
+    peak = matmul_peak_gflops(args.mm_size, -(-args.mm_repeats // 2))
     per_batch = []
     for batch in args.batches:
         rate = embed_images_per_s(models.embedder, crops, batch)
@@ -127,10 +128,12 @@ def main() -> None:
                 "batch": batch,
                 "images_per_s": round(rate, 2),
                 "gflops_per_s": round(achieved, 2),
-                "fraction_of_peak": round(achieved / peak, 3),
             }
         )
         print(json.dumps(per_batch[-1]), flush=True)
+    peak = max(peak, matmul_peak_gflops(args.mm_size, max(1, args.mm_repeats // 2)))
+    for row in per_batch:
+        row["fraction_of_peak"] = round(float(row["gflops_per_s"]) / peak, 3)
     best = max(per_batch, key=lambda r: float(r["images_per_s"]))
     smallest = min(per_batch, key=lambda r: int(r["batch"]))
     result = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def deploy(config: dict[str, Any], dashboard_address: str = "http://127.0.0.1:82
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     try:
-        subprocess.run(["serve", "deploy", handle.name, "--address", dashboard_address], check=True)
+        # The `serve` beside this interpreter: the project's venv, whatever PATH says.
+        serve_cli = Path(sys.executable).with_name("serve")
+        subprocess.run([str(serve_cli), "deploy", handle.name, "--address", dashboard_address], check=True)
     finally:
         Path(handle.name).unlink(missing_ok=True)

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from sqs_bridge.stack import AwsClients, StackConfig, provision, status
-from tests.serve_fixtures import API_KEY, ServeCluster, healthy, wait_until
-from tests.test_sqs_bridge import ENROLLED, person_photos, pool
+from tests.queue_helpers import enrol, pool
+from tests.serve_fixtures import ServeCluster, healthy, wait_until
 
 
 def _app(stack: StackConfig, timeout_s: float) -> Any:
@@ -46,15 +46,7 @@ def queued(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[tuple[st
     url = serve_cluster.url
     wait_until(lambda: healthy(url), 240, "queue-mode app did not start")
     serve.run(build_bridge({"stack": stack.model_dump(), "wait_time_s": 1}), name="bridge", route_prefix=None)
-    for person in ENROLLED:
-        photo = person_photos(person)[0]
-        response = requests.post(
-            f"{url}/v1/people/{person}/faces",
-            files={"images": (photo.name, photo.read_bytes())},
-            headers={"X-API-Key": API_KEY},
-            timeout=120,
-        )
-        assert response.status_code == 201
+    enrol(url)
     yield url, stack, clients
     serve.delete("bridge")
     serve.delete("facerec")

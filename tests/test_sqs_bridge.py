@@ -7,42 +7,25 @@ the bridge answers through the output bucket and the response queue.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
-from sqs_bridge.stack import AwsClients, QueueUrls, StackConfig, provision, status
-from tests.serve_fixtures import API_KEY, ServeCluster, healthy, wait_until
-
-from .conftest import LFW
-
-ENROLLED = ["Ricardo_Lagos", "Paul_Wolfowitz", "Jennifer_Lopez", "Zhu_Rongji"]
-STRANGERS = ["Aaron_Sorkin/Aaron_Sorkin_0001.jpg", "AJ_Cook/AJ_Cook_0001.jpg", "Aaron_Guiel/Aaron_Guiel_0001.jpg"]
-
-
-def person_photos(person: str) -> list[Path]:
-    return sorted((LFW / "images" / person).glob("*.jpg"))
-
-
-def pool() -> list[tuple[bytes, str]]:
-    """Photos with known answers: other photos of enrolled people, and people nobody enrolled."""
-    photos = [(photo.read_bytes(), p) for p in ENROLLED for photo in person_photos(p)[1:4]]
-    photos += [((LFW / "images" / s).read_bytes(), "Unknown") for s in STRANGERS]
-    return photos
-
-
-@dataclass
-class Stack:
-    config: StackConfig
-    clients: AwsClients
-    urls: QueueUrls
+from sqs_bridge.stack import AwsClients, StackConfig, provision, status
+from tests.queue_helpers import (
+    Stack,
+    check_all_answered,
+    collect_responses,
+    drained,
+    enqueue,
+    enrol,
+    numbered,
+    output,
+    pool,
+)
+from tests.serve_fixtures import ServeCluster, healthy, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +50,7 @@ def recognition(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str
     serve.run(app, name="facerec", route_prefix="/", blocking=False)
     url = serve_cluster.url
     wait_until(lambda: healthy(url), 240, "recognition app did not start")
-    for person in ENROLLED:
-        photo = person_photos(person)[0]
-        response = requests.post(
-            f"{url}/v1/people/{person}/faces",
-            files={"images": (photo.name, photo.read_bytes())},
-            headers={"X-API-Key": API_KEY},
-            timeout=120,
-        )
-        assert response.status_code == 201, response.text
+    enrol(url)
     # The pool's answers, through HTTP: the queue path must give the same ones.
     for data, expected in pool():
         answer = requests.post(f"{url}/", files={"inputFile": ("p.jpg", data)}, timeout=120).text
@@ -103,89 +78,6 @@ def stack(recognition: str, moto_endpoint: str) -> Iterator[Stack]:
     )
     yield Stack(config, clients, urls)
     serve.delete("bridge")
-
-
-def enqueue(stack: Stack, items: list[tuple[str, bytes]]) -> dict[str, str]:
-    """Upload each photo and send its request like the legacy web tier; returns correlation id -> key."""
-    ids: dict[str, str] = {}
-
-    def one(item: tuple[str, bytes]) -> None:
-        key, data = item
-        stack.clients.s3.put_object(Bucket=stack.config.in_bucket, Key=key, Body=data)
-        correlation = str(uuid.uuid4())
-        stack.clients.sqs.send_message(
-            QueueUrl=stack.urls.requests,
-            MessageBody=key,
-            MessageAttributes={"key": {"DataType": "String", "StringValue": correlation}},
-        )
-        ids[correlation] = key
-
-    with ThreadPoolExecutor(max_workers=16) as workers:
-        list(workers.map(one, items))
-    return ids
-
-
-def collect_responses(stack: Stack, expected: int, timeout: float) -> list[dict[str, Any]]:
-    """Read (and delete) response messages until ``expected`` distinct correlation ids, or fail at ``timeout``."""
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while len({m["key"] for m in seen}) < expected:
-        if time.monotonic() > deadline:
-            pytest.fail(f"only {len({m['key'] for m in seen})} of {expected} responses after {timeout:.0f}s")
-        batch = stack.clients.sqs.receive_message(
-            QueueUrl=stack.urls.responses, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
-        ).get("Messages", [])
-        for message in batch:
-            attributes = message["MessageAttributes"]
-            seen.append(
-                {
-                    "body": message["Body"],
-                    "key": attributes["key"]["StringValue"],
-                    "status": attributes["status"]["StringValue"],
-                    "error": attributes.get("error", {}).get("StringValue"),
-                }
-            )
-        if batch:
-            stack.clients.sqs.delete_message_batch(
-                QueueUrl=stack.urls.responses,
-                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)],
-            )
-    return seen
-
-
-def output(stack: Stack, stem: str) -> str:
-    return str(stack.clients.s3.get_object(Bucket=stack.config.out_bucket, Key=stem)["Body"].read().decode())
-
-
-def drained(stack: Stack) -> bool:
-    report = status(stack.config, stack.clients)
-    queues = (report["request_queue"], report["response_queue"])
-    return all(q["visible"] == 0 and q["in_flight"] == 0 for q in queues)
-
-
-def check_all_answered(
-    stack: Stack, ids: dict[str, str], answers: dict[str, str], responses: list[dict[str, Any]]
-) -> None:
-    by_id = {r["key"]: r for r in responses}
-    assert set(by_id) == set(ids)
-    for correlation, key in ids.items():
-        stem = key.rsplit(".", 1)[0]
-        assert by_id[correlation]["body"] == repr((stem, answers[key]))
-        assert by_id[correlation]["status"] == "ok"
-    report = status(stack.config, stack.clients)
-    assert report["out_bucket_objects"] == len(ids) == report["in_bucket_objects"]
-    assert report["dead_letter_queue"] == {"visible": 0, "in_flight": 0}
-
-
-def numbered(count: int) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
-    photos = pool()
-    items, answers = [], {}
-    for i in range(count):
-        data, expected = photos[i % len(photos)]
-        key = f"test_{i:03d}.jpg" if count <= 1000 else f"test_{i:05d}.jpg"
-        items.append((key, data))
-        answers[key] = expected
-    return items, answers
 
 
 def test_a_thousand_requests_drain_with_correct_answers(stack: Stack) -> None:
