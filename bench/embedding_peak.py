@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--mm-repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     models = load_models(args.checkpoint, max_embed_batch=max(args.batches))
     crops = face_crops(models, lfw_payloads(args.images), args.crops)
     flops = flops_per_image(models.embedder, crops[0])
@@ -148,6 +150,8 @@ def main() -> None:
         "best_over_smallest_batch": round(float(best["images_per_s"]) / float(smallest["images_per_s"]), 3),
         "matmul_size": args.mm_size,
         "matmul_peak_gflops_per_s": round(peak, 2),
+        # A neighbour's load skews 2-thread runs badly (small ops wait on a descheduled thread): show it.
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     RESULTS.mkdir(exist_ok=True)

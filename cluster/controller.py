@@ -35,7 +35,8 @@ from ray.serve import Application
 from cluster.policy import Decision, Observation, PolicyConfig, PolicyState, decide
 from sqs_bridge.stack import AwsClients, StackConfig, queue_counts, queue_urls
 
-log = logging.getLogger(__name__)
+# Serve writes this logger to the replica's log file (and the dashboard): every decision is visible there.
+log = logging.getLogger("ray.serve")
 
 
 class PolicyArgs(BaseModel):

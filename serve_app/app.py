@@ -84,7 +84,9 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
     replica_options: dict[str, object]
     if scaling.external_scaler:
         start = scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
-        replica_options = {"num_replicas": start}
+        # Serve refuses to deploy 0 replicas (the decorator and the config schema both); only its scaling API
+        # may set 0. So a deployment starts with one, and the controller's first decision takes it to zero.
+        replica_options = {"num_replicas": max(1, start)}
     else:
         replica_options = {
             "autoscaling_config": {

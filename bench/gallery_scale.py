@@ -1,0 +1,271 @@
+"""Gallery matching at 10k, 100k and 1M enrolled faces: milliseconds per query and memory, exact and 16-bit.
+
+    .venv/bin/python bench/gallery_scale.py [--sizes 10000 100000 1000000] [--queries 200] [--batch 32]
+
+Each gallery holds seeded random unit vectors of the default embedder's dimension, loaded through
+``Gallery.from_bytes`` (the service's own loading path), one face per person unless ``--faces-per-person`` says
+otherwise. Queries are noisy copies of enrolled faces (``--noise`` per coordinate; 0.09 puts them at cosine ~0.7,
+just above a same-person threshold), so each query's true person is known.
+
+1. Exact: ``Gallery.match`` itself (matmul, per-person ``np.maximum.reduceat``, ``argpartition`` top-k): the
+   median of single queries (``single_ms``), the median per query of batches of ``--batch`` (``batched_ms``), and
+   the single-query time of each of those three steps.
+2. Variants the gallery could adopt: the same per-person top-k found from ``torch.topk`` over faces (see
+   :func:`variant_top`), with the matrix in float32 (the route alone changed), float16 or bfloat16 (half the
+   bytes). Each reports its top-1 person's agreement with the exact answer and its recall of the true person.
+
+Also the embedding matrix's bytes and the process RSS growth for loading the gallery (names and face ids
+included). Writes ``bench/results/gallery_scale.json`` and ``bench/results/gallery_scale.png`` and prints the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve_app.model.checkpoints import CHECKPOINTS, DEFAULT_CHECKPOINT
+from serve_app.model.gallery import FORMAT_NAME, FORMAT_VERSION, Gallery
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: The per-query budget for matching against a million enrolled faces on this 2-core machine.
+TARGET_MS_AT_1M = 20.0
+TOP_K = 3
+VARIANT_DTYPES = {
+    "float32_faces_topk": torch.float32,
+    "float16_faces_topk": torch.float16,
+    "bfloat16_faces_topk": torch.bfloat16,
+}
+
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux ``/proc``); peak-based ``ru_maxrss`` could not show what a gallery keeps."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def synthetic_gallery_bytes(vectors: np.ndarray, faces_per_person: int, model_id: str) -> bytes:
+    """A gallery file in ``Gallery.to_bytes``'s format; ``Gallery.add`` per person would copy the matrix N times."""
+    rows = np.arange(len(vectors))
+    names = np.char.add("person-", np.char.zfill((rows // faces_per_person).astype(np.str_), 7))
+    face_ids = np.char.zfill(rows.astype(np.str_), 12)
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": model_id, "dim": vectors.shape[1]}
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(json.dumps(meta)), embeddings=vectors, names=names, face_ids=face_ids)
+    return buffer.getvalue()
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    normalised: np.ndarray = (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
+    return normalised
+
+
+def person_starts(names: list[str]) -> np.ndarray:
+    """Where each person's rows begin, for rows grouped by person (as ``Gallery.match`` leaves them)."""
+    labels = np.asarray(names)
+    return np.concatenate([[0], np.flatnonzero(labels[1:] != labels[:-1]) + 1]).astype(np.intp)
+
+
+@dataclass(frozen=True)
+class FaceTable:
+    """The gallery's rows in one dtype, with which person each row belongs to."""
+
+    rows: torch.Tensor
+    row_person: np.ndarray
+    #: Faces of the person with the most: the top ``k * most_faces`` faces always hold the top ``k`` people.
+    most_faces: int
+
+
+def similarities(queries: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+    """``(Q, N)`` float32 cosine similarities of unit ``queries`` against unit ``rows``."""
+    if rows.dtype == torch.float32:
+        # NumPy's BLAS call is several times faster than torch's for one query row against a tall matrix here.
+        return torch.from_numpy(queries @ rows.numpy().T)
+    return torch.nn.functional.linear(torch.from_numpy(queries).to(rows.dtype), rows).float()
+
+
+def variant_top(queries: np.ndarray, table: FaceTable) -> np.ndarray:
+    """The ``k`` best people per query, best first, as person indices: ``Gallery.match``'s answer, another route.
+
+    A person scores their best face, so the ``k`` best people are among the people of the ``k * most_faces`` best
+    faces (each person fills at most ``most_faces`` of those places). ``torch.topk`` over faces then replaces both
+    the per-person ``reduceat`` over every face and the ``argpartition`` over every person.
+    """
+    people = int(table.row_person[-1]) + 1
+    k = min(TOP_K, people)
+    depth = min(k * table.most_faces, len(table.row_person))
+    best_faces = torch.topk(similarities(queries, table.rows), depth, dim=1).indices.numpy()
+    top = np.empty((len(queries), k), dtype=np.intp)
+    for row, ranked in enumerate(table.row_person[best_faces]):
+        # dict keeps the first (best-scoring) occurrence of each person, in order.
+        top[row] = list(dict.fromkeys(ranked.tolist()))[:k]
+    return top
+
+
+def median_ms(run: Callable[[np.ndarray], object], queries: np.ndarray, batch: int) -> float:
+    """Median milliseconds per query over calls of ``batch`` queries (only full batches)."""
+    batch = min(batch, len(queries))
+    run(queries[:batch])  # warm-up: the first call at a shape starts thread pools and allocates
+    times = []
+    for start in range(0, len(queries) - batch + 1, batch):
+        chunk = queries[start : start + batch]
+        started = time.perf_counter()
+        run(chunk)
+        times.append((time.perf_counter() - started) * 1000.0 / batch)
+    return round(statistics.median(times), 3)
+
+
+def exact_breakdown_ms(gallery: Gallery, starts: np.ndarray, queries: np.ndarray) -> dict[str, float]:
+    """Median single-query milliseconds of each step of ``Gallery.match``, run one at a time as it runs them."""
+    embeddings = gallery.embeddings
+    steps: dict[str, list[float]] = {"matmul": [], "per_person_max": [], "argpartition_top_k": []}
+    for query in queries:
+        started = time.perf_counter()
+        scores = query[None] @ embeddings.T
+        after_matmul = time.perf_counter()
+        per_person = np.maximum.reduceat(scores, starts, axis=1)
+        after_reduce = time.perf_counter()
+        np.argpartition(-per_person, min(TOP_K, per_person.shape[1]) - 1, axis=1)
+        done = time.perf_counter()
+        steps["matmul"].append(after_matmul - started)
+        steps["per_person_max"].append(after_reduce - after_matmul)
+        steps["argpartition_top_k"].append(done - after_reduce)
+    return {step: round(1000 * statistics.median(times), 3) for step, times in steps.items()}
+
+
+def measure_size(size: int, args: argparse.Namespace, model_id: str, dim: int, threshold: float) -> dict[str, Any]:
+    rng = np.random.default_rng(args.seed + size)
+    gc.collect()
+    rss_before = rss_bytes()
+    vectors = unit_rows(rng.standard_normal((size, dim), dtype=np.float32))
+    picked = rng.choice(size, size=args.queries, replace=False)
+    queries = unit_rows(vectors[picked] + args.noise * rng.standard_normal((args.queries, dim), dtype=np.float32))
+    truth = [f"person-{i // args.faces_per_person:07d}" for i in picked]
+    data = synthetic_gallery_bytes(vectors, args.faces_per_person, model_id)
+    del vectors
+    gallery = Gallery.from_bytes(data, expected_model_id=model_id)
+    del data
+    gallery.match(queries[:1], threshold)  # the first match groups rows by person (once per gallery change)
+    gc.collect()
+    rss_delta = rss_bytes() - rss_before
+
+    names = gallery.names
+    starts = person_starts(names)
+    people = [names[s] for s in starts]
+    row_person = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(names))))
+    most_faces = int(np.diff(np.append(starts, len(names))).max())
+    exact = [m.candidates[0].name for m in gallery.match(queries, threshold, top_k=TOP_K)]
+    row: dict[str, Any] = {
+        "enrolled": size,
+        "people": len(people),
+        "matrix_bytes": int(gallery.embeddings.nbytes),
+        "rss_delta_bytes": rss_delta,
+        "exact": {
+            "single_ms": median_ms(lambda q: gallery.match(q, threshold, top_k=TOP_K), queries, 1),
+            "batched_ms": median_ms(lambda q: gallery.match(q, threshold, top_k=TOP_K), queries, args.batch),
+            "single_steps_ms": exact_breakdown_ms(gallery, starts, queries),
+            "top1_recall": round(float(np.mean([e == t for e, t in zip(exact, truth, strict=True)])), 4),
+        },
+        "variants": {},
+    }
+    print(json.dumps({"enrolled": size, "exact": row["exact"]}), flush=True)
+    for variant, dtype in VARIANT_DTYPES.items():
+        table = FaceTable(torch.from_numpy(gallery.embeddings.copy()).to(dtype), row_person, most_faces)
+        match = functools.partial(variant_top, table=table)
+        top1 = [people[i] for i in match(queries)[:, 0]]
+        row["variants"][variant] = {
+            "matrix_bytes": table.rows.nelement() * table.rows.element_size(),
+            "single_ms": median_ms(match, queries, 1),
+            "batched_ms": median_ms(match, queries, args.batch),
+            "top1_agreement_with_exact": round(float(np.mean([v == e for v, e in zip(top1, exact, strict=True)])), 4),
+            "top1_recall": round(float(np.mean([v == t for v, t in zip(top1, truth, strict=True)])), 4),
+        }
+        print(json.dumps({"enrolled": size, variant: row["variants"][variant]}), flush=True)
+        del match, table  # before the next variant's copy, not after it
+    return row
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["sizes"]
+    sizes = [r["enrolled"] for r in rows]
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    axes.plot(sizes, [r["exact"]["single_ms"] for r in rows], "-o", color="black", label="Gallery.match, single")
+    axes.plot(sizes, [r["exact"]["batched_ms"] for r in rows], "--o", color="black", label="… batched")
+    for variant, color in zip(VARIANT_DTYPES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+        axes.plot(sizes, [r["variants"][variant]["single_ms"] for r in rows], "-s", color=color, label=variant)
+        axes.plot(sizes, [r["variants"][variant]["batched_ms"] for r in rows], "--s", color=color, label="… batched")
+    axes.axhline(TARGET_MS_AT_1M, color="red", linestyle=":", label=f"target at 1M ({TARGET_MS_AT_1M:g} ms)")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("enrolled faces")
+    axes.set_ylabel(f"ms per query (batched: per query of {result['batch']})")
+    axes.legend(fontsize=7)
+    axes.set_title(f"gallery matching, {result['dim']}-d ({result['machine']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--faces-per-person", type=int, default=1)
+    parser.add_argument("--noise", type=float, default=0.09)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checkpoint = CHECKPOINTS[DEFAULT_CHECKPOINT]
+    load_before = os.getloadavg()[0]
+    rows = [measure_size(size, args, checkpoint.model_id, checkpoint.dim, checkpoint.threshold) for size in args.sizes]
+    largest = max(rows, key=lambda r: int(r["enrolled"]))
+    # Whether each way of matching stays within the budget, judged only where a million faces were measured.
+    target_met = None
+    if int(largest["enrolled"]) >= 1_000_000:
+        target_met = {
+            name: {mode: float(timings[f"{mode}_ms"]) <= TARGET_MS_AT_1M for mode in ("single", "batched")}
+            for name, timings in {"exact": largest["exact"], **largest["variants"]}.items()
+        }
+    result = {
+        "benchmark": "gallery_scale",
+        "dim": checkpoint.dim,
+        "queries": args.queries,
+        "batch": args.batch,
+        "faces_per_person": args.faces_per_person,
+        "noise": args.noise,
+        "seed": args.seed,
+        "sizes": rows,
+        "target_ms_at_1m": TARGET_MS_AT_1M,
+        "target_met_at_1m": target_met,
+        # A neighbour's load skews 2-thread runs badly (small ops wait on a descheduled thread): show it.
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gallery_scale.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, RESULTS / "gallery_scale.png")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

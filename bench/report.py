@@ -1,0 +1,177 @@
+"""Summarise every benchmark result in bench/results/ as one Markdown table for the README.
+
+    .venv/bin/python bench/report.py [--results bench/results]
+
+Reads each ``*.json`` there (any may be missing, or from an older run with fewer fields), prints a table of
+benchmark, metric, value, ratio or target, and whether the target is met, and writes it to ``summary.md`` in the
+same folder. Benchmarks it does not know get a row per top-level number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: One table row: metric, value, ratio/target, met ("yes", "no" or "" where there is no target).
+Row = tuple[str, str, str, str]
+
+
+def number(value: Any, unit: str = "") -> str:
+    text = f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
+    return f"{text} {unit}".strip()
+
+
+def met(flag: Any) -> str:
+    return "" if flag is None else ("yes" if flag else "no")
+
+
+def model_throughput(r: dict[str, Any]) -> list[Row]:
+    return [
+        ("one image at a time", number(r["single_images_per_s"], "img/s"), "", ""),
+        (f"batched by {r['batch']}", number(r["batched_images_per_s"], "img/s"), f"{r['batched_over_single']}x", ""),
+    ]
+
+
+def http_load(r: dict[str, Any]) -> list[Row]:
+    rows = [("model floor (in-process, batched)", number(r["model_floor_images_per_s"], "img/s"), "", "")]
+    for level in r["http"]:
+        ratio = r.get("http_over_floor", {}).get(str(level["concurrency"]), "")
+        rows.append(
+            (
+                f"HTTP at concurrency {level['concurrency']}",
+                f"{number(level['images_per_s'], 'img/s')}, p95 {number(level['p95_ms'], 'ms')}",
+                f"{ratio} of floor" if ratio != "" else "",
+                "",
+            )
+        )
+    return rows
+
+
+def queue_throughput(r: dict[str, Any]) -> list[Row]:
+    return [
+        ("HTTP", number(r["http"]["images_per_s"], "img/s"), "", ""),
+        (
+            "queue, enqueue to last response",
+            number(r["queue"]["images_per_s"], "img/s"),
+            f"{r['queue_over_http']}x HTTP",
+            "",
+        ),
+    ]
+
+
+def embedding_peak(r: dict[str, Any]) -> list[Row]:
+    rows = [(f"torch.mm {r['matmul_size']}² float32 peak", number(r["matmul_peak_gflops_per_s"], "GFLOP/s"), "", "")]
+    for entry in r["per_batch"]:
+        rows.append(
+            (
+                f"embedding only, batch {entry['batch']}",
+                f"{number(entry['images_per_s'], 'img/s')}, {number(entry['gflops_per_s'], 'GFLOP/s')}",
+                f"{entry['fraction_of_peak']:.0%} of mm peak",
+                "",
+            )
+        )
+    return rows
+
+
+def app_tier_baseline(r: dict[str, Any]) -> list[Row]:
+    return [
+        (
+            "original app tier (one at a time, gallery read per request)",
+            number(r["baseline_images_per_s"], "img/s"),
+            "",
+            "",
+        ),
+        (f"model floor (batched by {r['batch']})", number(r["floor_images_per_s"], "img/s"), "", ""),
+        ("floor / baseline", f"{r['floor_over_baseline']}x", f"≥ {r['target_ratio']}x", met(r.get("target_met"))),
+    ]
+
+
+def gallery_scale(r: dict[str, Any]) -> list[Row]:
+    target = r["target_ms_at_1m"]
+    verdicts = r.get("target_met_at_1m") or {}
+    rows = []
+    for size in r["sizes"]:
+        at_1m = size["enrolled"] >= 1_000_000
+        for name, timings in {"Gallery.match": size["exact"], **size.get("variants", {})}.items():
+            verdict = verdicts.get("exact" if name == "Gallery.match" else name, {}) if at_1m else {}
+            agreement = timings.get("top1_agreement_with_exact")
+            rows.append(
+                (
+                    f"{name}, {size['enrolled']:,} faces"
+                    + (f" (top-1 agrees {agreement:.1%})" if agreement is not None else ""),
+                    f"{number(timings['single_ms'], 'ms')} single, {number(timings['batched_ms'], 'ms')} batched",
+                    f"≤ {target:g} ms" if at_1m else "",
+                    f"{met(verdict.get('single'))} / {met(verdict.get('batched'))}" if verdict else "",
+                )
+            )
+        memory = (
+            f"{size['matrix_bytes'] / 2**20:,.0f} MiB matrix, {size['rss_delta_bytes'] / 2**20:,.0f} MiB RSS growth"
+        )
+        rows.append((f"memory, {size['enrolled']:,} faces", memory, "", ""))
+    return rows
+
+
+def generic(r: dict[str, Any]) -> list[Row]:
+    """Any benchmark this report does not know: its top-level numbers."""
+    return [
+        (key, number(value), "", "")
+        for key, value in r.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
+SUMMARISERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "model_throughput": model_throughput,
+    "http_load": http_load,
+    "queue_throughput": queue_throughput,
+    "embedding_peak": embedding_peak,
+    "app_tier_baseline": app_tier_baseline,
+    "gallery_scale": gallery_scale,
+}
+
+
+def summarise(path: Path) -> tuple[str, list[Row]]:
+    """The benchmark's name and its rows; a file that cannot be read or summarised says so in a row."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return path.stem, [("(unreadable)", type(exc).__name__, "", "")]
+    if not isinstance(result, dict):
+        return path.stem, [("(not a result object)", "", "", "")]
+    name = str(result.get("benchmark", path.stem))
+    summariser = SUMMARISERS.get(name, generic)
+    try:
+        return name, summariser(result)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # An older or partial result: fall back to its top-level numbers rather than fail the whole report.
+        return name, generic(result)
+
+
+def table(results: Path) -> str:
+    lines = ["| benchmark | metric | value | ratio / target | met? |", "|---|---|---|---|---|"]
+    for path in sorted(results.glob("*.json")):
+        name, rows = summarise(path)
+        for metric, value, ratio, verdict in rows:
+            lines.append(f"| {name} | {metric} | {value} | {ratio} | {verdict} |")
+    if len(lines) == 2:
+        lines.append("| (no results yet) | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    markdown = table(args.results)
+    if args.results.is_dir():
+        (args.results / "summary.md").write_text(markdown)
+    print(markdown, end="")
+
+
+if __name__ == "__main__":
+    main()
