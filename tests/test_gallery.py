@@ -137,3 +137,24 @@ def test_import_legacy_data_pt(tmp_path: Path) -> None:
     (tmp_path / "broken.pt").write_bytes(b"junk")
     with pytest.raises(GalleryError):
         Gallery.import_legacy(tmp_path / "broken.pt", "x")
+
+
+def test_match_agrees_with_a_brute_force_per_person_maximum() -> None:
+    """The float16 candidate search then float32 re-scoring gives the exact per-person ranking and scores."""
+    rng = np.random.default_rng(7)
+    gallery = Gallery("m", 128)
+    centres = rng.normal(size=(300, 128))
+    for person in range(300):
+        faces = centres[person] + 0.6 * rng.normal(size=(1 + person % 7, 128))
+        gallery.add(f"p{person:03d}", faces, "m")
+    queries = centres[rng.integers(0, 300, size=50)] + 0.8 * rng.normal(size=(50, 128))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    queries = queries.astype(np.float32)
+    rows, names = gallery.embeddings, np.asarray(gallery.names)
+    people = sorted(set(gallery.names))
+    brute = np.stack([(queries @ rows[names == p].T).max(axis=1) for p in people], axis=1)
+    for query, match in zip(range(len(queries)), gallery.match(queries, threshold=0.3, top_k=5), strict=True):
+        order = np.argsort(-brute[query], kind="stable")[:5]
+        assert [c.name for c in match.candidates] == [people[i] for i in order]
+        assert np.allclose([c.similarity for c in match.candidates], brute[query, order], atol=1e-5)
+        assert match.margin == pytest.approx(brute[query, order[0]] - brute[query, order[1]], abs=1e-5)
