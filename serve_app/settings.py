@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,6 +23,9 @@ class RecognitionConfig(BaseModel):
     detect_probability: float = Field(0.95, ge=0.0, le=1.0, description="minimum MTCNN face probability")
     min_face_size: int = Field(20, ge=8, description="smallest face side searched for, in pixels")
     detect_max_side: int = Field(1280, ge=64, description="photos are downscaled to this longest side for detection")
+    embed_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="embedder arithmetic; auto: bfloat16 where the CPU has it natively, else float32"
+    )
 
     def detector_config(self) -> DetectorConfig:
         return DetectorConfig(

@@ -37,6 +37,7 @@ def _models(settings: RecognitionSettings) -> Models:
         flip=settings.flip,
         max_embed_batch=settings.max_embed_batch,
         threshold=settings.threshold,
+        embed_precision=settings.embed_precision,
         torch_threads=settings.torch_threads,
     )
 

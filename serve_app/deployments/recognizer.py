@@ -48,6 +48,7 @@ class RecognizerDeployment:
             flip=recognition.flip,
             max_embed_batch=recognition.max_embed_batch,
             threshold=recognition.threshold,
+            embed_precision=recognition.embed_precision,
         )
         self._store: GalleryStore = open_gallery_store(gallery_uri)
         self._model_id = models.embedder.model_id

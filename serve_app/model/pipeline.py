@@ -8,7 +8,7 @@ import torch
 
 from serve_app.model.checkpoints import resolve_checkpoint
 from serve_app.model.detector import DetectorConfig, FaceDetector
-from serve_app.model.embedder import Embedder
+from serve_app.model.embedder import Embedder, Precision
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,12 @@ def load_models(
     threshold: float | None = None,
     torch_threads: int | None = None,
     device: torch.device | None = None,
+    embed_precision: Precision = "auto",
 ) -> Models:
     """Load MTCNN and the named embedding checkpoint once; ``threshold`` defaults to the checkpoint's own."""
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     resolved = resolve_checkpoint(checkpoint, threshold)
     detector = FaceDetector(detector_config, device=device)
-    embedder = Embedder(resolved, max_batch=max_embed_batch, flip=flip, device=device)
+    embedder = Embedder(resolved, max_batch=max_embed_batch, flip=flip, device=device, precision=embed_precision)
     return Models(detector, embedder, resolved.threshold_for(flip) if threshold is None else threshold)
