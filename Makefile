@@ -47,5 +47,12 @@ stop:
 	@if [ -f run/facerec.pid ]; then kill -TERM $$(cat run/facerec.pid) && echo "stopping facerec (pid $$(cat run/facerec.pid))"; \
 	else echo "facerec is not running (no run/facerec.pid)"; fi
 
+# Every benchmark, one after another on this machine (about 20 minutes on 2 cores), then the summary table
+# (bench/results/summary.md, the README's table). Results and plots land in bench/results/.
+BENCHMARKS := model_throughput embedding_peak app_tier_baseline gallery_scale cold_start http_load queue_throughput
+bench: install
+	@for name in $(BENCHMARKS); do echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py || exit 1; done
+	$(BIN)/python bench/report.py
+
 clean:
 	rm -rf $(STAMPS) .mypy_cache .ruff_cache .pytest_cache

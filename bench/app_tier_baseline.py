@@ -63,6 +63,10 @@ class LegacyAppTier:
         # checkpoint's own standardisation (the Embedder's) is applied instead of facenet-pytorch's fixed one.
         self.mtcnn = MTCNN(image_size=240, margin=0, min_face_size=20, post_process=False)
         self.mtcnn.eval()
+        # The app tier's embedder: the same weights as ours in plain float32, NCHW, one face per forward pass (ours
+        # runs channels-last and, where the CPU has it, in bfloat16: part of what the floor measures).
+        self.network = models.embedder.checkpoint.load().eval()
+        self.standardize = models.embedder.standardize
         self.models = models
         self.gallery_dir = gallery_dir
         self.input_size = models.detector.config.crop_size
@@ -83,7 +87,9 @@ class LegacyAppTier:
         crop = torch.nn.functional.interpolate(
             face[None], size=(self.input_size, self.input_size), mode="bilinear", antialias=True
         )
-        embedding = self.models.embedder.embed(crop)
+        with torch.inference_mode():
+            vector = self.network(self.standardize(crop.float()))
+        embedding = torch.nn.functional.normalize(vector, dim=1).numpy()
         started = self._lap("embed", started)
         gallery = Gallery.load(self.gallery_dir, expected_model_id=self.models.embedder.model_id)
         started = self._lap("gallery_load", started)

@@ -101,7 +101,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_service(threads: int, gallery_dir: str, enrol: list[tuple[str, bytes]]) -> str:
+def recognizer_layout(threads: int, replicas: int) -> dict[str, Any]:
+    """The app's Recognizer settings for ``replicas`` replicas sharing ``threads`` cores (threads each: the rest)."""
+    each = max(1, threads // replicas)
+    return {
+        "recognition": {"torch_threads": each},
+        "recognizer": {
+            "min_replicas": replicas,
+            "max_replicas": replicas,
+            "num_cpus": float(each),
+            "max_ongoing_requests": 256,
+        },
+    }
+
+
+def start_service(threads: int, gallery_dir: str, enrol: list[tuple[str, bytes]], replicas: int = 1) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -116,13 +130,7 @@ def start_service(threads: int, gallery_dir: str, enrol: list[tuple[str, bytes]]
     app = build_app(
         {
             "gallery_uri": gallery_dir,
-            "recognition": {"torch_threads": threads},
-            "recognizer": {
-                "min_replicas": 1,
-                "max_replicas": 1,
-                "num_cpus": float(threads),
-                "max_ongoing_requests": 256,
-            },
+            **recognizer_layout(threads, replicas),
             "max_batch_size": 16,
             "batch_wait_timeout_s": 0.02,
         }
@@ -167,11 +175,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 100])
     parser.add_argument("--requests", type=int, nargs="+", default=[48, 160, 300])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=1, help="Recognizer replicas sharing --threads cores")
     args = parser.parse_args()
     photos = lfw_photos(200, skip=100)
     floor = model_floor(photos, batch=16, threads=args.threads)
     with tempfile.TemporaryDirectory() as gallery_dir:
-        url = start_service(args.threads, gallery_dir, lfw_photos(20, skip=0))
+        url = start_service(args.threads, gallery_dir, lfw_photos(20, skip=0), args.replicas)
         levels = []
         asyncio.run(drive(f"{url}/", photos, 4, 16))  # warm-up
         for concurrency, total in zip(args.concurrency, args.requests, strict=True):
@@ -182,6 +191,7 @@ def main() -> None:
         "model_floor_images_per_s": round(floor, 2),
         "http": levels,
         "http_over_floor": {str(r["concurrency"]): round(r["images_per_s"] / floor, 3) for r in levels},
+        "recognizer_replicas": args.replicas,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
     }
     RESULTS.mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from http_load import drive, free_port, lfw_photos
+from http_load import drive, free_port, lfw_photos, model_floor, recognizer_layout
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,8 +93,11 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=1, help="Recognizer replicas sharing --threads cores")
     args = parser.parse_args()
     photos = lfw_photos(args.photos, skip=0)
+    # The model floor on the same photos, in this process, before Ray starts (bench/http_load.py's measure).
+    floor = model_floor(photos[:256], batch=16, threads=args.threads)
     moto, endpoint = start_moto()
     try:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -115,17 +118,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         with tempfile.TemporaryDirectory() as gallery:
             app = build_app(
-                {
-                    "gallery_uri": gallery,
-                    "recognition": {"torch_threads": args.threads},
-                    "recognizer": {
-                        "min_replicas": 1,
-                        "max_replicas": 1,
-                        "num_cpus": float(args.threads),
-                        "max_ongoing_requests": 256,
-                    },
-                    "batch_wait_timeout_s": 0.02,
-                }
+                {"gallery_uri": gallery, **recognizer_layout(args.threads, args.replicas), "batch_wait_timeout_s": 0.02}
             )
             serve.run(app, name="facerec", route_prefix="/")
             serve.run(
@@ -146,7 +139,11 @@ def main() -> None:
         "benchmark": "queue_throughput",
         "http": http,
         "queue": queue,
+        "model_floor_images_per_s": round(floor, 2),
         "queue_over_http": round(queue["images_per_s"] / http["images_per_s"], 3),
+        "queue_over_floor": round(queue["images_per_s"] / floor, 3),
+        "http_over_floor": round(http["images_per_s"] / floor, 3),
+        "recognizer_replicas": args.replicas,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
     }
     RESULTS.mkdir(exist_ok=True)

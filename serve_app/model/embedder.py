@@ -41,7 +41,7 @@ class Embedder:
         if precision == "auto":
             precision = "bfloat16" if self.device.type == "cpu" and cpu_has_native_bfloat16() else "float32"
         self.precision: Precision = precision
-        self._standardize = (
+        self.standardize = (
             prewhiten if checkpoint.standardization is Standardization.PREWHITEN else fixed_standardization
         )
 
@@ -62,7 +62,7 @@ class Embedder:
         low_precision = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bfloat16")
         with torch.inference_mode(), low_precision:
             for start in range(0, crops.shape[0], self.max_batch):
-                batch = self._standardize(crops[start : start + self.max_batch].to(self.device, torch.float32))
+                batch = self.standardize(crops[start : start + self.max_batch].to(self.device, torch.float32))
                 batch = batch.contiguous(memory_format=torch.channels_last)
                 vectors = self.network(batch).float()
                 if self.flip:
