@@ -95,6 +95,42 @@ async def drive(url: str, photos: list[tuple[str, bytes]], concurrency: int, tot
     }
 
 
+def cpu_seconds_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by every process on the machine, by a short label."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / ticks
+        label = _label(command, int(entry.name))
+        used[label] = used.get(label, 0.0) + seconds
+    return used
+
+
+def _label(command: str, pid: int) -> str:
+    if pid == os.getpid():
+        return "load generator + model floor (this process)"
+    if command.startswith("ray::"):
+        return command.split()[0].removeprefix("ray::")
+    for name in ("raylet", "gcs_server", "dashboard", "moto_server", "log_monitor", "monitor.py"):
+        if name in command:
+            return name
+    return "other"
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores used by each process group between two snapshots, largest first."""
+    cores = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / seconds for k in after}
+    return {k: round(v, 3) for k, v in sorted(cores.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -135,7 +171,7 @@ def start_service(threads: int, gallery_dir: str, enrol: list[tuple[str, bytes]]
             "batch_wait_timeout_s": 0.02,
         }
     )
-    serve.run(app, name="bench", route_prefix="/")
+    serve.run(app, name="bench", route_prefix="/", logging_config={"enable_access_log": False})
     url = f"http://127.0.0.1:{port}"
     for name, data in enrol:
         person = name.rsplit("_", 1)[0]
@@ -175,7 +211,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 100])
     parser.add_argument("--requests", type=int, nargs="+", default=[48, 160, 300])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--replicas", type=int, default=1, help="Recognizer replicas sharing --threads cores")
+    parser.add_argument("--replicas", type=int, default=2, help="Recognizer replicas sharing --threads cores")
     args = parser.parse_args()
     photos = lfw_photos(200, skip=100)
     floor = model_floor(photos, batch=16, threads=args.threads)
@@ -184,7 +220,10 @@ def main() -> None:
         levels = []
         asyncio.run(drive(f"{url}/", photos, 4, 16))  # warm-up
         for concurrency, total in zip(args.concurrency, args.requests, strict=True):
+            # Where the two cores go during each level: which process used how many cores.
+            before, started = cpu_seconds_by_process(), time.perf_counter()
             levels.append(asyncio.run(drive(f"{url}/", photos, concurrency, total)))
+            levels[-1]["cores_used_by"] = cpu_share(before, cpu_seconds_by_process(), time.perf_counter() - started)
             print(json.dumps(levels[-1]), flush=True)
     result = {
         "benchmark": "http_load",

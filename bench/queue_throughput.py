@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--replicas", type=int, default=1, help="Recognizer replicas sharing --threads cores")
+    parser.add_argument("--replicas", type=int, default=2, help="Recognizer replicas sharing --threads cores")
     args = parser.parse_args()
     photos = lfw_photos(args.photos, skip=0)
     # The model floor on the same photos, in this process, before Ray starts (bench/http_load.py's measure).
@@ -120,7 +120,7 @@ def main() -> None:
             app = build_app(
                 {"gallery_uri": gallery, **recognizer_layout(args.threads, args.replicas), "batch_wait_timeout_s": 0.02}
             )
-            serve.run(app, name="facerec", route_prefix="/")
+            serve.run(app, name="facerec", route_prefix="/", logging_config={"enable_access_log": False})
             serve.run(
                 build_bridge({"stack": stack.model_dump(), "max_in_flight": 64}), name="bridge", route_prefix=None
             )
