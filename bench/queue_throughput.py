@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from http_load import drive, free_port, lfw_photos, model_floor, recognizer_layout
+from http_load import cpu_seconds_by_process, cpu_share, drive, free_port, lfw_photos, model_floor, recognizer_layout
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -128,7 +128,10 @@ def main() -> None:
             asyncio.run(drive(url, photos, 4, 16))  # warm-up
             http = asyncio.run(drive(url, photos, args.concurrency, len(photos)))
             print(json.dumps({"http": http}), flush=True)
+            before, started = cpu_seconds_by_process(), time.perf_counter()
             queue = queue_run(stack, clients, urls, photos)
+            # Where the cores went: the moto server answers every S3/SQS call in Python on these same cores.
+            queue["cores_used_by"] = cpu_share(before, cpu_seconds_by_process(), time.perf_counter() - started)
             print(json.dumps({"queue": queue}), flush=True)
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()

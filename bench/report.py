@@ -91,13 +91,16 @@ def _numbers(r: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def embedding_peak(r: dict[str, Any]) -> list[Row]:
-    rows = [(f"torch.mm {r['matmul_size']}² float32 peak", number(r["matmul_peak_gflops_per_s"], "GFLOP/s"), "", "")]
+    dtype = r.get("matmul_dtype", "float32")
+    rows = [(f"torch.mm {r['matmul_size']}² {dtype} peak", number(r["matmul_peak_gflops_per_s"], "GFLOP/s"), "", "")]
+    if "float32_matmul_peak_gflops_per_s" in r and dtype != "float32":
+        rows.append(("torch.mm float32 peak", number(r["float32_matmul_peak_gflops_per_s"], "GFLOP/s"), "", ""))
     for entry in r["per_batch"]:
         rows.append(
             (
                 f"embedding only, batch {entry['batch']}",
                 f"{number(entry['images_per_s'], 'img/s')}, {number(entry['gflops_per_s'], 'GFLOP/s')}",
-                f"{entry['fraction_of_peak']:.0%} of mm peak",
+                f"{entry['fraction_of_peak']:.0%} of {dtype} mm peak",
                 "",
             )
         )
