@@ -100,7 +100,7 @@ def through_serve(data: bytes, threads: int) -> dict[str, Any]:
     timings: dict[str, Any] = {"ray_init_and_serve_start_s": round(ray_up - started, 2)}
     try:
         with tempfile.TemporaryDirectory() as gallery:
-            args = {
+            args: dict[str, object] = {
                 "gallery_uri": gallery,
                 "recognition": {"torch_threads": threads},
                 "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": float(threads)},

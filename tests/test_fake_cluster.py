@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,7 @@ def fake_cluster(moto_endpoint: str) -> Iterator[FakeCluster]:
         yield cluster
     finally:
         _end_processes_of(head, temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _answers(url: str) -> bool:
