@@ -47,7 +47,7 @@ stop:
 	@if [ -f run/facerec.pid ]; then kill -TERM $$(cat run/facerec.pid) && echo "stopping facerec (pid $$(cat run/facerec.pid))"; \
 	else echo "facerec is not running (no run/facerec.pid)"; fi
 
-# Every benchmark, one after another on this machine (about 20 minutes on 2 cores), then the summary table
+# Every benchmark, one after another on this machine (about 10 minutes on 2 cores), then the summary table
 # (bench/results/summary.md, the README's table). Results and plots land in bench/results/.
 BENCHMARKS := model_throughput embedding_peak app_tier_baseline gallery_scale cold_start http_load queue_throughput
 bench: install
