@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Protocol
 
 import requests
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve import Application
 
 from cluster.policy import Decision, Observation, PolicyConfig, PolicyState, decide
@@ -245,7 +247,7 @@ class ControllerDeployment:
                     cluster_state, self._args.recognition_app, self._args.recognizer_deployment, self._args.node_bundle
                 )
                 self._publish(step, replicas, nodes)
-            except Exception:
+            except (BotoCoreError, ClientError, requests.RequestException, RuntimeError, RayError):
                 # A failed read or act is retried next period (the controller re-applies until it succeeds).
                 log.exception("controller step failed")
             await asyncio.sleep(max(0.0, self._args.period_s - (time.monotonic() - started)))

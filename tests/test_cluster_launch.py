@@ -91,6 +91,12 @@ def test_serve_config_for_the_cluster_is_valid_and_named_from_one_place(tmp_path
             assert deployment["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
 
 
+def _ray_cli(args: list[str], env: dict[str, str]) -> None:
+    """The `ray` cluster launcher from the repository root; fails the test with its output if it fails."""
+    run = subprocess.run([str(RAY), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 @pytest.fixture
 def stand_in_ssh(tmp_path: Path) -> tuple[Path, Path]:
     """``ssh`` and ``rsync`` that record one JSON line of arguments each and succeed, first on PATH."""
@@ -122,15 +128,7 @@ def test_ray_up_and_down_against_moto(moto_endpoint: str, stand_in_ssh: tuple[Pa
         "AWS_ENDPOINT_URL": moto_endpoint,
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    up = subprocess.run(
-        [str(RAY), "up", str(CLUSTER_YAML), "--yes", "--no-config-cache", "--disable-usage-stats"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    _ray_cli(["up", str(CLUSTER_YAML), "--yes", "--no-config-cache", "--disable-usage-stats"], env)
 
     ec2 = boto3.client("ec2", endpoint_url=moto_endpoint)
     reservations = ec2.describe_instances(Filters=[{"Name": "tag:ray-cluster-name", "Values": ["facerec"]}])
@@ -150,14 +148,6 @@ def test_ray_up_and_down_against_moto(moto_endpoint: str, stand_in_ssh: tuple[Pa
     assert "facerec cluster deploy" in commands
     assert any(call["tool"] == "rsync" for call in recorded), "the checkout was not copied to the head"
 
-    down = subprocess.run(
-        [str(RAY), "down", str(CLUSTER_YAML), "--yes"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    _ray_cli(["down", str(CLUSTER_YAML), "--yes"], env)
     state = ec2.describe_instances(InstanceIds=[head["InstanceId"]])["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] in ("shutting-down", "terminated")

@@ -20,6 +20,8 @@ import numpy as np
 from fastapi import FastAPI, File, Header, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
@@ -140,7 +142,7 @@ class IngressDeployment:
             try:
                 controller = serve.get_app_handle(controller_app)
                 await controller.report.remote(source, int(getattr(app.state, "in_flight", 0)))
-            except Exception as error:  # the controller may be restarting; the next report retries
+            except (RayServeException, RayError) as error:  # the controller may be restarting: the next report retries
                 log.warning("could not report in-flight requests to %s: %s", controller_app, error)
             await asyncio.sleep(every_s)
 
