@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 from facenet_pytorch import MTCNN
+from machine import describe
 from model_throughput import LFW_IMAGES, images_per_s, lfw_payloads
 from PIL import Image
 
@@ -153,7 +153,7 @@ def main() -> None:
         "target_met": ratio >= TARGET_RATIO,
         # A neighbour's load skews 2-thread runs badly (small ops wait on a descheduled thread): show it.
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": describe(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "app_tier_baseline.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 import requests
 from http_load import free_port, lfw_photos
+from machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -136,7 +136,7 @@ def main() -> None:
         "photo": name,
         "replica_process": replica_process,
         "serve": serve_timings,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "machine": describe(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cold_start.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import describe, label
 from model_throughput import lfw_payloads
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -98,7 +98,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.set_xlabel("embedder batch size")
     right.set_ylabel("GFLOP/s")
     right.legend(fontsize=8)
-    figure.suptitle(f"{result['checkpoint']} embedding vs matmul peak ({result['machine']})", fontsize=9)
+    figure.suptitle(f"{result['checkpoint']} embedding vs matmul peak ({label(result['machine'])})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -158,7 +158,7 @@ def main() -> None:
         "float32_matmul_peak_gflops_per_s": round(float32_peak, 2),
         # A neighbour's load skews 2-thread runs badly (small ops wait on a descheduled thread): show it.
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": describe(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "embedding_peak.json").write_text(json.dumps(result, indent=1) + "\n")

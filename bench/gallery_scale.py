@@ -26,7 +26,6 @@ import gc
 import io
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import describe, label
 
 from serve_app.model.checkpoints import CHECKPOINTS, DEFAULT_CHECKPOINT
 from serve_app.model.gallery import FORMAT_NAME, FORMAT_VERSION, Gallery
@@ -180,7 +180,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes.set_xlabel("enrolled faces")
     axes.set_ylabel(f"ms per query (batched: per query of {result['batch']})")
     axes.legend(fontsize=7)
-    axes.set_title(f"gallery matching, {result['dim']}-d ({result['machine']})", fontsize=9)
+    axes.set_title(f"gallery matching, {result['dim']}-d ({label(result['machine'])})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -221,7 +221,7 @@ def main() -> None:
         "target_met_at_1m": target_met,
         # A neighbour's load skews 2-thread runs badly (small ops wait on a descheduled thread): show it.
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "machine": describe(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gallery_scale.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -1,10 +1,17 @@
-"""HTTP end to end vs the model floor, in one run on one machine.
+"""HTTP end to end vs the model floor, in one run on one machine, with the service ``make run`` ships.
 
-    .venv/bin/python bench/http_load.py [--concurrency 1 16 100] [--requests 64 192 300]
+    .venv/bin/python bench/http_load.py [--concurrency 1 16 100] [--requests 48 160 300] [--small-requests 1000]
 
-1. Model floor: detect + embed + match of the same LFW photos in this process, batched (no Ray, no HTTP).
-2. The Serve application on 127.0.0.1 (local Ray, local gallery with 20 enrolled people), driven through the
-   legacy ``POST /`` at each concurrency level with a bounded number of requests.
+Two workloads, each against its own in-process floor:
+
+* ``lfw``: LFW View 1 photos (250x250); 20 people enrolled; the legacy ``POST /`` at each concurrency level.
+* ``small``: the legacy system's traffic: LFW View 1 photos downscaled to 64x64 JPEGs, 8 people enrolled from
+  one photo each, 1,000 requests of their other photos at concurrency 100; every answer is checked.
+
+1. Model floor: decode + detect + embed + match of the same photos in this process, batched by 16 on every core
+   (no Ray, no HTTP), measured before the service starts.
+2. The service as ``make run`` starts it (``bench/shipped_service.py``: moto, Ray, ``serve_app/config.yaml`` with
+   its ``auto`` sizing and access logs, the SQS bridge), driven through ``POST /``.
 
 Writes ``bench/results/http_load.json`` and ``bench/results/http_load.png`` and prints the JSON. The load
 generator shares the machine's cores with the service, so the ratio is a lower bound for a remote client.
@@ -14,22 +21,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
-import platform
-import socket
 import statistics
-import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import requests
 import torch
+from machine import describe, label
+from PIL import Image
+from shipped_service import free_port, shipped_service
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw-view1" / "images"
 RESULTS = Path(__file__).resolve().parent / "results"
+
+__all__ = ["cpu_seconds_by_process", "cpu_share", "drive", "free_port", "lfw_photos", "model_floor"]
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One request: the upload's file name and bytes, and the name the answer must carry (if known)."""
+
+    filename: str
+    data: bytes
+    expected: str | None = None
 
 
 def lfw_photos(count: int, skip: int = 0) -> list[tuple[str, bytes]]:
@@ -37,39 +58,69 @@ def lfw_photos(count: int, skip: int = 0) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in paths]
 
 
-def model_floor(photos: list[tuple[str, bytes]], batch: int, threads: int) -> float:
+def thumbnail(data: bytes, side: int = 64) -> bytes:
+    """A ``side`` x ``side`` JPEG of the photo, as a legacy client's crops are."""
+    image = Image.open(io.BytesIO(data)).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def small_workload(people: int = 8, requests_total: int = 1000) -> tuple[list[Photo], list[Photo]]:
+    """``people`` LFW View 1 people with 3+ photos, at 64x64: one photo each to enrol, the others as probes."""
+    chosen = [d for d in sorted(LFW.iterdir()) if len(list(d.glob("*.jpg"))) >= 3][:people]
+    enrol: list[Photo] = []
+    probes: list[Photo] = []
+    for person in chosen:
+        paths = sorted(person.glob("*.jpg"))
+        enrol.append(Photo(paths[0].name, thumbnail(paths[0].read_bytes()), person.name))
+        probes.extend(Photo(p.name, thumbnail(p.read_bytes()), person.name) for p in paths[1:])
+    return enrol, [probes[i % len(probes)] for i in range(requests_total)]
+
+
+def model_floor(photos: Sequence[tuple[str, bytes]] | Sequence[Photo], batch: int, threads: int) -> float:
+    """Images per second of decode + detect + embed + match in this process, ``batch`` photos at a time."""
     from serve_app.model.gallery import Gallery
     from serve_app.model.pipeline import load_models
     from serve_app.model.recognizer import Recognizer
+    from serve_app.settings import RecognitionConfig
 
+    payloads = [p.data if isinstance(p, Photo) else p[1] for p in photos]
     torch.set_num_threads(threads)
-    models = load_models("facenet-keras-128")
+    shipped = RecognitionConfig()
+    models = load_models(shipped.checkpoint, detector_config=shipped.detector_config())
     recognizer = Recognizer(models.detector, models.embedder, Gallery(models.embedder.model_id, models.embedder.dim))
-    recognizer.recognize_bytes([data for _, data in photos[:8]])  # warm-up
+    recognizer.recognize_bytes(payloads[:8])  # warm-up
     started = time.perf_counter()
-    for start in range(0, len(photos), batch):
-        recognizer.recognize_bytes([data for _, data in photos[start : start + batch]])
-    return len(photos) / (time.perf_counter() - started)
+    for start in range(0, len(payloads), batch):
+        recognizer.recognize_bytes(payloads[start : start + batch])
+    return len(payloads) / (time.perf_counter() - started)
 
 
-async def drive(url: str, photos: list[tuple[str, bytes]], concurrency: int, total: int) -> dict[str, Any]:
+async def drive(
+    url: str, photos: Sequence[tuple[str, bytes]] | Sequence[Photo], concurrency: int, total: int
+) -> dict[str, Any]:
+    """``total`` legacy ``POST /`` requests, ``concurrency`` at a time; latencies, failures, wrong answers."""
     latencies: list[float] = []
-    failures = 0
-    queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    failures = wrong = 0
+    queue: asyncio.Queue[Photo] = asyncio.Queue()
     for i in range(total):
-        queue.put_nowait(photos[i % len(photos)])
+        item = photos[i % len(photos)]
+        queue.put_nowait(item if isinstance(item, Photo) else Photo(item[0], item[1]))
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal failures
+        nonlocal failures, wrong
         while not queue.empty():
-            name, data = queue.get_nowait()
+            photo = queue.get_nowait()
             form = aiohttp.FormData()
-            form.add_field("inputFile", data, filename=name, content_type="image/jpeg")
+            form.add_field("inputFile", photo.data, filename=photo.filename, content_type="image/jpeg")
             started = time.perf_counter()
             async with session.post(url, data=form) as response:
                 body = await response.text()
                 if response.status != 200 or ":" not in body:
                     failures += 1
+                elif photo.expected is not None and body.split(":", 1)[1] != photo.expected:
+                    wrong += 1
             latencies.append(time.perf_counter() - started)
 
     timeout = aiohttp.ClientTimeout(total=600)
@@ -82,10 +133,12 @@ async def drive(url: str, photos: list[tuple[str, bytes]], concurrency: int, tot
     def pct(q: float) -> float:
         return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
+    checked = sum(1 for i in range(total) if isinstance(photos[i % len(photos)], Photo))
     return {
         "concurrency": concurrency,
         "requests": total,
         "failures": failures,
+        "wrong_answers": wrong if checked else None,
         "seconds": round(elapsed, 2),
         "images_per_s": round(total / elapsed, 2),
         "p50_ms": pct(0.50),
@@ -131,107 +184,97 @@ def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float)
     return {k: round(v, 3) for k, v in sorted(cores.items(), key=lambda kv: -kv[1]) if v >= 0.005}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def recognizer_layout(threads: int, replicas: int) -> dict[str, Any]:
-    """The app's Recognizer settings for ``replicas`` replicas sharing ``threads`` cores (threads each: the rest)."""
-    each = max(1, threads // replicas)
-    return {
-        "recognition": {"torch_threads": each},
-        "recognizer": {
-            "min_replicas": replicas,
-            "max_replicas": replicas,
-            "num_cpus": float(each),
-            "max_ongoing_requests": 256,
-        },
-    }
-
-
-def start_service(threads: int, gallery_dir: str, enrol: list[tuple[str, bytes]], replicas: int = 1) -> str:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    port = free_port()
-    ray.init(address="local", num_cpus=threads + 1, include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
-        {
-            "gallery_uri": gallery_dir,
-            **recognizer_layout(threads, replicas),
-            "max_batch_size": 16,
-            "batch_wait_timeout_s": 0.02,
-        }
-    )
-    serve.run(app, name="bench", route_prefix="/", logging_config={"enable_access_log": False})
-    url = f"http://127.0.0.1:{port}"
-    for name, data in enrol:
-        person = name.rsplit("_", 1)[0]
-        requests.post(f"{url}/v1/people/{person}/faces", files={"images": (name, data)}, timeout=300)
-    return url
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = result["http"]
+    lfw, small = result["workloads"]["lfw"], result["workloads"]["small"]
+    levels = lfw["http"]
     xs = [r["concurrency"] for r in levels]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    left.bar([str(x) for x in xs], [r["images_per_s"] for r in levels], color="tab:blue", label="HTTP POST /")
-    left.axhline(result["model_floor_images_per_s"], color="black", linestyle="--", label="model floor (batched)")
-    left.set_xlabel("concurrent clients")
+    bars = [f"LFW c={x}" for x in xs] + [f"64x64 c={r['concurrency']}" for r in small["http"]]
+    values = [r["images_per_s"] for r in levels] + [r["images_per_s"] for r in small["http"]]
+    colors = ["tab:blue"] * len(levels) + ["tab:orange"] * len(small["http"])
+    left.bar(bars, values, color=colors)
+    left.axhline(lfw["model_floor_images_per_s"], color="tab:blue", linestyle="--", label="LFW floor (batched)")
+    left.axhline(small["model_floor_images_per_s"], color="tab:orange", linestyle="--", label="64x64 floor")
     left.set_ylabel("images / s")
+    left.tick_params(axis="x", labelsize=7)
     left.legend(fontsize=8)
     for key, style in (("p50_ms", "-o"), ("p95_ms", "-s"), ("p99_ms", "-^")):
-        right.plot(xs, [r[key] for r in levels], style, label=key.split("_")[0])
+        right.plot(xs, [r[key] for r in levels], style, label=f"LFW {key.split('_')[0]}")
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("concurrent clients")
     right.set_ylabel("latency (ms)")
     right.legend(fontsize=8)
-    figure.suptitle(f"HTTP vs model floor ({result['machine']})", fontsize=9)
+    figure.suptitle(f"HTTP POST / vs model floor, as make run ships ({label(result['machine'])})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def run_levels(url: str, photos: Sequence[Photo], levels: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Each (concurrency, requests) level in turn, with the cores each process used during it."""
+    out = []
+    for concurrency, total in levels:
+        before, started = cpu_seconds_by_process(), time.perf_counter()
+        out.append(asyncio.run(drive(f"{url}/", photos, concurrency, total)))
+        out[-1]["cores_used_by"] = cpu_share(before, cpu_seconds_by_process(), time.perf_counter() - started)
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def enrol(url: str, photos: Sequence[Photo]) -> None:
+    for photo in photos:
+        person = photo.expected or photo.filename.rsplit("_", 1)[0]
+        answer = requests.post(
+            f"{url}/v1/people/{person}/faces", files={"images": (photo.filename, photo.data)}, timeout=300
+        )
+        answer.raise_for_status()
+        if answer.json().get("refused"):
+            raise RuntimeError(f"enrolment of {photo.filename} refused: {answer.json()['refused']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 100])
     parser.add_argument("--requests", type=int, nargs="+", default=[48, 160, 300])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--replicas", type=int, default=2, help="Recognizer replicas sharing --threads cores")
+    parser.add_argument("--small-requests", type=int, default=1000)
     args = parser.parse_args()
-    photos = lfw_photos(200, skip=100)
-    floor = model_floor(photos, batch=16, threads=args.threads)
-    with tempfile.TemporaryDirectory() as gallery_dir:
-        url = start_service(args.threads, gallery_dir, lfw_photos(20, skip=0), args.replicas)
-        levels = []
-        asyncio.run(drive(f"{url}/", photos, 4, 16))  # warm-up
-        for concurrency, total in zip(args.concurrency, args.requests, strict=True):
-            # Where the two cores go during each level: which process used how many cores.
-            before, started = cpu_seconds_by_process(), time.perf_counter()
-            levels.append(asyncio.run(drive(f"{url}/", photos, concurrency, total)))
-            levels[-1]["cores_used_by"] = cpu_share(before, cpu_seconds_by_process(), time.perf_counter() - started)
-            print(json.dumps(levels[-1]), flush=True)
+    cores = len(os.sched_getaffinity(0))
+    lfw = [Photo(name, data) for name, data in lfw_photos(200, skip=100)]
+    lfw_enrol = [Photo(name, data) for name, data in lfw_photos(20, skip=0)]
+    small_enrol, small = small_workload(8, args.small_requests)
+    # Floors first, alone on the machine: the same photos, batched by 16, on every core.
+    floors = {
+        "lfw": model_floor(lfw, batch=16, threads=cores),
+        "small": model_floor(small[:256], batch=16, threads=cores),
+    }
+    with shipped_service() as service:
+        enrol(service.url, lfw_enrol + small_enrol)
+        asyncio.run(drive(f"{service.url}/", lfw, 8, 32))  # warm-up: every replica's first batches
+        asyncio.run(drive(f"{service.url}/", small, 8, 32))
+        http = {
+            "lfw": run_levels(service.url, lfw, list(zip(args.concurrency, args.requests, strict=True))),
+            "small": run_levels(service.url, small, [(100, args.small_requests)]),
+        }
+    workloads = {
+        name: {
+            "model_floor_images_per_s": round(floors[name], 2),
+            "http": http[name],
+            "http_over_floor": {str(r["concurrency"]): round(r["images_per_s"] / floors[name], 3) for r in http[name]},
+        }
+        for name in ("lfw", "small")
+    }
+    workloads["small"]["description"] = "LFW View 1 at 64x64 JPEG, 8 people enrolled (one photo each), answers checked"
     result = {
         "benchmark": "http_load",
-        "model_floor_images_per_s": round(floor, 2),
-        "http": levels,
-        "http_over_floor": {str(r["concurrency"]): round(r["images_per_s"] / floor, 3) for r in levels},
-        "recognizer_replicas": args.replicas,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "configuration": "make run (serve_app/config.yaml, auto-sized Recognizer, access logs on, SQS bridge up)",
+        "workloads": workloads,
+        "machine": describe(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "http_load.json").write_text(json.dumps(result, indent=1) + "\n")

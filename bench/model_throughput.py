@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from machine import describe
 
 from serve_app.model.images import decode_image
 from serve_app.model.pipeline import Models, load_models
@@ -61,7 +61,7 @@ def main() -> None:
         "single_images_per_s": round(single, 2),
         "batched_images_per_s": round(batched, 2),
         "batched_over_single": round(batched / single, 3),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": describe(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "model_throughput.json").write_text(json.dumps(result, indent=1) + "\n")

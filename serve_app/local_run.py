@@ -30,13 +30,15 @@ PID_FILE = RUN_DIR / "facerec.pid"
 CONFIG = Path(__file__).with_name("config.yaml")
 
 
-def _port_free(port: int) -> bool:
+def _listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``.
+
+    A connect, not a bind: after a load run the previous service's sockets sit in TIME_WAIT for about a minute,
+    which makes a plain bind fail although nothing listens; the servers bind with SO_REUSEADDR and start fine.
+    """
     with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait_for_port(port: int, timeout: float) -> None:
@@ -90,7 +92,7 @@ def _stop_event() -> threading.Event:
 
 def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) -> int:
     for port in (http_port, dashboard_port, moto_port, metrics_port):
-        if not _port_free(port):
+        if _listening(port):
             log.error("127.0.0.1:%d is in use: is the service already running? (`make stop`)", port)
             return 1
     RUN_DIR.mkdir(exist_ok=True)

@@ -39,6 +39,8 @@ def image_result_to_dict(result: ImageResult) -> dict[str, Any]:
         "main_face": result.main_face,
         "name": result.main_name,
         "faces": [face_to_dict(face) for face in result.faces],
+        # No face reached the detection threshold: the weaker candidate that "name" comes from (else null).
+        "best_guess": None if result.best_guess is None else face_to_dict(result.best_guess),
         "timings_ms": {
             "decode": _round(timings.decode_ms),
             "detect": _round(timings.detect_ms),

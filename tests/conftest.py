@@ -14,7 +14,8 @@ __all__ = ["moto_endpoint", "serve_cluster"]
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+#: The shared photos; FACEREC_DATASETS points elsewhere (default: ``../shared/datasets`` beside the repository).
+DATASETS = Path(os.environ.get("FACEREC_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 SCENES = DATASETS / "scenes"
 LFW = DATASETS / "lfw-view1"
 

@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import AppArgs, build_app
+from serve_app.app import OTHER_DEPLOYMENTS_CPUS, AppArgs, RecognizerScaling, build_app, size_recognizer
 
 CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
 
@@ -39,3 +39,32 @@ def test_replica_threads_follow_the_cpu_share() -> None:
     recognizer = app._bound_deployment.init_args[0]  # Ingress(recognizer, writer, ...)
     assert recognizer._bound_deployment.ray_actor_options["num_cpus"] == 3.0
     assert recognizer._bound_deployment.init_args[-1] == 3  # torch threads
+
+
+def test_the_shipped_config_sizes_the_recognizer_from_the_machine() -> None:
+    # `make run` ships `auto`: one single-threaded replica per core, the cores the other deployments leave
+    # shared among them, so a 2-core machine runs the model on both cores.
+    args = AppArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    for cores in (1, 2, 4, 16):
+        size = size_recognizer(args.recognizer, args.recognition.torch_threads, cores)
+        assert (size.min_replicas, size.max_replicas, size.torch_threads) == (cores, cores, 1)
+        assert size.num_cpus * size.min_replicas + OTHER_DEPLOYMENTS_CPUS <= cores + 1e-9 or cores == 1
+        assert size.num_cpus > 0
+
+
+def test_auto_sizing_follows_explicit_threads_and_cpus() -> None:
+    two_threads = size_recognizer(RecognizerScaling(), 2, cores=8)
+    assert (two_threads.min_replicas, two_threads.torch_threads) == (4, 2)
+    fixed = size_recognizer(RecognizerScaling(num_cpus=4.0, min_replicas=0, max_replicas=16), None, cores=2)
+    assert (fixed.min_replicas, fixed.max_replicas, fixed.num_cpus, fixed.torch_threads) == (0, 16, 4.0, 4)
+    gpu = size_recognizer(RecognizerScaling(num_gpus=1.0), None, cores=8)
+    assert gpu.min_replicas == 1
+
+
+def test_build_app_uses_the_machine_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("serve_app.app.machine_cores", lambda: 2)
+    app = build_app(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    recognizer = app._bound_deployment.init_args[0]._bound_deployment
+    assert recognizer._deployment_config.autoscaling_config.min_replicas == 2
+    assert recognizer.ray_actor_options["num_cpus"] == pytest.approx((2 - OTHER_DEPLOYMENTS_CPUS) / 2)
+    assert recognizer.init_args[-1] == 1  # torch threads per replica

@@ -8,6 +8,7 @@ throughput here, with embeddings within cosine 0.9999 of float32 ones and the sa
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -75,7 +76,14 @@ class Embedder:
 
 @cache
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); without them bfloat16 is emulated and slower."""
+    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); without them bfloat16 is emulated and slower.
+
+    ``ONEDNN_MAX_CPU_ISA`` below those (e.g. ``AVX2``, how benchmarks stand in for an AVX2-only CPU) counts as
+    not having them: oneDNN would then emulate bfloat16 too.
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap != "ALL" and not any(isa in cap for isa in ("BF16", "AMX", "AVX10")):
+        return False
     try:
         flags = cpuinfo.read_text()
     except OSError:

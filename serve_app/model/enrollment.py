@@ -32,16 +32,21 @@ def embed_for_enrolment(
             decoded.append((position, decode_image(payload)))
         except InvalidImageError as exc:
             outcomes[position] = EnrolmentPhoto(label, None, f"not a usable image: {exc}")
-    detections = detector.detect([image for _, image in decoded])
+    detections = detector.detect_all([image for _, image in decoded])
     accepted = []
-    for (position, image), faces in zip(decoded, detections, strict=True):
+    for (position, image), found in zip(decoded, detections, strict=True):
         label = photos[position][0]
-        if not faces:
+        # One confident face; or none, and then the best weaker candidate (a profile, a small or blurred face):
+        # the photo is meant to show one person, so that candidate is the person.
+        subject = found.subject()
+        if len(found.faces) > 1:
+            outcomes[position] = EnrolmentPhoto(
+                label, None, f"{len(found.faces)} faces found; enrol photos of one face"
+            )
+        elif subject is None:
             outcomes[position] = EnrolmentPhoto(label, None, "no face found")
-        elif len(faces) > 1:
-            outcomes[position] = EnrolmentPhoto(label, None, f"{len(faces)} faces found; enrol photos of one face")
         else:
-            accepted.append((position, detector.crops(image, faces)))
+            accepted.append((position, detector.crops(image, [subject])))
     if accepted:
         import torch
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from serve_app.model.detector import DetectedFace, FaceDetector, main_face_index
+from serve_app.model.detector import DetectedFace, FaceDetections, FaceDetector
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Candidate, Gallery
 from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
@@ -52,11 +52,16 @@ class ImageResult:
     main_face: int | None
     model_id: str
     timings: StageTimings
+    #: Where no face reaches the detection threshold: the best weaker candidate (a profile, a blurred or
+    #: partly hidden face), named, for the photo's single answer. Never part of :attr:`faces`.
+    best_guess: RecognizedFace | None = None
 
     @property
     def main_name(self) -> str | None:
-        """The legacy single answer: the main face's name, ``None`` if unknown or no face."""
-        return None if self.main_face is None else self.faces[self.main_face].name
+        """The legacy single answer: the main face's name (or the best guess's), ``None`` if unknown or no face."""
+        if self.main_face is not None:
+            return self.faces[self.main_face].name
+        return None if self.best_guess is None else self.best_guess.name
 
 
 @dataclass
@@ -120,9 +125,11 @@ class Recognizer:
         top_k = self.top_k if top_k is None else top_k
         timer = _Timer()
         started = time.perf_counter()
-        detections = self.detector.detect(images)
+        found = self.detector.detect_all(images)
+        # What gets embedded per photo: every confident face, or the best weak candidate where there is none.
+        embedded = [_faces_to_embed(f) for f in found]
         started = timer.add("detect", started)
-        crops = [self.detector.crops(image, faces) for image, faces in zip(images, detections, strict=True)]
+        crops = [self.detector.crops(image, list(faces)) for image, faces in zip(images, embedded, strict=True)]
         embeddings = self.embedder.embed(torch.cat(crops)) if crops else np.empty((0, self.embedder.dim))
         started = timer.add("embed", started)
         matches = self.gallery.match(embeddings, threshold=threshold, top_k=top_k)
@@ -130,7 +137,7 @@ class Recognizer:
 
         results = []
         offset = 0
-        for position, (image, faces) in enumerate(zip(images, detections, strict=True)):
+        for position, (image, detections, faces) in enumerate(zip(images, found, embedded, strict=True)):
             recognized = tuple(
                 RecognizedFace(face, m.name, m.similarity, m.margin, m.candidates)
                 for face, m in zip(faces, matches[offset : offset + len(faces)], strict=True)
@@ -143,33 +150,40 @@ class Recognizer:
                 match_ms=timer.totals.get("match", 0.0),
                 batch_size=len(images),
             )
+            confident = bool(detections.faces)
             results.append(
                 ImageResult(
                     width=image.width,
                     height=image.height,
-                    faces=recognized,
-                    main_face=main_face_index(faces, image.width, image.height),
+                    faces=recognized if confident else (),
+                    main_face=detections.main_face,
                     model_id=self.embedder.model_id,
                     timings=timings,
+                    best_guess=None if confident or not recognized else recognized[0],
                 )
             )
         return results
 
 
+def _faces_to_embed(found: FaceDetections) -> tuple[DetectedFace, ...]:
+    """Every confident face of a photo; where there is none, its best weak candidate (for the single answer)."""
+    if found.faces:
+        return found.faces
+    subject = found.subject()
+    return () if subject is None else (subject,)
+
+
 def embed_main_faces(
     detector: FaceDetector, embedder: Embedder, images: Sequence[DecodedImage]
 ) -> list[np.ndarray | None]:
-    """The main face's embedding for each image (``None`` where no face is found): for verify, enrol and LFW."""
-    detections = detector.detect(images)
-    crops: list[torch.Tensor] = []
-    owners: list[int] = []
-    for position, (image, faces) in enumerate(zip(images, detections, strict=True)):
-        main = main_face_index(faces, image.width, image.height)
-        if main is not None:
-            crops.append(detector.crops(image, [faces[main]]))
-            owners.append(position)
+    """Each photo's subject embedded (``None`` where no face is found): for verify, enrol and LFW.
+
+    The subject is the main confident face, or the best weaker candidate (see ``FaceDetections.subject``).
+    """
+    subjects = [found.subject() for found in detector.detect_all(images)]
+    crops = [detector.crops(image, [face]) for image, face in zip(images, subjects, strict=True) if face is not None]
     out: list[np.ndarray | None] = [None] * len(images)
     if crops:
-        for position, vector in zip(owners, embedder.embed(torch.cat(crops)), strict=True):
-            out[position] = vector
+        vectors = iter(embedder.embed(torch.cat(crops)))
+        out = [None if face is None else next(vectors) for face in subjects]
     return out

@@ -1,0 +1,42 @@
+"""`make run`'s start-up check: a port counts as taken only while something listens on it."""
+
+from __future__ import annotations
+
+import socket
+
+from serve_app.local_run import _listening
+
+
+def _time_wait_port() -> int:
+    """A loopback port whose last connection the server closed first: it sits in TIME_WAIT, nothing listens."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = int(listener.getsockname()[1])
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the side that closes first keeps the TIME_WAIT state
+    client.close()
+    listener.close()
+    return port
+
+
+def test_a_listener_counts_as_running() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert _listening(int(listener.getsockname()[1]))
+
+
+def test_time_wait_sockets_after_a_load_run_do_not_count() -> None:
+    port = _time_wait_port()
+    # The situation the old bind-based probe got wrong: a bind without SO_REUSEADDR still fails here.
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            bind_failed = False
+        except OSError:
+            bind_failed = True
+    assert bind_failed, "expected the port to be in TIME_WAIT"
+    assert not _listening(port)
