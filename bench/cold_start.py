@@ -25,9 +25,9 @@ from typing import Any
 
 import requests
 from http_load import free_port, lfw_photos
-from machine import describe
+from machine import describe, results_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir()
 
 #: Runs in a fresh interpreter: every figure is that process's own clock.
 REPLICA_STEPS = """
@@ -138,7 +138,7 @@ def main() -> None:
         "serve": serve_timings,
         "machine": describe(),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cold_start.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import describe, label
+from machine import describe, label, results_dir
 from model_throughput import lfw_payloads
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -29,7 +29,7 @@ from serve_app.model.embedder import Embedder
 from serve_app.model.images import decode_image
 from serve_app.model.pipeline import Models, load_models
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir()
 
 
 def face_crops(models: Models, payloads: list[bytes], count: int, batch: int = 16) -> torch.Tensor:
@@ -160,7 +160,7 @@ def main() -> None:
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine": describe(),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "embedding_peak.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / "embedding_peak.png")
     print(json.dumps(result))

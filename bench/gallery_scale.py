@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from machine import describe, label
+from machine import describe, label, results_dir
 
 from serve_app.model.checkpoints import CHECKPOINTS, DEFAULT_CHECKPOINT
 from serve_app.model.gallery import FORMAT_NAME, FORMAT_VERSION, Gallery
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir()
 #: The per-query budget for matching against a million enrolled faces on this 2-core machine.
 TARGET_MS_AT_1M = 20.0
 TOP_K = 3
@@ -223,7 +223,7 @@ def main() -> None:
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine": describe(),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gallery_scale.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / "gallery_scale.png")
     print(json.dumps(result))

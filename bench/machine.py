@@ -77,3 +77,8 @@ def describe() -> dict[str, Any]:
 def label(machine: dict[str, Any]) -> str:
     """A short caption for plots: ``AVX2, 2 cores``."""
     return f"{machine['isa']}, {machine['cores']} cores"
+
+
+def results_dir() -> Path:
+    """Where results go: ``bench/results``, or ``FACEREC_BENCH_RESULTS`` (``make bench-avx2`` keeps its own)."""
+    return Path(os.environ.get("FACEREC_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))

@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from machine import describe
+from machine import describe, results_dir
 
 from serve_app.model.images import decode_image
 from serve_app.model.pipeline import Models, load_models
 from serve_app.model.recognizer import embed_main_faces
 
 LFW_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw-view1" / "images"
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir()
 
 
 def lfw_payloads(count: int, skip: int = 0) -> list[bytes]:
@@ -63,7 +63,7 @@ def main() -> None:
         "batched_over_single": round(batched / single, 3),
         "machine": describe(),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "model_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 

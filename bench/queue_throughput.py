@@ -19,14 +19,13 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from http_load import cpu_seconds_by_process, cpu_share, drive, lfw_photos, model_floor
-from machine import describe
+from machine import describe, results_dir
 from shipped_service import shipped_service
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir()
 
 
 def queue_run(stack: Any, clients: Any, urls: Any, photos: list[tuple[str, bytes]]) -> dict[str, Any]:
@@ -102,7 +101,7 @@ def main() -> None:
         "http_over_floor": round(http["images_per_s"] / floor, 3),
         "machine": describe(),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "queue_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from machine import results_dir
+
+RESULTS = results_dir()
 
 #: One table row: metric, value, ratio/target, met ("yes", "no" or "" where there is no target).
 Row = tuple[str, str, str, str]

@@ -43,12 +43,17 @@ class ShippedService:
 
 
 @contextmanager
-def shipped_service(start_timeout_s: float = 600.0) -> Iterator[ShippedService]:
-    """Start ``make run``'s stack, wait until a Recognizer replica answers ``/healthz``, stop it on exit."""
+def shipped_service(
+    start_timeout_s: float = 600.0, environment: dict[str, str] | None = None
+) -> Iterator[ShippedService]:
+    """Start ``make run``'s stack, wait until a Recognizer replica answers ``/healthz``, stop it on exit.
+
+    ``environment`` adds variables (for A/B runs of a setting); the default is exactly what ``make run`` gets.
+    """
     ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics")}
     with tempfile.TemporaryDirectory(prefix="facerec-bench-") as workdir:
         log = (Path(workdir) / "service.log").open("wb")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(environment or {})}
         process = subprocess.Popen(
             [sys.executable, "-m", "serve_app.local_run", *(f"--{k}-port={v}" for k, v in ports.items())],
             cwd=workdir,

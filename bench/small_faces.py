@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from facenet_pytorch import MTCNN
-from machine import describe, label
+from machine import describe, label, results_dir
 from PIL import Image
 from tqdm import tqdm
 
@@ -42,7 +42,7 @@ from serve_app.settings import RecognitionConfig
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 LFW = DATASETS / "lfw-view1"
 SCENES = DATASETS / "scenes"
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir()
 BATCH = 32
 
 
@@ -194,7 +194,7 @@ def main() -> None:
         "group_photos": group_photo_faces(models, before),
         "machine": describe(),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "small_faces.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / "small_faces.png")
     print(json.dumps(result))

@@ -69,6 +69,22 @@ def moto_server(port: int) -> Iterator[str]:
             process.kill()
 
 
+#: Ray Serve's request path tuned for one machine (each may be overridden in the environment). These are the
+#: loop-and-logging parts of Ray's own ``RAY_SERVE_THROUGHPUT_OPTIMIZED``; its gRPC data plane and direct
+#: ingress are left off because they open servers on every interface. See the README's "Performance" section
+#: for what each is worth here.
+SERVE_TUNING = {
+    # Run the deployments' async code on the replica's own event loop instead of a second thread: the model
+    # work already leaves the loop through asyncio.to_thread, so the hop only costs a thread switch.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    # Serve's request logs go to their files (the dashboard shows them), not also through stderr, the log
+    # monitor and the driver's console, once per request per hop.
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "100",
+}
+
+
 def _local_aws_environment(endpoint: str) -> dict[str, str]:
     return {
         "AWS_ENDPOINT_URL": endpoint,
@@ -110,6 +126,8 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
             # A local, loopback-only dashboard: no token, so the browser link just works.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            for name, value in SERVE_TUNING.items():
+                os.environ.setdefault(name, value)
             import ray
             from ray import serve
 
