@@ -1,5 +1,8 @@
 """Face detection: MTCNN (weights from the facenet-pytorch wheel), batched over images.
 
+The networks are facenet-pytorch's; the stages around them (pyramid, crops) are :mod:`mtcnn_batched`'s, which
+give facenet-pytorch's answers with one gather per stage instead of a resize per face.
+
 Three steps, kept separate as in facenet-pytorch: detect (every face, in original pixels), select (which face is
 "the" face of a photo), extract (aligned-size crops for the embedder).
 """
@@ -13,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from facenet_pytorch import MTCNN
-from facenet_pytorch.models.utils.detect_face import detect_face as detect_faces
 from facenet_pytorch.models.utils.detect_face import extract_face
 from PIL import Image
 
 from serve_app.model.images import DecodedImage
+from serve_app.model.mtcnn_batched import detect_faces
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
