@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.model.detector import DetectedFace
+from serve_app.model.match_threshold import MatchThreshold
 from serve_app.model.recognizer import ImageResult, RecognizedFace
 
 
@@ -30,6 +31,16 @@ def face_to_dict(face: RecognizedFace) -> dict[str, Any]:
     }
 
 
+def threshold_to_dict(threshold: MatchThreshold) -> dict[str, Any]:
+    """Which similarity named a face and why: ``fixed``, ``false_accept_rate`` (for this many people), ``request``."""
+    return {
+        "value": _round(threshold.value, 4),
+        "source": threshold.source,
+        "false_accept_rate": threshold.false_accept_rate,
+        "gallery_people": threshold.gallery_people,
+    }
+
+
 def image_result_to_dict(result: ImageResult) -> dict[str, Any]:
     timings = result.timings
     return {
@@ -41,6 +52,7 @@ def image_result_to_dict(result: ImageResult) -> dict[str, Any]:
         "faces": [face_to_dict(face) for face in result.faces],
         # No face reached the detection threshold: the weaker candidate that "name" comes from (else null).
         "best_guess": None if result.best_guess is None else face_to_dict(result.best_guess),
+        "threshold": None if result.threshold is None else threshold_to_dict(result.threshold),
         "timings_ms": {
             "decode": _round(timings.decode_ms),
             "detect": _round(timings.detect_ms),

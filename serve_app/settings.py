@@ -16,7 +16,16 @@ class RecognitionConfig(BaseModel):
 
     checkpoint: str = Field(DEFAULT_CHECKPOINT, description="embedder: a registry name or a path to a .pt state dict")
     flip: bool = Field(False, description="average each embedding with that of the mirrored face")
-    threshold: float | None = Field(None, description="cosine similarity for a match; default: the checkpoint's")
+    threshold: float | None = Field(
+        None, description="cosine similarity for a match; when set, false_accept_rate is not used"
+    )
+    false_accept_rate: float | None = Field(
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description="the chance that a stranger is named as one of the enrolled people: the match threshold is "
+        "derived from it and the gallery's size (null: the checkpoint's verification threshold, fixed)",
+    )
     top_k: int = Field(3, ge=1, le=100, description="candidates returned per face")
     max_embed_batch: int = Field(32, ge=1, le=1024, description="faces per embedder forward pass")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")

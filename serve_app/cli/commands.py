@@ -7,13 +7,37 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from serve_app.evaluation.lfw import embed_lfw_images, evaluate, plot_roc, read_pairs
-from serve_app.model.detector import DetectedFace
+from serve_app.evaluation.identify import (
+    CachedEmbeddings,
+    OperatingPoint,
+    build_gallery,
+    evaluate_identification,
+    list_photos,
+    load_embedding_cache,
+    operating_point,
+    plot_det,
+    save_embedding_cache,
+    search,
+    split_people,
+    wilson_interval,
+)
+from serve_app.evaluation.lfw import EmbeddedImages, embed_lfw_images, evaluate, plot_roc, read_pairs
+from serve_app.model.detector import centre_face
 from serve_app.model.enrollment import embed_for_enrolment
 from serve_app.model.gallery import Gallery, GalleryError
 from serve_app.model.images import InvalidImageError, decode_image
+from serve_app.model.open_set import (
+    CalibrationError,
+    calibration_path,
+    far_at_threshold,
+    impostor_scores,
+    load_calibration,
+    summarize_scores,
+    threshold_for_far,
+)
 from serve_app.model.pipeline import Models, load_models
 from serve_app.model.recognizer import Recognizer, embed_main_faces
 from serve_app.results import image_result_to_dict
@@ -23,6 +47,13 @@ log = logging.getLogger("facerec")
 
 EXIT_BAD_INPUT = 2
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: The false-accept rates the open-set commands report (1% and 0.1%).
+FAR_TARGETS = (0.01, 0.001)
+#: How ``faces_missing`` photos were scored: what ``facerec eval`` output says about its centre-crop fallbacks.
+CENTRE_CROP_HANDLING = (
+    "no face candidate at all, not even below the detection threshold (a one-person photo uses its best weaker "
+    "candidate): the central 45% square of the photo was embedded"
+)
 
 
 def emit(document: object) -> None:
@@ -39,6 +70,7 @@ def _models(settings: RecognitionSettings) -> Models:
         threshold=settings.threshold,
         embed_precision=settings.embed_precision,
         torch_threads=settings.torch_threads,
+        false_accept_rate=settings.false_accept_rate,
     )
 
 
@@ -82,7 +114,7 @@ def recognize(settings: RecognitionSettings, gallery_dir: Path, images: list[Pat
     except GalleryError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    recognizer = Recognizer(models.detector, models.embedder, gallery, threshold=models.threshold, top_k=top_k)
+    recognizer = Recognizer(models.detector, models.embedder, gallery, threshold=models.threshold_rule, top_k=top_k)
     status = 0
     for path in tqdm(images, desc="recognising", unit="img", disable=len(images) < 20):
         try:
@@ -145,6 +177,48 @@ def import_legacy(data_pt: Path, gallery_dir: Path, model_id: str) -> int:
     return 0
 
 
+def _embed_photos(models: Models, photos: list[str], root: Path, *, batch_size: int, progress: bool) -> EmbeddedImages:
+    """The main face of each LFW-style photo ``root/<relative path>``, as the service embeds it."""
+
+    def main_faces(payloads: list[bytes]) -> list[np.ndarray | None]:
+        return embed_main_faces(models.detector, models.embedder, [decode_image(p) for p in payloads])
+
+    def centre_crops(payloads: list[bytes]) -> list[np.ndarray]:
+        # LFW photos are centred on the face (deep-funneled 250x250): where MTCNN finds no candidate at all, not
+        # even one below the probability threshold, embed the central region instead of dropping the pair.
+        images = [decode_image(payload) for payload in payloads]
+        crops = [models.detector.crops(image, [centre_face(image.width, image.height)]) for image in images]
+        return list(models.embedder.embed(torch.cat(crops)))
+
+    return embed_lfw_images(photos, root, main_faces, centre_crops, batch_size=batch_size, progress=progress)
+
+
+def _embed_photos_cached(
+    models: Models,
+    settings: RecognitionSettings,
+    photos: list[str],
+    root: Path,
+    cache: Path | None,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> EmbeddedImages:
+    """:func:`_embed_photos`, reading and extending an embeddings cache file where one is given."""
+    if cache is None:
+        return _embed_photos(models, photos, root, batch_size=batch_size, progress=progress)
+    key = f"{models.embedder.model_id}|{settings.detector_config()!r}"
+    cached = load_embedding_cache(cache, key)
+    todo = [p for p in photos if p not in cached.embeddings]
+    fresh = _embed_photos(models, todo, root, batch_size=batch_size, progress=progress)
+    merged = CachedEmbeddings(key, {**cached.embeddings, **fresh.embeddings}, cached.missing | set(fresh.missing))
+    if todo:
+        save_embedding_cache(cache, merged)
+    log.info("%d photos from the embeddings cache %s, %d embedded", len(photos) - len(todo), cache, len(todo))
+    return EmbeddedImages(
+        {p: merged.embeddings[p] for p in photos}, [p for p in photos if p in merged.missing], fresh.seconds
+    )
+
+
 def eval_lfw(
     settings: RecognitionSettings,
     *,
@@ -159,24 +233,7 @@ def eval_lfw(
     calibration = read_pairs(calibrate) if calibrate else None
     wanted = list(dict.fromkeys(evaluated.images() + (calibration.images() if calibration else [])))
     models = _models(settings)
-
-    def main_faces(payloads: list[bytes]) -> list[np.ndarray | None]:
-        return embed_main_faces(models.detector, models.embedder, [decode_image(p) for p in payloads])
-
-    def centre_crops(payloads: list[bytes]) -> list[np.ndarray]:
-        # LFW photos are centred on the face (deep-funneled 250x250): where MTCNN finds none at the service's
-        # probability threshold, embed the central region instead of dropping the pair.
-        out = []
-        for payload in payloads:
-            image = decode_image(payload)
-            side = 0.45 * min(image.width, image.height)
-            cx, cy = image.width / 2, image.height / 2
-            box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-            face = DetectedFace(box=box, probability=0.0, landmarks=((cx, cy),) * 5)
-            out.append(models.embedder.embed(models.detector.crops(image, [face]))[0])
-        return out
-
-    embedded = embed_lfw_images(wanted, images, main_faces, centre_crops, batch_size=batch_size, progress=progress)
+    embedded = _embed_photos(models, wanted, images, batch_size=batch_size, progress=progress)
     result = evaluate(evaluated, embedded.embeddings, calibration)
     if plot is not None:
         plot_roc(result, plot, f"LFW {pairs.name} - {models.embedder.model_id}")
@@ -190,7 +247,7 @@ def eval_lfw(
             "images": len(wanted),
             "faces_missing": {
                 "count": len(embedded.missing),
-                "handling": "no face at the detection threshold: the central 45% square of the photo was embedded",
+                "handling": CENTRE_CROP_HANDLING,
                 "images": embedded.missing[:20],
             },
             "seconds": round(embedded.seconds, 1),
@@ -201,6 +258,196 @@ def eval_lfw(
             "model_id": models.embedder.model_id,
             "checkpoint": settings.checkpoint,
             "plot": str(plot) if plot else None,
+        }
+    )
+    return 0
+
+
+def eval_identify(
+    settings: RecognitionSettings,
+    *,
+    images: Path,
+    seed: int,
+    gallery_photos: int,
+    min_photos: int,
+    strangers_fraction: float,
+    people_from: Path | None,
+    calibration: Path | None,
+    plot: Path | None,
+    embeddings_cache: Path | None,
+    batch_size: int,
+    progress: bool,
+) -> int:
+    """Open-set identification (``serve_app.evaluation.identify``) on an LFW-style folder, as one JSON line."""
+    if not images.is_dir():
+        log.error("%s is not a directory of <Name>/<Name>_NNNN.jpg", images)
+        return EXIT_BAD_INPUT
+    people = {name.split("/")[0] for name in read_pairs(people_from).images()} if people_from else None
+    try:
+        split = split_people(
+            list_photos(images, people),
+            seed=seed,
+            gallery_photos=gallery_photos,
+            min_photos=min_photos,
+            strangers_fraction=strangers_fraction,
+        )
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    if not (split.gallery and split.probes and split.strangers):
+        log.error("%s gives no enrolled people, known probes or strangers with these settings", images)
+        return EXIT_BAD_INPUT
+    models = _models(settings)
+    calibration_file = calibration or calibration_path(settings.checkpoint, settings.flip)
+    try:
+        impostors = (
+            load_calibration(calibration_file, expected_model_id=models.embedder.model_id)
+            if calibration is not None or calibration_file.is_file()
+            else None
+        )
+    except CalibrationError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+
+    embedded = _embed_photos_cached(
+        models, settings, split.photos(), images, embeddings_cache, batch_size=batch_size, progress=progress
+    )
+    vectors = embedded.embeddings
+    gallery = build_gallery(split, vectors, models.embedder.model_id)
+    probes = search(gallery, np.stack([vectors[photo] for _, photo in split.probes]))
+    strangers = search(gallery, np.stack([vectors[photo] for _, photo in split.strangers]))
+    result = evaluate_identification(
+        probes, [person for person, _ in split.probes], strangers, operating_threshold=models.threshold
+    )
+
+    gallery_size = len(split.gallery)
+    calibrated: dict[str, object] | None = None
+    derived_points: dict[str, OperatingPoint] = {}
+    if impostors is not None:
+        # The threshold the service would derive for a gallery of this split's size, measured on its strangers.
+        targets = []
+        for target in FAR_TARGETS:
+            point = operating_point(
+                result.best_scores,
+                result.correct,
+                result.stranger_scores,
+                threshold_for_far(impostors, target, gallery_size),
+            )
+            derived_points[f"derived for FAR {target:.1%}"] = point
+            low, high = wilson_interval(point.false_accepts, len(split.strangers))
+            targets.append({"target_far": target, **point.as_dict(), "far_ci95": [round(low, 5), round(high, 5)]})
+        calibrated = {
+            "calibration": str(calibration_file),
+            "gallery_size": gallery_size,
+            "at_target_far": targets,
+            # The model's FAR against the one measured on these strangers, at thresholds chosen without it.
+            "model_vs_measured_far": [
+                {
+                    "threshold": round(point.threshold, 4),
+                    "predicted": round(far_at_threshold(impostors, point.threshold, gallery_size), 5),
+                    "measured": round(point.far, 5),
+                }
+                for point in (result.at_operating_threshold, *result.at_far.values())
+            ],
+        }
+    if plot is not None:
+        title = f"{images.parent.name}/{images.name}: {models.embedder.model_id}, {gallery_size} people enrolled"
+        plot_det(result, plot, title, derived_points)
+    emit(
+        {
+            "protocol": "open-set identification (ISO/IEC 19795): rank-1, DIR at FAR, FAR at the operating threshold",
+            "split": {
+                "seed": seed,
+                "gallery_photos": gallery_photos,
+                "min_photos": min_photos,
+                "strangers_fraction": strangers_fraction,
+                "people_from": str(people_from) if people_from else None,
+                "enrolled_people": gallery_size,
+                "gallery_faces": len(gallery),
+                "known_probes": len(split.probes),
+                "stranger_people": len(split.stranger_people()),
+                "strangers": len(split.strangers),
+            },
+            "rank1": round(result.rank1, 4),
+            "at_far": {f"{far:g}": point.as_dict() for far, point in result.at_far.items()},
+            "at_operating_threshold": result.at_operating_threshold.as_dict(),
+            "calibrated": calibrated,
+            "faces_missing": {
+                "count": len(embedded.missing),
+                "handling": CENTRE_CROP_HANDLING,
+                "images": embedded.missing[:20],
+            },
+            "seconds": round(embedded.seconds, 1),
+            "model_id": models.embedder.model_id,
+            "checkpoint": settings.checkpoint,
+            "flip": settings.flip,
+            "plot": str(plot) if plot else None,
+        }
+    )
+    return 0
+
+
+def calibrate_far(
+    settings: RecognitionSettings,
+    *,
+    images: Path,
+    pairs: Path | None,
+    out: Path | None,
+    embeddings_cache: Path | None,
+    batch_size: int,
+    progress: bool,
+) -> int:
+    """Impostor scores of every different-person pair of photos, summarised as a calibration file."""
+    if not images.is_dir():
+        log.error("%s is not a directory of <Name>/<Name>_NNNN.jpg", images)
+        return EXIT_BAD_INPUT
+    photos = read_pairs(pairs).images() if pairs else [p for group in list_photos(images).values() for p in group]
+    models = _models(settings)
+    embedded = _embed_photos_cached(
+        models, settings, photos, images, embeddings_cache, batch_size=batch_size, progress=progress
+    )
+    people = [photo.split("/")[0] for photo in photos]
+    scores = impostor_scores(np.stack([embedded.embeddings[p] for p in photos]), people)
+    source = {
+        "images": f"{images.parent.name}/{images.name}",
+        "pairs": pairs.name if pairs else None,
+        "photos": len(photos),
+        "people": len(set(people)),
+        "faces_missing": len(embedded.missing),
+        "embed_precision": models.embedder.precision,
+        "pairs_scored": "every pair of photos of different people",
+    }
+    try:
+        calibration = summarize_scores(
+            scores, checkpoint=settings.checkpoint, model_id=models.embedder.model_id, flip=settings.flip, source=source
+        )
+    except CalibrationError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    target = calibration.save(out or calibration_path(settings.checkpoint, settings.flip))
+    sizes = (10, 100, 1_000, 10_000)
+    emit(
+        {
+            "out": str(target),
+            "bytes": target.stat().st_size,
+            "model_id": calibration.model_id,
+            "comparisons": calibration.comparisons,
+            **source,
+            "tail": {
+                "start": round(calibration.tail.start, 4),
+                "start_exceedance": float(f"{calibration.tail.start_exceedance:.4g}"),
+                "exponential_scale": round(calibration.tail.scale, 5),
+                "empirical_down_to": float(f"{calibration.empirical_limit:.4g}"),
+            },
+            "threshold_for_far": {
+                f"{far:g}": {str(n): round(threshold_for_far(calibration, far, n), 4) for n in sizes}
+                for far in FAR_TARGETS
+            },
+            "far_at_operating_threshold": {
+                "threshold": models.threshold,
+                **{str(n): round(far_at_threshold(calibration, models.threshold, n), 5) for n in sizes},
+            },
+            "seconds": round(embedded.seconds, 1),
         }
     )
     return 0

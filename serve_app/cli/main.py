@@ -116,6 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
     lfw.add_argument("--batch-size", type=int, default=32)
     lfw.add_argument("--no-progress", action="store_true")
     _add_model_options(lfw)
+
+    identify = eval_commands.add_parser(
+        "identify", help="open-set identification: rank-1, DIR at FAR, strangers accepted (ISO/IEC 19795 terms)"
+    )
+    identify.add_argument("--images", type=Path, required=True, help="directory of <Name>/<Name>_NNNN.jpg")
+    identify.add_argument("--seed", type=int, default=0, help="seed of the enrolled/probe/stranger split")
+    identify.add_argument("--gallery-photos", type=int, default=1, help="photos enrolled per person")
+    identify.add_argument("--min-photos", type=int, default=2, help="photos a person needs to be enrolled")
+    identify.add_argument(
+        "--strangers-fraction", type=float, default=0.1, help="share of enrollable people held out as strangers"
+    )
+    identify.add_argument("--people-from", type=Path, help="only the people of this LFW pairs file")
+    identify.add_argument(
+        "--calibration", type=Path, help="impostor calibration (default: the checkpoint's shipped one, if any)"
+    )
+    identify.add_argument("--plot", type=Path, help="write the DET curve (FAR vs FNIR) to this PNG")
+    identify.add_argument("--embeddings-cache", type=Path, help="reuse and extend main-face embeddings in this .npz")
+    identify.add_argument("--batch-size", type=int, default=32)
+    identify.add_argument("--no-progress", action="store_true")
+    _add_model_options(identify)
+
+    calibrate = commands.add_parser("calibrate", help="calibrations shipped with each checkpoint")
+    calibrate_commands = calibrate.add_subparsers(dest="calibrate_command", required=True)
+    far = calibrate_commands.add_parser(
+        "far", help="impostor scores of different-person photo pairs, for thresholds set by false-accept rate"
+    )
+    far.add_argument("--images", type=Path, required=True, help="directory of <Name>/<Name>_NNNN.jpg")
+    far.add_argument("--pairs", type=Path, help="use the photos of this LFW pairs file (default: every photo)")
+    far.add_argument("--out", type=Path, help="default serve_app/model/calibration/<checkpoint>[+flip].json")
+    far.add_argument("--embeddings-cache", type=Path, help="reuse and extend main-face embeddings in this .npz")
+    far.add_argument("--batch-size", type=int, default=32)
+    far.add_argument("--no-progress", action="store_true")
+    _add_model_options(far)
     return parser
 
 
@@ -156,6 +189,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands.show_gallery(args.gallery)
     if args.command == "gallery" and args.gallery_command == "import-legacy":
         return commands.import_legacy(args.data_pt, args.gallery, args.model_id)
+    if args.command == "eval" and args.eval_command == "identify":
+        return commands.eval_identify(
+            _settings(args),
+            images=args.images,
+            seed=args.seed,
+            gallery_photos=args.gallery_photos,
+            min_photos=args.min_photos,
+            strangers_fraction=args.strangers_fraction,
+            people_from=args.people_from,
+            calibration=args.calibration,
+            plot=args.plot,
+            embeddings_cache=args.embeddings_cache,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    if args.command == "calibrate":
+        return commands.calibrate_far(
+            _settings(args),
+            images=args.images,
+            pairs=args.pairs,
+            out=args.out,
+            embeddings_cache=args.embeddings_cache,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
     if args.command == "eval":
         return commands.eval_lfw(
             _settings(args),

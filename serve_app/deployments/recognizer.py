@@ -22,6 +22,7 @@ from serve_app.metrics import metrics
 from serve_app.model.gallery import Gallery, GalleryError
 from serve_app.model.pipeline import load_models
 from serve_app.model.recognizer import Recognizer
+from serve_app.results import threshold_to_dict
 from serve_app.settings import RecognitionConfig
 
 log = logging.getLogger("ray.serve")
@@ -49,13 +50,14 @@ class RecognizerDeployment:
             max_embed_batch=recognition.max_embed_batch,
             threshold=recognition.threshold,
             embed_precision=recognition.embed_precision,
+            false_accept_rate=recognition.false_accept_rate,
         )
         self._store: GalleryStore = open_gallery_store(gallery_uri)
         self._model_id = models.embedder.model_id
         self._token: str | None = None
         gallery = self._read_gallery() or Gallery(models.embedder.model_id, models.embedder.dim)
         self._recognizer = Recognizer(
-            models.detector, models.embedder, gallery, threshold=models.threshold, top_k=recognition.top_k
+            models.detector, models.embedder, gallery, threshold=models.threshold_rule, top_k=recognition.top_k
         )
         self._max_pixels = max_pixels
         self._refresh_s = gallery_refresh_s
@@ -141,7 +143,7 @@ class RecognizerDeployment:
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "model_id": self._model_id,
-            "threshold": self._recognizer.threshold,
+            "threshold": threshold_to_dict(self._recognizer.match_threshold),
             "gallery_revision": gallery.revision,
             "gallery_faces": len(gallery),
             "gallery_people": len(gallery.people()),

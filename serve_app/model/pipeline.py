@@ -9,13 +9,17 @@ import torch
 from serve_app.model.checkpoints import resolve_checkpoint
 from serve_app.model.detector import DetectorConfig, FaceDetector
 from serve_app.model.embedder import Embedder, Precision
+from serve_app.model.match_threshold import ThresholdRule, threshold_rule
 
 
 @dataclass(frozen=True)
 class Models:
     detector: FaceDetector
     embedder: Embedder
+    #: The checkpoint's verification threshold (one photo against one other), or the configured one.
     threshold: float
+    #: What names a face against the gallery: :attr:`threshold`, or one derived from a false-accept rate.
+    threshold_rule: ThresholdRule
 
 
 def load_models(
@@ -28,11 +32,24 @@ def load_models(
     torch_threads: int | None = None,
     device: torch.device | None = None,
     embed_precision: Precision = "auto",
+    false_accept_rate: float | None = None,
 ) -> Models:
-    """Load MTCNN and the named embedding checkpoint once; ``threshold`` defaults to the checkpoint's own."""
+    """Load MTCNN and the named embedding checkpoint once; ``threshold`` defaults to the checkpoint's own.
+
+    With ``false_accept_rate`` (and no ``threshold``), gallery matches use a threshold derived from the
+    checkpoint's shipped impostor calibration and the gallery's size (:mod:`serve_app.model.match_threshold`).
+    """
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     resolved = resolve_checkpoint(checkpoint, threshold)
     detector = FaceDetector(detector_config, device=device)
     embedder = Embedder(resolved, max_batch=max_embed_batch, flip=flip, device=device, precision=embed_precision)
-    return Models(detector, embedder, resolved.threshold_for(flip) if threshold is None else threshold)
+    fixed = resolved.threshold_for(flip) if threshold is None else threshold
+    rule = threshold_rule(
+        fixed=fixed,
+        false_accept_rate=false_accept_rate if threshold is None else None,
+        checkpoint=resolved.name,
+        flip=flip,
+        model_id=embedder.model_id,
+    )
+    return Models(detector, embedder, fixed, rule)

@@ -17,6 +17,7 @@ from serve_app.model.detector import DetectedFace, FaceDetections, FaceDetector
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Candidate, Gallery
 from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
+from serve_app.model.match_threshold import MatchThreshold, ThresholdRule
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class ImageResult:
     #: Where no face reaches the detection threshold: the best weaker candidate (a profile, a blurred or
     #: partly hidden face), named, for the photo's single answer. Never part of :attr:`faces`.
     best_guess: RecognizedFace | None = None
+    #: The similarity a face needed to be named, and why (fixed, derived from a false-accept rate, or asked for).
+    threshold: MatchThreshold | None = None
 
     @property
     def main_name(self) -> str | None:
@@ -83,16 +86,39 @@ class Recognizer:
         embedder: Embedder,
         gallery: Gallery,
         *,
-        threshold: float | None = None,
+        threshold: float | ThresholdRule | None = None,
         top_k: int = 3,
     ) -> None:
         if gallery.model_id != embedder.model_id:
             raise ValueError(f"gallery model {gallery.model_id!r} != embedder model {embedder.model_id!r}")
         self.detector = detector
         self.embedder = embedder
+        if not isinstance(threshold, ThresholdRule):
+            threshold = ThresholdRule(
+                embedder.checkpoint.threshold_for(embedder.flip) if threshold is None else threshold
+            )
+        self.threshold_rule = threshold
         self.gallery = gallery
-        self.threshold = embedder.checkpoint.threshold_for(embedder.flip) if threshold is None else threshold
         self.top_k = top_k
+
+    @property
+    def gallery(self) -> Gallery:
+        return self._gallery
+
+    @gallery.setter
+    def gallery(self, gallery: Gallery) -> None:
+        # One assignment swaps the gallery and its threshold together: a false-accept-rate threshold follows the
+        # number of people enrolled.
+        self._gallery, self._match_threshold = gallery, self.threshold_rule.for_gallery(len(gallery.people()))
+
+    @property
+    def match_threshold(self) -> MatchThreshold:
+        """The threshold answers use now (for this gallery), and why."""
+        return self._match_threshold
+
+    @property
+    def threshold(self) -> float:
+        return self._match_threshold.value
 
     def recognize_bytes(
         self, payloads: Sequence[bytes], *, threshold: float | None = None, top_k: int | None = None
@@ -121,7 +147,9 @@ class Recognizer:
         decode_ms: Sequence[float] | None = None,
     ) -> list[ImageResult]:
         """Every face in every image, named against the gallery."""
-        threshold = self.threshold if threshold is None else threshold
+        gallery, used = self._gallery, self._match_threshold  # one consistent pair even if a refresh swaps them
+        if threshold is not None:
+            used = MatchThreshold(threshold, "request")
         top_k = self.top_k if top_k is None else top_k
         timer = _Timer()
         started = time.perf_counter()
@@ -132,7 +160,7 @@ class Recognizer:
         crops = [self.detector.crops(image, list(faces)) for image, faces in zip(images, embedded, strict=True)]
         embeddings = self.embedder.embed(torch.cat(crops)) if crops else np.empty((0, self.embedder.dim))
         started = timer.add("embed", started)
-        matches = self.gallery.match(embeddings, threshold=threshold, top_k=top_k)
+        matches = gallery.match(embeddings, threshold=used.value, top_k=top_k)
         timer.add("match", started)
 
         results = []
@@ -160,6 +188,7 @@ class Recognizer:
                     model_id=self.embedder.model_id,
                     timings=timings,
                     best_guess=None if confident or not recognized else recognized[0],
+                    threshold=used,
                 )
             )
         return results

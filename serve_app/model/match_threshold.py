@@ -1,0 +1,65 @@
+"""Which similarity names a face: a fixed threshold, or one held to a false-accept rate at the gallery's size.
+
+Identification compares a stranger with everybody enrolled, so a fixed threshold names more strangers as the
+gallery grows (see :mod:`serve_app.model.open_set`). With ``false_accept_rate`` set, the threshold is derived
+from the checkpoint's shipped impostor calibration and the number of people enrolled, every time the gallery
+changes, so that the chance that a stranger is named as anyone stays at the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from serve_app.model.open_set import Calibration, calibration_path, load_calibration, threshold_for_far
+
+ThresholdSource = Literal["fixed", "false_accept_rate", "request"]
+
+
+@dataclass(frozen=True)
+class MatchThreshold:
+    """The threshold one answer used, and why (it travels with the answer)."""
+
+    value: float
+    #: ``fixed``: configured (or the checkpoint's verification threshold); ``false_accept_rate``: derived for the
+    #: gallery's size; ``request``: the client asked for it.
+    source: ThresholdSource
+    false_accept_rate: float | None = None
+    gallery_people: int | None = None
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A fixed threshold, or a target false-accept rate with the calibration it is derived from."""
+
+    fixed: float
+    false_accept_rate: float | None = None
+    calibration: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        if (self.false_accept_rate is None) != (self.calibration is None):
+            raise ValueError("a false-accept rate needs its calibration, and only then")
+
+    def for_gallery(self, people: int) -> MatchThreshold:
+        """The threshold for a gallery of ``people`` enrolled people."""
+        if self.false_accept_rate is None or self.calibration is None:
+            return MatchThreshold(self.fixed, "fixed")
+        value = threshold_for_far(self.calibration, self.false_accept_rate, max(1, people))
+        return MatchThreshold(value, "false_accept_rate", self.false_accept_rate, people)
+
+
+@lru_cache(maxsize=8)
+def shipped_calibration(checkpoint: str, flip: bool, model_id: str) -> Calibration:
+    """The impostor calibration shipped beside a checkpoint (read once per process)."""
+    return load_calibration(calibration_path(checkpoint, flip), expected_model_id=model_id)
+
+
+def threshold_rule(
+    *, fixed: float, false_accept_rate: float | None, checkpoint: str, flip: bool, model_id: str
+) -> ThresholdRule:
+    """The rule the settings ask for. A configured ``threshold`` wins over a false-accept rate (the caller passes
+    ``false_accept_rate=None`` then); a rate needs the checkpoint's calibration file."""
+    if false_accept_rate is None:
+        return ThresholdRule(fixed)
+    return ThresholdRule(fixed, false_accept_rate, shipped_calibration(checkpoint, flip, model_id))
