@@ -81,8 +81,9 @@ def measure_size(
             weak_only += not detections.faces and subject is not None
             none += subject is None
             subjects.append(subject or centre_face(image.width, image.height))
-        facenet_found += sum(facenet_default_found(mtcnn, images))
-        before_found += sum(bool(faces) for faces in before.detect(images))
+        if side is not None:  # the comparisons are about small photos; full-size ones are not upscaled anyway
+            facenet_found += sum(facenet_default_found(mtcnn, images))
+            before_found += sum(bool(faces) for faces in before.detect(images))
         crops = torch.cat([models.detector.crops(i, [f]) for i, f in zip(images, subjects, strict=True)])
         embeddings.update(zip(chunk, models.embedder.embed(crops), strict=True))
     train = read_pairs(LFW / "pairsDevTrain.txt")
@@ -99,8 +100,8 @@ def measure_size(
         "face_found_with_weak_candidate": round((confident + weak_only) / total, 5),
         "weak_candidate_used": weak_only,
         "no_face_centre_crop": none,
-        "facenet_default_found": round(facenet_found / total, 5),
-        "without_upscaling_found": round(before_found / total, 5),
+        "facenet_default_found": round(facenet_found / total, 5) if side is not None else None,
+        "without_upscaling_found": round(before_found / total, 5) if side is not None else None,
         "detect_ms_per_photo": round(1000 * detect_s / total, 2),
         "devtrain_threshold": round(threshold, 4),
         "devtest_accuracy": round(accuracy_at(test_scores, test_labels, threshold), 4),
@@ -147,7 +148,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ("face_found_with_weak_candidate", "shipped, with weak candidate"),
         )
     ):
-        left.bar(x + (offset - 1.5) * 0.2, [100 * s[key] for s in sizes], 0.2, label=name)
+        left.bar(x + (offset - 1.5) * 0.2, [100 * (s[key] or 0) for s in sizes], 0.2, label=name)
     left.set_xticks(x, labels)
     left.set_ylim(95, 100.2)
     left.set_ylabel("photos with a face found (%)")

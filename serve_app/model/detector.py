@@ -231,4 +231,3 @@ def centre_face(width: int, height: int, share: float = 0.45) -> DetectedFace:
     cx, cy = width / 2.0, height / 2.0
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     return DetectedFace(box=box, probability=0.0, landmarks=((cx, cy),) * 5)
-
