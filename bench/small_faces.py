@@ -168,6 +168,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
     parser.add_argument("--limit", type=int, default=None, help="only the first N photos (pairs need all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--no-full-size", action="store_true", help="skip the 250x250 reference (LFW accuracy there: README)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shipped = RecognitionConfig()
@@ -184,7 +187,8 @@ def main() -> None:
     )
     mtcnn = MTCNN()
     names = sorted(str(p.relative_to(LFW / "images")) for p in (LFW / "images").glob("*/*.jpg"))[: args.limit]
-    sizes = [measure_size(side, names, models, before, mtcnn) for side in [*sorted(args.sizes), None]]
+    sides: list[int | None] = [*sorted(args.sizes), *([] if args.no_full_size else [None])]
+    sizes = [measure_size(side, names, models, before, mtcnn) for side in sides]
     for row in sizes:
         print(json.dumps(row), flush=True)
     result = {

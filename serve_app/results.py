@@ -38,6 +38,7 @@ def threshold_to_dict(threshold: MatchThreshold) -> dict[str, Any]:
         "source": threshold.source,
         "false_accept_rate": threshold.false_accept_rate,
         "gallery_people": threshold.gallery_people,
+        "min_margin": threshold.min_margin,
     }
 
 

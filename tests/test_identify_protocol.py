@@ -12,8 +12,10 @@ import pytest
 
 from serve_app.cli.main import main
 from serve_app.evaluation.identify import (
+    REJECTED_SCORE,
     CachedEmbeddings,
     SearchResults,
+    apply_margin,
     build_gallery,
     det_curve,
     detection_identification_rate,
@@ -21,6 +23,7 @@ from serve_app.evaluation.identify import (
     false_accept_rate,
     list_photos,
     load_embedding_cache,
+    margin_sweep,
     rank1_rate,
     save_embedding_cache,
     search,
@@ -144,6 +147,41 @@ def test_evaluate_identification_on_hand_made_results() -> None:
     assert result.at_far[0.001].threshold == at_10.threshold
 
 
+def test_margin_rule_rejects_searches_whose_best_person_barely_leads() -> None:
+    results = SearchResults(("a", "b", "c"), np.array([0.9, 0.8, 0.7]), np.array([0.3, 0.05, 0.1]))
+    assert apply_margin(results, 0.0) is results
+    gated = apply_margin(results, 0.1)
+    assert gated.best_people == results.best_people and np.array_equal(gated.margins, results.margins)
+    assert gated.best_scores.tolist() == [0.9, REJECTED_SCORE, 0.7]  # a margin equal to the rule's passes
+
+
+def test_margin_rule_trades_ambiguous_strangers_for_dir() -> None:
+    # Known probes lead their second-best person clearly, except the last; the strangers' best scores are as high
+    # as the probes' but they resemble two people about equally.
+    probes = SearchResults(("a", "b", "c", "d"), np.array([0.85, 0.8, 0.7, 0.97]), np.array([0.3, 0.3, 0.3, 0.02]))
+    strangers = SearchResults(tuple("abcdefghij"), np.linspace(0.5, 0.95, 10), np.full(10, 0.02))
+    strangers.margins[0] = 0.4  # one stranger (the lowest scoring) clearly resembles one person
+    people = ["a", "b", "c", "d"]
+    plain = evaluate_identification(probes, people, strangers, operating_threshold=0.62, far_targets=(0.1,))
+    ruled = evaluate_identification(probes, people, strangers, operating_threshold=0.62, far_targets=(0.1,), margin=0.1)
+    assert ruled.rank1 == plain.rank1 == 1.0 and ruled.margin == 0.1 and plain.margin == 0.0
+    # 10 strangers, FAR 10%: one may pass. Without the rule the threshold clears the second-highest stranger
+    # (0.90): only "d" (0.97) is named. With it only one stranger is left to reject, and it may pass.
+    assert plain.at_far[0.1].dir == 0.25 and plain.at_far[0.1].false_accepts == 1
+    assert ruled.at_far[0.1].dir == 0.75 and ruled.at_far[0.1].false_accepts == 1
+    # At a fixed threshold the rule only removes accepts: the strangers at 0.65 and up (7) all lack the margin.
+    assert plain.at_operating_threshold.false_accepts == 7 and ruled.at_operating_threshold.false_accepts == 0
+    assert ruled.at_operating_threshold.dir == 0.75
+    # The rejected searches are no point of the DET curve.
+    assert ruled.curve.thresholds.min() > REJECTED_SCORE
+
+    rows = margin_sweep(probes, people, strangers, margins=(0.1, 0.5), far_targets=(0.1,))
+    assert [row["margin"] for row in rows] == [0.1, 0.5]
+    assert rows[0]["probes_below_margin"] == 0.25 and rows[0]["strangers_below_margin"] == 0.9
+    assert rows[0]["at_far"]["0.1"]["dir"] == 0.75  # type: ignore[index]
+    assert rows[1]["at_far"]["0.1"]["dir"] == 0.0  # type: ignore[index]  # nobody leads by 0.5
+
+
 def test_search_scores_each_person_by_their_closest_face() -> None:
     def unit(*values: float) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float32)
@@ -217,6 +255,10 @@ def test_eval_identify_on_a_slice_of_lfw(tmp_path: Path, capsys: pytest.CaptureF
     operating = report["at_operating_threshold"]
     assert operating["threshold"] == CHECKPOINTS[DEFAULT_CHECKPOINT].threshold
     assert 0.0 <= operating["far"] <= 1.0 and operating["dir"] <= report["rank1"]
+    service = report["at_service_threshold"]
+    assert service["source"] in {"fixed", "false_accept_rate"} and 0.0 <= service["far"] <= 1.0
+    assert [row["margin"] for row in report["margin_rule"]] == [0.05, 0.1, 0.15, 0.2, 0.25]
+    assert all(row["at_far"]["0.01"]["dir"] <= report["rank1"] for row in report["margin_rule"])
     if report["calibrated"] is not None:  # the shipped calibration exists: the derived thresholds are reported
         derived = report["calibrated"]["at_target_far"]
         assert [d["target_far"] for d in derived] == [0.01, 0.001]

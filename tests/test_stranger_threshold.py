@@ -91,6 +91,7 @@ def test_the_threshold_follows_the_gallery_and_travels_with_the_answer(
         "source": "false_accept_rate",
         "false_accept_rate": TARGET,
         "gallery_people": ENROLLED,
+        "min_margin": 0.0,
     }
     asked = image_result_to_dict(recognizer.recognize([photo], threshold=0.2)[0])["threshold"]
     assert asked["source"] == "request" and asked["value"] == 0.2
@@ -101,3 +102,18 @@ def test_a_fixed_rule_ignores_the_gallery_size(models: Models) -> None:
     assert fixed.for_gallery(1) == fixed.for_gallery(10_000) == replace(fixed.for_gallery(1), value=0.4)
     with pytest.raises(ValueError):
         ThresholdRule(0.4, 0.01, None)
+
+
+def test_a_face_between_two_people_is_nobodys(models: Models, photos: tuple[list[str], np.ndarray, np.ndarray]) -> None:
+    # The same person enrolled under two names: a photo of them reaches both, leads neither.
+    names, enrolled, _ = photos
+    gallery = _gallery(models, [names[0], "twin", *names[1:20]], np.concatenate([enrolled[:1], enrolled[:20]]))
+    probe = decode_image(sorted((LFW / "images" / names[0]).glob("*.jpg"))[0].read_bytes())
+    plain = Recognizer(models.detector, models.embedder, gallery, threshold=ThresholdRule(0.4))
+    margin = Recognizer(models.detector, models.embedder, gallery, threshold=ThresholdRule(0.4, min_margin=0.1))
+    assert plain.recognize([probe])[0].main_name in (names[0], "twin")
+    result = margin.recognize([probe])[0]
+    assert result.main_name is None and result.threshold is not None and result.threshold.min_margin == 0.1
+    # Another enrolled person, with nobody else like them, is still named under the margin rule.
+    other = decode_image(sorted((LFW / "images" / names[5]).glob("*.jpg"))[0].read_bytes())
+    assert margin.recognize([other])[0].main_name == names[5]

@@ -71,6 +71,7 @@ def _models(settings: RecognitionSettings) -> Models:
         embed_precision=settings.embed_precision,
         torch_threads=settings.torch_threads,
         false_accept_rate=settings.false_accept_rate,
+        min_margin=settings.min_margin,
     )
 
 
@@ -279,6 +280,8 @@ def eval_identify(
     progress: bool,
 ) -> int:
     """Open-set identification (``serve_app.evaluation.identify``) on an LFW-style folder, as one JSON line."""
+    from serve_app.evaluation.identify import margin_sweep
+
     if not images.is_dir():
         log.error("%s is not a directory of <Name>/<Name>_NNNN.jpg", images)
         return EXIT_BAD_INPUT
@@ -316,11 +319,13 @@ def eval_identify(
     gallery = build_gallery(split, vectors, models.embedder.model_id)
     probes = search(gallery, np.stack([vectors[photo] for _, photo in split.probes]))
     strangers = search(gallery, np.stack([vectors[photo] for _, photo in split.strangers]))
-    result = evaluate_identification(
-        probes, [person for person, _ in split.probes], strangers, operating_threshold=models.threshold
-    )
+    probe_people = [person for person, _ in split.probes]
+    result = evaluate_identification(probes, probe_people, strangers, operating_threshold=models.threshold)
 
     gallery_size = len(split.gallery)
+    # The threshold the service itself would use for a gallery of this size (its configured rule), and why.
+    service = models.threshold_rule.for_gallery(gallery_size)
+    service_point = operating_point(result.best_scores, result.correct, result.stranger_scores, service.value)
     calibrated: dict[str, object] | None = None
     derived_points: dict[str, OperatingPoint] = {}
     if impostors is not None:
@@ -371,7 +376,14 @@ def eval_identify(
             "rank1": round(result.rank1, 4),
             "at_far": {f"{far:g}": point.as_dict() for far, point in result.at_far.items()},
             "at_operating_threshold": result.at_operating_threshold.as_dict(),
+            "at_service_threshold": {
+                **service_point.as_dict(),
+                "source": service.source,
+                "false_accept_rate": service.false_accept_rate,
+            },
             "calibrated": calibrated,
+            # Name somebody only if they lead the second-best person by the margin too (identify.apply_margin).
+            "margin_rule": margin_sweep(probes, probe_people, strangers),
             "faces_missing": {
                 "count": len(embedded.missing),
                 "handling": CENTRE_CROP_HANDLING,

@@ -51,6 +51,7 @@ class RecognizerDeployment:
             threshold=recognition.threshold,
             embed_precision=recognition.embed_precision,
             false_accept_rate=recognition.false_accept_rate,
+            min_margin=recognition.min_margin,
         )
         self._store: GalleryStore = open_gallery_store(gallery_uri)
         self._model_id = models.embedder.model_id

@@ -154,8 +154,12 @@ class Gallery:
         return removed
 
     # --- matching -------------------------------------------------------------------------------------------
-    def match(self, queries: np.ndarray, threshold: float, top_k: int = 3) -> list[Match]:
-        """Match each row of ``queries`` (``(Q, dim)``, L2-normalised) against every enrolled person at once."""
+    def match(self, queries: np.ndarray, threshold: float, top_k: int = 3, min_margin: float = 0.0) -> list[Match]:
+        """Match each row of ``queries`` (``(Q, dim)``, L2-normalised) against every enrolled person at once.
+
+        A face is named when its best person reaches ``threshold`` and leads the second-best person by at least
+        ``min_margin`` (a face between two people is nobody's for sure).
+        """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if len(queries) == 0:
             return []
@@ -181,7 +185,7 @@ class Gallery:
             best = ranked[0][1]
             second = ranked[1][1] if len(ranked) > 1 else -1.0
             candidates = tuple(Candidate(index.people[p], float(s)) for p, s in ranked[:top_k])
-            name = index.people[ranked[0][0]] if best >= threshold else None
+            name = index.people[ranked[0][0]] if best >= threshold and best - second >= min_margin else None
             matches.append(Match(name, float(best), float(best - second), candidates))
         return matches
 

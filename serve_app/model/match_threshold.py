@@ -27,15 +27,18 @@ class MatchThreshold:
     source: ThresholdSource
     false_accept_rate: float | None = None
     gallery_people: int | None = None
+    #: How far the best person must lead the second-best for a name (0: no margin rule).
+    min_margin: float = 0.0
 
 
 @dataclass(frozen=True)
 class ThresholdRule:
-    """A fixed threshold, or a target false-accept rate with the calibration it is derived from."""
+    """A fixed threshold, or a target false-accept rate with the calibration it is derived from; and a margin."""
 
     fixed: float
     false_accept_rate: float | None = None
     calibration: Calibration | None = None
+    min_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.false_accept_rate is None) != (self.calibration is None):
@@ -44,9 +47,9 @@ class ThresholdRule:
     def for_gallery(self, people: int) -> MatchThreshold:
         """The threshold for a gallery of ``people`` enrolled people."""
         if self.false_accept_rate is None or self.calibration is None:
-            return MatchThreshold(self.fixed, "fixed")
+            return MatchThreshold(self.fixed, "fixed", min_margin=self.min_margin)
         value = threshold_for_far(self.calibration, self.false_accept_rate, max(1, people))
-        return MatchThreshold(value, "false_accept_rate", self.false_accept_rate, people)
+        return MatchThreshold(value, "false_accept_rate", self.false_accept_rate, people, self.min_margin)
 
 
 @lru_cache(maxsize=8)
@@ -56,10 +59,17 @@ def shipped_calibration(checkpoint: str, flip: bool, model_id: str) -> Calibrati
 
 
 def threshold_rule(
-    *, fixed: float, false_accept_rate: float | None, checkpoint: str, flip: bool, model_id: str
+    *,
+    fixed: float,
+    false_accept_rate: float | None,
+    checkpoint: str,
+    flip: bool,
+    model_id: str,
+    min_margin: float = 0.0,
 ) -> ThresholdRule:
     """The rule the settings ask for. A configured ``threshold`` wins over a false-accept rate (the caller passes
     ``false_accept_rate=None`` then); a rate needs the checkpoint's calibration file."""
     if false_accept_rate is None:
-        return ThresholdRule(fixed)
-    return ThresholdRule(fixed, false_accept_rate, shipped_calibration(checkpoint, flip, model_id))
+        return ThresholdRule(fixed, min_margin=min_margin)
+    calibration = shipped_calibration(checkpoint, flip, model_id)
+    return ThresholdRule(fixed, false_accept_rate, calibration, min_margin)

@@ -33,6 +33,7 @@ def load_models(
     device: torch.device | None = None,
     embed_precision: Precision = "auto",
     false_accept_rate: float | None = None,
+    min_margin: float = 0.0,
 ) -> Models:
     """Load MTCNN and the named embedding checkpoint once; ``threshold`` defaults to the checkpoint's own.
 
@@ -51,5 +52,6 @@ def load_models(
         checkpoint=resolved.name,
         flip=flip,
         model_id=embedder.model_id,
+        min_margin=min_margin,
     )
     return Models(detector, embedder, fixed, rule)

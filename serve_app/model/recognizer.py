@@ -149,7 +149,7 @@ class Recognizer:
         """Every face in every image, named against the gallery."""
         gallery, used = self._gallery, self._match_threshold  # one consistent pair even if a refresh swaps them
         if threshold is not None:
-            used = MatchThreshold(threshold, "request")
+            used = MatchThreshold(threshold, "request", min_margin=used.min_margin)
         top_k = self.top_k if top_k is None else top_k
         timer = _Timer()
         started = time.perf_counter()
@@ -160,7 +160,7 @@ class Recognizer:
         crops = [self.detector.crops(image, list(faces)) for image, faces in zip(images, embedded, strict=True)]
         embeddings = self.embedder.embed(torch.cat(crops)) if crops else np.empty((0, self.embedder.dim))
         started = timer.add("embed", started)
-        matches = gallery.match(embeddings, threshold=used.value, top_k=top_k)
+        matches = gallery.match(embeddings, threshold=used.value, top_k=top_k, min_margin=used.min_margin)
         timer.add("match", started)
 
         results = []
