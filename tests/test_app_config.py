@@ -65,6 +65,8 @@ def test_build_app_uses_the_machine_size(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr("serve_app.app.machine_cores", lambda: 2)
     app = build_app(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
     recognizer = app._bound_deployment.init_args[0]._bound_deployment
-    assert recognizer._deployment_config.autoscaling_config.min_replicas == 2
+    # min = max: a fixed count, no autoscaling for Serve's controller to run.
+    assert recognizer._deployment_config.num_replicas == 2
+    assert recognizer._deployment_config.autoscaling_config is None
     assert recognizer.ray_actor_options["num_cpus"] == pytest.approx((2 - OTHER_DEPLOYMENTS_CPUS) / 2)
     assert recognizer.init_args[-1] == 1  # torch threads per replica
