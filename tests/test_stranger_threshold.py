@@ -47,6 +47,12 @@ def _gallery(models: Models, names: list[str], vectors: np.ndarray) -> Gallery:
     return gallery
 
 
+def _shipped_rule(models: Models) -> ThresholdRule:
+    """The rule at the 1 % target with the shipped calibration, no margin (the threshold alone is tested)."""
+    calibration = shipped_calibration("facenet-keras-128", False, models.embedder.model_id)
+    return ThresholdRule(models.threshold, TARGET, calibration)
+
+
 def _named_share(gallery: Gallery, strangers: np.ndarray, threshold: float) -> float:
     return float(np.mean([m.name is not None for m in gallery.match(strangers, threshold=threshold)]))
 
@@ -55,9 +61,7 @@ def test_strangers_are_named_at_the_target_rate_not_at_the_fixed_threshold(
     models: Models, photos: tuple[list[str], np.ndarray, np.ndarray]
 ) -> None:
     names, enrolled, strangers = photos
-    rule = ThresholdRule(
-        models.threshold, TARGET, shipped_calibration("facenet-keras-128", False, models.embedder.model_id)
-    )
+    rule = _shipped_rule(models)
     recognizer = Recognizer(models.detector, models.embedder, _gallery(models, names, enrolled), threshold=rule)
     derived = recognizer.match_threshold
     assert derived.source == "false_accept_rate" and derived.gallery_people == ENROLLED
@@ -73,9 +77,7 @@ def test_the_threshold_follows_the_gallery_and_travels_with_the_answer(
     models: Models, photos: tuple[list[str], np.ndarray, np.ndarray]
 ) -> None:
     names, enrolled, _ = photos
-    rule = ThresholdRule(
-        models.threshold, TARGET, shipped_calibration("facenet-keras-128", False, models.embedder.model_id)
-    )
+    rule = _shipped_rule(models)
     recognizer = Recognizer(models.detector, models.embedder, _gallery(models, names[:8], enrolled[:8]), threshold=rule)
     small = recognizer.match_threshold
     recognizer.gallery = _gallery(models, names, enrolled)  # a refresh: more people, a higher threshold
