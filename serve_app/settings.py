@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve_app.model.checkpoints import DEFAULT_CHECKPOINT
 from serve_app.model.detector import DetectorConfig
+
+if TYPE_CHECKING:
+    from serve_app.model.pipeline import Models
 
 
 class RecognitionConfig(BaseModel):
@@ -42,6 +45,22 @@ class RecognitionConfig(BaseModel):
     embed_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="embedder arithmetic; auto: bfloat16 where the CPU has it natively, else float32"
     )
+
+    def load_models(self, torch_threads: int | None = None) -> Models:
+        """The detector, embedder and match rule these settings describe (the one place they are unpacked)."""
+        from serve_app.model.pipeline import load_models
+
+        return load_models(
+            self.checkpoint,
+            detector_config=self.detector_config(),
+            flip=self.flip,
+            max_embed_batch=self.max_embed_batch,
+            threshold=self.threshold,
+            embed_precision=self.embed_precision,
+            torch_threads=torch_threads,
+            false_accept_rate=self.false_accept_rate,
+            min_margin=self.min_margin,
+        )
 
     def detector_config(self) -> DetectorConfig:
         return DetectorConfig(

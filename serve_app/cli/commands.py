@@ -38,7 +38,7 @@ from serve_app.model.open_set import (
     summarize_scores,
     threshold_for_far,
 )
-from serve_app.model.pipeline import Models, load_models
+from serve_app.model.pipeline import Models
 from serve_app.model.recognizer import Recognizer, embed_main_faces
 from serve_app.results import image_result_to_dict
 from serve_app.settings import RecognitionSettings
@@ -62,17 +62,7 @@ def emit(document: object) -> None:
 
 
 def _models(settings: RecognitionSettings) -> Models:
-    return load_models(
-        settings.checkpoint,
-        detector_config=settings.detector_config(),
-        flip=settings.flip,
-        max_embed_batch=settings.max_embed_batch,
-        threshold=settings.threshold,
-        embed_precision=settings.embed_precision,
-        torch_threads=settings.torch_threads,
-        false_accept_rate=settings.false_accept_rate,
-        min_margin=settings.min_margin,
-    )
+    return settings.load_models(torch_threads=settings.torch_threads)
 
 
 def enroll(settings: RecognitionSettings, gallery_dir: Path, photos_dir: Path) -> int:

@@ -20,7 +20,6 @@ from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_galler
 from serve_app.jobs import Job, RecognizeJob, run_jobs
 from serve_app.metrics import metrics
 from serve_app.model.gallery import Gallery, GalleryError
-from serve_app.model.pipeline import load_models
 from serve_app.model.recognizer import Recognizer
 from serve_app.results import threshold_to_dict
 from serve_app.settings import RecognitionConfig
@@ -43,16 +42,7 @@ class RecognizerDeployment:
     ) -> None:
         # Size torch to this replica's CPU share: more threads than reserved cores only contend with neighbours.
         torch.set_num_threads(max(1, torch_threads))
-        models = load_models(
-            recognition.checkpoint,
-            detector_config=recognition.detector_config(),
-            flip=recognition.flip,
-            max_embed_batch=recognition.max_embed_batch,
-            threshold=recognition.threshold,
-            embed_precision=recognition.embed_precision,
-            false_accept_rate=recognition.false_accept_rate,
-            min_margin=recognition.min_margin,
-        )
+        models = recognition.load_models()
         self._store: GalleryStore = open_gallery_store(gallery_uri)
         self._model_id = models.embedder.model_id
         self._token: str | None = None
