@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from itertools import pairwise
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from serve_app.model.checkpoints import CHECKPOINTS
+from serve_app.model.match_threshold import ThresholdRule
 from serve_app.model.open_set import (
     CALIBRATION_DIR,
     Calibration,
@@ -175,3 +177,18 @@ def test_shipped_calibrations(checkpoint: str, flip: bool) -> None:
         thresholds = [threshold_for_far(shipped, far, n) for n in SIZES]
         assert all(b >= a for a, b in pairwise(thresholds))
         assert all(math.isfinite(t) and 0.0 < t <= 1.0 for t in thresholds)
+
+
+def test_a_rate_that_cannot_be_held_is_reported(calibration: Calibration, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the derived threshold reaches 1.0 nobody can be named: the operator is told how to fix it."""
+    rule = ThresholdRule(0.4, false_accept_rate=1e-6, calibration=calibration)
+    with caplog.at_level(logging.WARNING, logger="serve_app.model.match_threshold"):
+        small = rule.for_gallery(10)
+        assert small.value < 1.0
+        assert not caplog.records
+        huge = rule.for_gallery(10**12)
+    assert huge.value == pytest.approx(1.0)
+    assert huge.source == "false_accept_rate"
+    [record] = caplog.records
+    assert "every face answers Unknown" in record.getMessage()
+    assert f"{10**12} people enrolled" in record.getMessage()

@@ -8,11 +8,20 @@ changes, so that the chance that a stranger is named as anyone stays at the targ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from serve_app.model.open_set import Calibration, calibration_path, load_calibration, threshold_for_far
+from serve_app.model.open_set import (
+    MAX_SIMILARITY,
+    Calibration,
+    calibration_path,
+    load_calibration,
+    threshold_for_far,
+)
+
+log = logging.getLogger(__name__)
 
 ThresholdSource = Literal["fixed", "false_accept_rate", "request"]
 
@@ -49,6 +58,15 @@ class ThresholdRule:
         if self.false_accept_rate is None or self.calibration is None:
             return MatchThreshold(self.fixed, "fixed", min_margin=self.min_margin)
         value = threshold_for_far(self.calibration, self.false_accept_rate, max(1, people))
+        if value >= MAX_SIMILARITY:
+            # Not an error (strangers do stay out), but nobody enrolled can be named either: say so loudly.
+            log.warning(
+                "false_accept_rate %g cannot be held with %d people enrolled: the derived threshold is %.2f, so "
+                "every face answers Unknown; raise recognition.false_accept_rate or set recognition.threshold",
+                self.false_accept_rate,
+                people,
+                value,
+            )
         return MatchThreshold(value, "false_accept_rate", self.false_accept_rate, people, self.min_margin)
 
 
