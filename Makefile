@@ -28,9 +28,10 @@ $(STAMPS)/weights: $(STAMPS)/requirements serve_app/model/weights/files.py
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
-	$(BIN)/mypy serve_app sqs_bridge cluster tests bench
+	$(BIN)/mypy facerec serve_app sqs_bridge cluster aws_stack tests bench
 
 unit: install
 	$(BIN)/pytest -m "not slow"
@@ -40,7 +41,7 @@ test: lint typecheck
 
 # The service on this machine: moto (local S3/SQS), a Ray head and the Serve app, all on 127.0.0.1.
 run: install
-	$(BIN)/python -m serve_app.local_run
+	$(BIN)/python -m facerec.local_run
 
 # Stops what `make run` started (it removes run/facerec.pid when it has stopped).
 stop:

@@ -89,7 +89,7 @@ def through_serve(data: bytes, threads: int) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import AppArgs, build_app
 
     port = free_port()
     started = time.perf_counter()
@@ -107,7 +107,7 @@ def through_serve(data: bytes, threads: int) -> dict[str, Any]:
             }
             for attempt in ("first_deploy", "new_replica_with_ray_up"):
                 deployed = time.perf_counter()
-                serve.run(build_app(args), name="cold", route_prefix="/", blocking=False)
+                serve.run(build_app(AppArgs.model_validate(args)), name="cold", route_prefix="/", blocking=False)
                 first_answer(url, data)
                 answered = time.perf_counter()
                 requests.post(url, files={"inputFile": ("probe.jpg", data)}, timeout=60)

@@ -76,7 +76,8 @@ def main() -> None:
     photos = lfw_photos(args.photos, skip=0)
     # The model floor on the same photos, in this process, before the service starts (bench/http_load.py's).
     floor = model_floor(photos[:256], batch=16, threads=cores)
-    from sqs_bridge.stack import AwsClients, StackConfig, queue_urls
+    from aws_stack.clients import AwsClients
+    from aws_stack.stack import StackConfig, queue_urls
 
     with shipped_service() as service:
         stack = StackConfig.model_validate(service.stack)

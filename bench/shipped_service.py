@@ -1,6 +1,6 @@
 """The service exactly as ``make run`` ships it, started for a benchmark and stopped afterwards.
 
-``python -m serve_app.local_run`` in a subprocess (its own moto server, Ray head, the Serve application from
+``python -m facerec.local_run`` in a subprocess (its own moto server, Ray head, the Serve application from
 ``serve_app/config.yaml`` with its ``auto`` sizing and access logs, and the SQS bridge), on free loopback ports
 and in a temporary working directory, so that a benchmark measures what users run and never touches a
 ``make run`` that is already up. Stopped with SIGTERM, as ``make stop`` does.
@@ -55,7 +55,7 @@ def shipped_service(
         log = (Path(workdir) / "service.log").open("wb")
         env = {**os.environ, "PYTHONPATH": str(REPO), **(environment or {})}
         process = subprocess.Popen(
-            [sys.executable, "-m", "serve_app.local_run", *(f"--{k}-port={v}" for k, v in ports.items())],
+            [sys.executable, "-m", "facerec.local_run", *(f"--{k}-port={v}" for k, v in ports.items())],
             cwd=workdir,
             env=env,
             stdout=log,

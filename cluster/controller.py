@@ -34,8 +34,9 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve import Application
 
+from aws_stack.clients import AwsClients
+from aws_stack.stack import StackConfig, queue_counts, queue_urls
 from cluster.policy import Decision, Observation, PolicyConfig, PolicyState, decide
-from sqs_bridge.stack import AwsClients, StackConfig, queue_counts, queue_urls
 
 # Serve writes this logger to the replica's log file (and the dashboard): every decision is visible there.
 log = logging.getLogger("ray.serve")

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from sqs_bridge.stack import StackConfig
+from aws_stack.stack import StackConfig
 
 SERVE_CONFIG = Path(__file__).resolve().parent / "serve_config.yaml"
 BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"

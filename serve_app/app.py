@@ -4,7 +4,8 @@
 application argument (see :class:`AppArgs`), validated before anything starts.
 """
 
-from __future__ import annotations
+# No postponed annotations here: Serve reads build_app's annotation at run time to validate the config's `args`
+# into AppArgs, and a string annotation would hand build_app an unvalidated dict.
 
 import math
 import os
@@ -15,14 +16,14 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
+from aws_stack.stack import StackConfig
 from serve_app.deployments.gallery_writer import GalleryWriterDeployment
 from serve_app.deployments.ingress import IngressDeployment, IngressLimits, QueueSettings
 from serve_app.deployments.recognizer import RecognizerDeployment
 from serve_app.model.checkpoints import resolve_checkpoint
 from serve_app.model.images import DEFAULT_MAX_PIXELS
+from serve_app.queue_mode.response_router import ResponseRouterDeployment
 from serve_app.settings import RecognitionConfig
-from sqs_bridge.response_router import ResponseRouterDeployment
-from sqs_bridge.stack import StackConfig
 
 #: A setting sized from the machine that builds the application (see :func:`size_recognizer`).
 Auto = Literal["auto"]
@@ -116,9 +117,9 @@ class AppArgs(BaseModel):
     controller_app: str | None = None
 
 
-def build_app(args: dict[str, object] | AppArgs) -> Application:
-    """Validate ``args`` and wire the three deployments together."""
-    config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+def build_app(args: AppArgs) -> Application:
+    """Wire the deployments together (Serve has validated the config's ``args`` into :class:`AppArgs`)."""
+    config = args
     checkpoint = resolve_checkpoint(config.recognition.checkpoint, config.recognition.threshold)
     model_id = checkpoint.model_id + ("+flip" if config.recognition.flip else "")
     threshold = (
@@ -192,7 +193,3 @@ def build_app(args: dict[str, object] | AppArgs) -> Application:
         max_ongoing_requests=1000,
     )(IngressDeployment)
     return ingress.bind(recognizer, writer, limits, model_id, threshold, queue, router, config.controller_app)
-
-
-#: The application with default arguments, for ``serve build serve_app.app:app`` and ``serve run``.
-app = build_app({})

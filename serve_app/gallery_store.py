@@ -115,10 +115,10 @@ def open_gallery_store(uri: str) -> GalleryStore:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"gallery URI {uri!r} names no bucket")
-        import boto3
+        from aws_stack.clients import aws_client
 
-        # boto3 finds credentials, region and (for the local moto server) AWS_ENDPOINT_URL by itself.
-        return S3GalleryStore(boto3.client("s3"), parsed.netloc, parsed.path.lstrip("/"))
+        # No stack here, only a URI: boto3 finds the region and (for the local moto server) AWS_ENDPOINT_URL.
+        return S3GalleryStore(aws_client("s3"), parsed.netloc, parsed.path.lstrip("/"))
     if parsed.scheme in ("", "file"):
         return LocalGalleryStore(Path(parsed.path if parsed.scheme == "file" else uri).expanduser())
     raise ValueError(f"unsupported gallery URI {uri!r}: use s3://bucket/prefix or a directory")

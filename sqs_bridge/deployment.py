@@ -15,10 +15,11 @@ from ray import serve
 from ray.serve import Application
 from ray.util.metrics import Counter, Gauge
 
+from aws_stack.clients import AwsClients
+from aws_stack.stack import StackConfig, queue_urls
 from serve_app.jobs import JobError, RecognizeJob
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer
 from sqs_bridge.processor import UNKNOWN_NAME, Answer, RequestProcessor, UnusableInputError
-from sqs_bridge.stack import AwsClients, StackConfig, queue_urls
 
 log = logging.getLogger("ray.serve")
 

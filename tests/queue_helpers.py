@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import requests
 
-from sqs_bridge.stack import AwsClients, QueueUrls, StackConfig, status
+from aws_stack.clients import AwsClients
+from aws_stack.stack import QueueUrls, StackConfig, status
 from tests.serve_fixtures import API_KEY
 
 from .conftest import LFW

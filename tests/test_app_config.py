@@ -26,16 +26,22 @@ def test_config_yaml_is_a_valid_serve_config_with_valid_args() -> None:
 
 
 def test_bad_arguments_fail_before_deploying() -> None:
+    """`serve deploy` hands the config's args to build_app through Serve's builder call, which validates them
+    into AppArgs from build_app's annotation: a bad value fails there, before anything is deployed."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_builds
+
     with pytest.raises(ValidationError):
-        build_app({"max_batch_size": 0})
+        serve_builds(build_app, {"max_batch_size": 0})
     with pytest.raises(ValidationError):
-        build_app({"recognizer": {"num_cpus": -1}})
+        serve_builds(build_app, {"recognizer": {"num_cpus": -1}})
     with pytest.raises(ValueError, match="unknown checkpoint"):
-        build_app({"recognition": {"checkpoint": "no-such-model"}})
+        serve_builds(build_app, {"recognition": {"checkpoint": "no-such-model"}})
+    built = serve_builds(build_app, {"max_batch_size": 8})
+    assert built._bound_deployment.name == "Ingress"
 
 
 def test_replica_threads_follow_the_cpu_share() -> None:
-    app = build_app({"recognizer": {"num_cpus": 3.0}})
+    app = build_app(AppArgs.model_validate({"recognizer": {"num_cpus": 3.0}}))
     recognizer = app._bound_deployment.init_args[0]  # Ingress(recognizer, writer, ...)
     assert recognizer._bound_deployment.ray_actor_options["num_cpus"] == 3.0
     assert recognizer._bound_deployment.init_args[-1] == 3  # torch threads
@@ -63,7 +69,7 @@ def test_auto_sizing_follows_explicit_threads_and_cpus() -> None:
 
 def test_build_app_uses_the_machine_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("serve_app.app.machine_cores", lambda: 2)
-    app = build_app(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    app = build_app(AppArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]))
     recognizer = app._bound_deployment.init_args[0]._bound_deployment
     # min = max: a fixed count, no autoscaling for Serve's controller to run.
     assert recognizer._deployment_config.num_replicas == 2

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.cli.main import main
-from sqs_bridge.stack import StackConfig
+from aws_stack.stack import StackConfig
+from facerec.cli.main import main
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:

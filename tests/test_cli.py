@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve_app.cli.main import main
+from facerec.cli.main import main
 
 from .conftest import LFW, SCENES
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from aws_stack.stack import StackConfig
 from cluster.deploy import render_serve_config, stack_from_bootstrap
 from cluster.iam import ensure_instance_profiles, render_policy
-from sqs_bridge.stack import StackConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"

@@ -46,10 +46,11 @@ from typing import Any
 import pytest
 import requests
 
+from aws_stack.clients import AwsClients
+from aws_stack.stack import StackConfig, provision, status
 from cluster.controller import PolicyArgs
 from cluster.deploy import deploy, render_serve_config
 from cluster.policy import PolicyConfig, nodes_for, wanted_replicas
-from sqs_bridge.stack import AwsClients, StackConfig, provision, status
 from tests.queue_helpers import Stack, check_all_answered, collect_responses, enqueue, enrol, numbered
 from tests.serve_fixtures import free_port, wait_until
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve_app.cli.main import main
+from facerec.cli.main import main
 from serve_app.evaluation.identify import (
     REJECTED_SCORE,
     CachedEmbeddings,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.cli.main import main
+from facerec.cli.main import main
 from serve_app.model.checkpoints import CHECKPOINTS, DEFAULT_CHECKPOINT
 
 from .conftest import LFW

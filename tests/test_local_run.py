@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from serve_app.local_run import _listening
+from facerec.local_run import _listening
 
 
 def _time_wait_port() -> int:

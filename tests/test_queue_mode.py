@@ -11,25 +11,28 @@ from typing import Any
 import pytest
 import requests
 
-from sqs_bridge.stack import AwsClients, StackConfig, provision, status
+from aws_stack.clients import AwsClients
+from aws_stack.stack import StackConfig, provision, status
 from tests.queue_helpers import enrol, pool
 from tests.serve_fixtures import ServeCluster, healthy, wait_until
 
 
 def _app(stack: StackConfig, timeout_s: float) -> Any:
-    from serve_app.app import build_app
+    from serve_app.app import AppArgs, build_app
     from serve_app.settings import RecognitionSettings
 
     return build_app(
-        {
-            "gallery_uri": stack.gallery_uri,
-            "recognition": RecognitionSettings().model_dump(),
-            "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 2.0},
-            "ingress_replicas": 2,
-            "queue_mode": True,
-            "queue_timeout_s": timeout_s,
-            "stack": stack.model_dump(),
-        }
+        AppArgs.model_validate(
+            {
+                "gallery_uri": stack.gallery_uri,
+                "recognition": RecognitionSettings().model_dump(),
+                "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 2.0},
+                "ingress_replicas": 2,
+                "queue_mode": True,
+                "queue_timeout_s": timeout_s,
+                "stack": stack.model_dump(),
+            }
+        )
     )
 
 

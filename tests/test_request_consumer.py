@@ -12,9 +12,10 @@ import uuid
 
 import pytest
 
+from aws_stack.clients import AwsClients
+from aws_stack.stack import QueueUrls, StackConfig, provision, status
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer, backoff_seconds
 from sqs_bridge.processor import Answer, RequestProcessor, output_key, response_body
-from sqs_bridge.stack import AwsClients, QueueUrls, StackConfig, provision, status
 
 
 def make_stack(endpoint: str, max_receive_count: int) -> tuple[StackConfig, AwsClients, QueueUrls]:

@@ -26,19 +26,21 @@ MAX_PHOTOS = 4
 def api(serve_cluster: ServeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import AppArgs, build_app
     from serve_app.settings import RecognitionSettings
 
     gallery = tmp_path_factory.mktemp("gallery")
     app = build_app(
-        {
-            "gallery_uri": str(gallery),
-            "recognition": RecognitionSettings().model_dump(),
-            "gallery_refresh_s": 0.5,
-            "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0},
-            "max_upload_bytes": MAX_UPLOAD,
-            "max_enrol_photos": MAX_PHOTOS,
-        }
+        AppArgs.model_validate(
+            {
+                "gallery_uri": str(gallery),
+                "recognition": RecognitionSettings().model_dump(),
+                "gallery_refresh_s": 0.5,
+                "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0},
+                "max_upload_bytes": MAX_UPLOAD,
+                "max_enrol_photos": MAX_PHOTOS,
+            }
+        )
     )
     serve.run(app, name="api", route_prefix="/", blocking=False)
     wait_until(lambda: healthy(serve_cluster.url), 180, "the application did not become healthy")

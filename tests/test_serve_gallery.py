@@ -20,15 +20,17 @@ REFRESH_S = 0.5
 
 
 def _build(recognition: dict[str, object]):  # type: ignore[no-untyped-def]
-    from serve_app.app import build_app
+    from serve_app.app import AppArgs, build_app
 
     return build_app(
-        {
-            "gallery_uri": f"s3://{BUCKET}/gallery",
-            "gallery_refresh_s": REFRESH_S,
-            "recognition": recognition,
-            "recognizer": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 1.0},
-        }
+        AppArgs.model_validate(
+            {
+                "gallery_uri": f"s3://{BUCKET}/gallery",
+                "gallery_refresh_s": REFRESH_S,
+                "recognition": recognition,
+                "recognizer": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 1.0},
+            }
+        )
     )
 
 

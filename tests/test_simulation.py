@@ -10,7 +10,7 @@ import pytest
 
 from cluster.policy import PolicyConfig
 from cluster.simulate import LEGACY_MAX_INSTANCES, SimConfig, burst_trace, day_trace, simulate
-from serve_app.cli.main import main
+from facerec.cli.main import main
 
 SIM = SimConfig(service_time_s=0.1, startup_s=90.0, idle_timeout_s=60.0, horizon_s=1800)
 POLICY = PolicyConfig(service_time_s=0.1, latency_target_s=30.0, max_replicas=19, max_nodes=19)

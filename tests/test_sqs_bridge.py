@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from sqs_bridge.stack import AwsClients, StackConfig, provision, status
+from aws_stack.clients import AwsClients
+from aws_stack.stack import StackConfig, provision, status
 from tests.queue_helpers import (
     Stack,
     check_all_answered,
@@ -33,19 +34,21 @@ def recognition(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str
     """The recognition app (gallery in the moto S3) with the four people enrolled, through HTTP."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import AppArgs, build_app
     from serve_app.settings import RecognitionSettings
 
     gallery = StackConfig(prefix="bridge-gallery", endpoint=moto_endpoint)
     clients = AwsClients.for_stack(gallery)
     provision(gallery, clients)
     app = build_app(
-        {
-            "gallery_uri": gallery.gallery_uri,
-            "recognition": RecognitionSettings().model_dump(),
-            "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 2.0},
-            "max_batch_size": 16,
-        }
+        AppArgs.model_validate(
+            {
+                "gallery_uri": gallery.gallery_uri,
+                "recognition": RecognitionSettings().model_dump(),
+                "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 2.0},
+                "max_batch_size": 16,
+            }
+        )
     )
     serve.run(app, name="facerec", route_prefix="/", blocking=False)
     url = serve_cluster.url

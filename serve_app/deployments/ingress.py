@@ -24,10 +24,10 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from aws_stack.stack import StackConfig
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
-from sqs_bridge.queue_client import QueueClient, QueueTimeoutError
-from sqs_bridge.stack import StackConfig
+from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError
 
 log = logging.getLogger("ray.serve")
 

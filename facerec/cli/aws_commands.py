@@ -8,7 +8,8 @@ import logging
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sqs_bridge.stack import AwsClients, StackConfig, provision, session_for, status
+from aws_stack.clients import AwsClients, aws_client
+from aws_stack.stack import StackConfig, provision, status
 
 log = logging.getLogger("facerec")
 
@@ -59,10 +60,9 @@ def run(args: argparse.Namespace) -> int:
 def _iam(config: StackConfig, cluster_name: str) -> int:
     from cluster.iam import ensure_instance_profiles
 
-    session = session_for(config)
-    account = session.client("sts", endpoint_url=config.endpoint).get_caller_identity()["Account"]
+    account = aws_client("sts", region=config.region, endpoint=config.endpoint).get_caller_identity()["Account"]
     arns = ensure_instance_profiles(
-        session.client("iam", endpoint_url=config.endpoint),
+        aws_client("iam", region=config.region, endpoint=config.endpoint),
         prefix=config.prefix,
         region=config.region,
         account=str(account),

@@ -116,7 +116,8 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
     try:
         with moto_server(moto_port) as endpoint:
             os.environ.update(_local_aws_environment(endpoint))
-            from sqs_bridge.stack import AwsClients, StackConfig, provision
+            from aws_stack.clients import AwsClients
+            from aws_stack.stack import StackConfig, provision
 
             stack = StackConfig(endpoint=endpoint, region=os.environ["AWS_DEFAULT_REGION"])
             provision(stack, AwsClients.for_stack(stack))
@@ -131,7 +132,7 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
             import ray
             from ray import serve
 
-            from serve_app.app import build_app
+            from serve_app.app import AppArgs, build_app
             from sqs_bridge.deployment import build_bridge
 
             ray.init(
@@ -149,7 +150,7 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
                 serve.start(http_options={"host": "127.0.0.1", "port": http_port})
                 args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
                 args["gallery_uri"] = stack.gallery_uri
-                serve.run(build_app(args), name="facerec", route_prefix="/")
+                serve.run(build_app(AppArgs.model_validate(args)), name="facerec", route_prefix="/")
                 serve.run(build_bridge({"stack": stack.model_dump()}), name="bridge", route_prefix=None)
                 api = f"http://127.0.0.1:{http_port}"
                 print(

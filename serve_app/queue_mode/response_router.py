@@ -16,7 +16,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sqs_bridge.stack import AwsClients, StackConfig, queue_urls
+from aws_stack.clients import AwsClients
+from aws_stack.stack import StackConfig, queue_urls
 
 log = logging.getLogger("ray.serve")
 

@@ -13,12 +13,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
+
+from aws_stack.clients import AwsClients
 
 log = logging.getLogger(__name__)
 
@@ -74,38 +73,6 @@ class StackConfig(BaseModel):
     @classmethod
     def load_local(cls, path: Path = LOCAL_STACK_FILE) -> StackConfig | None:
         return cls.model_validate_json(path.read_text()) if path.is_file() else None
-
-
-@dataclass(frozen=True)
-class AwsClients:
-    """boto3 clients for one stack, built once and passed down (retries are set on the clients)."""
-
-    s3: Any
-    sqs: Any
-
-    @classmethod
-    def for_stack(cls, config: StackConfig) -> AwsClients:
-        retry = Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=64)
-        session = session_for(config)
-        return cls(
-            s3=session.client("s3", endpoint_url=config.endpoint, config=retry),
-            sqs=session.client("sqs", endpoint_url=config.endpoint, config=retry),
-        )
-
-
-def session_for(config: StackConfig) -> boto3.session.Session:
-    """The standard credential chain; placeholder keys only for a loopback endpoint (the local moto server)."""
-    session = boto3.session.Session(region_name=config.region)
-    if config.endpoint and _is_loopback(config.endpoint) and session.get_credentials() is None:
-        # The local moto server accepts any signature; placeholders let `facerec aws status` work from any shell.
-        session = boto3.session.Session(
-            aws_access_key_id="moto-local", aws_secret_access_key="moto-local", region_name=config.region
-        )
-    return session
-
-
-def _is_loopback(url: str) -> bool:
-    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)

@@ -166,18 +166,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(fetch_keras_h5(force=args.force))
         return 0
     if args.command == "sim":
-        from serve_app.cli.sim_commands import autoscale as simulate_autoscale
+        from facerec.cli.sim_commands import autoscale as simulate_autoscale
 
         return simulate_autoscale(args)
     if args.command == "cluster":
-        from serve_app.cli.cluster_commands import deploy_command
+        from facerec.cli.cluster_commands import deploy_command
 
         return deploy_command(args)
     if args.command == "aws":
-        from serve_app.cli import aws_commands
+        from facerec.cli import aws_commands
 
         return aws_commands.run(args)
-    from serve_app.cli import commands
+    from facerec.cli import commands
 
     if args.command == "enroll":
         return commands.enroll(_settings(args), args.gallery, args.photos_dir)

@@ -9,8 +9,9 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from sqs_bridge.response_router import parse_response
-from sqs_bridge.stack import AwsClients, StackConfig, queue_urls
+from aws_stack.clients import AwsClients
+from aws_stack.stack import StackConfig, queue_urls
+from serve_app.queue_mode.response_router import parse_response
 
 
 class QueueTimeoutError(TimeoutError):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from aws_stack.clients import AwsClients
+from aws_stack.stack import provision
 from cluster.deploy import BOOTSTRAP_CONFIG, deploy, render_serve_config, stack_from_bootstrap
-from sqs_bridge.stack import AwsClients, provision
 
 
 def deploy_command(args: argparse.Namespace) -> int:
