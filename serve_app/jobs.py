@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from serve_app.model.enrollment import embed_for_enrolment
-from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
+from serve_app.model.images import DecodedImage, InvalidImageError, decode_timed
 from serve_app.model.recognizer import Recognizer, embed_main_faces
 from serve_app.results import detection_to_dict, image_result_to_dict
 
@@ -61,54 +61,54 @@ class JobError:
     message: str
 
 
-def run_jobs(recognizer: Recognizer, jobs: Sequence[Job], max_pixels: int) -> list[Any]:
-    """Run a mixed batch: jobs of one kind (and settings) share one detector pass and one embedder pass.
+def run_jobs(recognizer: Recognizer, jobs: Sequence[Job]) -> list[Any]:
+    """Run a mixed batch: jobs of one kind (and settings) share one detector pass and one embedder pass. Every
+    upload is decoded within ``recognizer.max_pixels``.
 
     Returns, per job: a JSON-ready ``dict`` (recognize, detect), an embedding ``np.ndarray`` or ``None``
     (embed), a list of per-photo dicts (enrol), or a :class:`JobError`.
     """
     out: list[Any] = [None] * len(jobs)
-    decoded: dict[int, DecodedImage] = {}
+    # Recognitions with different thresholds or top-k cannot share one matching step.
+    recognitions: dict[tuple[float | None, int | None], list[int]] = defaultdict(list)
+    detections: list[tuple[int, DecodedImage]] = []
+    embeddings: list[tuple[int, DecodedImage]] = []
     for position, job in enumerate(jobs):
-        if isinstance(job, EnrolJob):
-            continue
-        try:
-            decoded[position] = decode_image(job.image, max_pixels=max_pixels)
-        except InvalidImageError as exc:
-            out[position] = JobError(exc.reason, str(exc))
-
-    # Recognitions with different thresholds or top-k cannot share one matching step; everything else can.
-    groups: dict[tuple[str, float | None, int | None], list[int]] = defaultdict(list)
-    for position, job in enumerate(jobs):
-        if isinstance(job, EnrolJob):
-            groups[("enrol", None, None)].append(position)
-        elif position in decoded:
-            if isinstance(job, RecognizeJob):
-                groups[("recognize", job.threshold, job.top_k)].append(position)
+        if isinstance(job, RecognizeJob):
+            recognitions[(job.threshold, job.top_k)].append(position)
+        elif isinstance(job, DetectJob | EmbedJob):
+            image, _ = decode_timed(job.image, max_pixels=recognizer.max_pixels)
+            if isinstance(image, InvalidImageError):
+                out[position] = JobError(image.reason, str(image))
             else:
-                groups[(type(job).__name__, None, None)].append(position)
+                (detections if isinstance(job, DetectJob) else embeddings).append((position, image))
 
-    for (kind, threshold, top_k), positions in groups.items():
-        if kind == "recognize":
-            results = recognizer.recognize([decoded[p] for p in positions], threshold=threshold, top_k=top_k)
-            for position, result in zip(positions, results, strict=True):
-                out[position] = image_result_to_dict(result)
-        elif kind == "DetectJob":
-            images = [decoded[p] for p in positions]
-            for position, image, faces in zip(positions, images, recognizer.detector.detect(images), strict=True):
-                out[position] = {
-                    "width": image.width,
-                    "height": image.height,
-                    "faces": [detection_to_dict(face) for face in faces],
-                }
-        elif kind == "EmbedJob":
-            vectors = embed_main_faces(recognizer.detector, recognizer.embedder, [decoded[p] for p in positions])
-            for position, vector in zip(positions, vectors, strict=True):
-                out[position] = vector
-        else:
-            for position in positions:
-                job = jobs[position]
-                assert isinstance(job, EnrolJob)
-                outcomes = embed_for_enrolment(recognizer.detector, recognizer.embedder, job.photos)
-                out[position] = [{"photo": o.label, "embedding": o.embedding, "refused": o.refused} for o in outcomes]
+    for (threshold, top_k), positions in recognitions.items():
+        payloads = [cast(RecognizeJob, jobs[p]).image for p in positions]
+        for position, result in zip(
+            positions, recognizer.recognize_bytes(payloads, threshold=threshold, top_k=top_k), strict=True
+        ):
+            out[position] = (
+                JobError(result.reason, str(result))
+                if isinstance(result, InvalidImageError)
+                else image_result_to_dict(result)
+            )
+    if detections:
+        images = [image for _, image in detections]
+        for (position, image), faces in zip(detections, recognizer.detector.detect(images), strict=True):
+            out[position] = {
+                "width": image.width,
+                "height": image.height,
+                "faces": [detection_to_dict(face) for face in faces],
+            }
+    if embeddings:
+        vectors = embed_main_faces(recognizer.detector, recognizer.embedder, [image for _, image in embeddings])
+        for (position, _), vector in zip(embeddings, vectors, strict=True):
+            out[position] = vector
+    for position, job in enumerate(jobs):
+        if isinstance(job, EnrolJob):
+            outcomes = embed_for_enrolment(
+                recognizer.detector, recognizer.embedder, job.photos, max_pixels=recognizer.max_pixels
+            )
+            out[position] = [{"photo": o.label, "embedding": o.embedding, "refused": o.refused} for o in outcomes]
     return out

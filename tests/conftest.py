@@ -29,6 +29,23 @@ KNN_EXPECTED = {
 }
 
 
+#: Tiers beside ``unit`` (pyproject.toml lists them). A module declares its tier with ``pytestmark``; a test in
+#: none of them is a unit test: no Ray, no moto, real models and photos allowed, seconds each.
+OTHER_TIERS = frozenset({"serve", "aws", "cluster", "slow"})
+#: Fixtures that start Ray or moto, and the tiers allowed to use them (serve_cluster starts moto too).
+TIERS_OF_FIXTURE = {"serve_cluster": {"serve", "cluster"}, "moto_endpoint": {"aws", "serve", "cluster"}}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marks = {mark.name for mark in item.iter_markers()}
+        for fixture, allowed in TIERS_OF_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()) and not marks & allowed:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: mark its module with one of {sorted(allowed)}")
+        if not marks & OTHER_TIERS:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:
     # These machines have 2 cores; more threads only contend.

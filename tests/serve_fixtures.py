@@ -6,13 +6,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+
+from tests.waiting import wait_until
 
 API_KEY = "test-key-0123456789"
 
@@ -21,16 +22,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_until(condition: object, timeout: float, message: str, interval: float = 0.2) -> None:
-    """Poll ``condition()`` until it is truthy; fail with ``message`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s: {message}")
 
 
 @dataclass(frozen=True)

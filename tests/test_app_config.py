@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import OTHER_DEPLOYMENTS_CPUS, AppArgs, RecognizerScaling, build_app, size_recognizer
@@ -28,7 +30,10 @@ def test_config_yaml_is_a_valid_serve_config_with_valid_args() -> None:
 def test_bad_arguments_fail_before_deploying() -> None:
     """`serve deploy` hands the config's args to build_app through Serve's builder call, which validates them
     into AppArgs from build_app's annotation: a bad value fails there, before anything is deployed."""
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_builds
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    def serve_builds(builder: object, args: dict[str, Any]) -> Application:
+        return call_user_app_builder_with_args_if_necessary(builder, args)  # type: ignore[arg-type]
 
     with pytest.raises(ValidationError):
         serve_builds(build_app, {"max_batch_size": 0})

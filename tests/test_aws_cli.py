@@ -10,6 +10,8 @@ import pytest
 from aws_stack.stack import StackConfig
 from facerec.cli.main import main
 
+pytestmark = pytest.mark.aws
+
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
     assert main(list(argv)) == 0

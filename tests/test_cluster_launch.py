@@ -23,6 +23,8 @@ from aws_stack.stack import StackConfig
 from cluster.deploy import render_serve_config, stack_from_bootstrap
 from cluster.iam import ensure_instance_profiles, render_policy
 
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 RAY = Path(sys.executable).with_name("ray")

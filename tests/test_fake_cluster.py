@@ -28,6 +28,7 @@ Ray process on the machine).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -52,7 +53,10 @@ from cluster.controller import PolicyArgs
 from cluster.deploy import deploy, render_serve_config
 from cluster.policy import PolicyConfig, nodes_for, wanted_replicas
 from tests.queue_helpers import Stack, check_all_answered, collect_responses, enqueue, enrol, numbered
-from tests.serve_fixtures import free_port, wait_until
+from tests.serve_fixtures import free_port
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.cluster
 
 RAY = Path(sys.executable).with_name("ray")
 MAX_WORKERS = 3
@@ -228,9 +232,8 @@ def _end_processes_of(head: subprocess.Popen[bytes], temp: Path) -> None:
         for pid in _pids_naming(temp):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + 15
-        while _pids_naming(temp) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        with contextlib.suppress(pytest.fail.Exception):  # what survives SIGTERM gets SIGKILL next
+            wait_until(lambda: not _pids_naming(temp), 15, "processes outlived the signal", interval=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +267,7 @@ def fake_cluster(moto_endpoint: str) -> Iterator[FakeCluster]:
     try:
         for route in ("api/v0/nodes", "api/serve/applications/"):
             url = f"{cluster.dashboard}/{route}"
-            wait_until(lambda url=url: _answers(url), 90, f"the head's dashboard: no /{route}")
+            wait_until(functools.partial(_answers, url), 90, f"the head's dashboard: no /{route}")
         yield cluster
     finally:
         _end_processes_of(head, temp)

@@ -11,6 +11,8 @@ import pytest
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, S3GalleryStore, open_gallery_store
 from serve_app.model.gallery import Gallery
 
+pytestmark = pytest.mark.aws
+
 
 def roundtrip(store: GalleryStore) -> None:
     assert store.token() is None and store.read() is None

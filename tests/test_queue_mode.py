@@ -14,7 +14,10 @@ import requests
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, provision, status
 from tests.queue_helpers import enrol, pool
-from tests.serve_fixtures import ServeCluster, healthy, wait_until
+from tests.serve_fixtures import ServeCluster, healthy
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.serve, pytest.mark.aws]
 
 
 def _app(stack: StackConfig, timeout_s: float) -> Any:

@@ -16,6 +16,9 @@ from aws_stack.clients import AwsClients
 from aws_stack.stack import QueueUrls, StackConfig, provision, status
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer, backoff_seconds
 from sqs_bridge.processor import Answer, RequestProcessor, output_key, response_body
+from tests.waiting import wait_until_async
+
+pytestmark = pytest.mark.aws
 
 
 def make_stack(endpoint: str, max_receive_count: int) -> tuple[StackConfig, AwsClients, QueueUrls]:
@@ -80,10 +83,9 @@ def test_transient_failures_end_in_the_dead_letter_queue(moto_endpoint: str) -> 
     async def scenario() -> None:
         stop = asyncio.Event()
         loop = asyncio.create_task(consumer(clients, config, urls, unavailable_recognizer).run(stop))
-        for _ in range(120):
-            await asyncio.sleep(0.5)
-            if status(config, clients)["dead_letter_queue"]["visible"] == 1:
-                break
+        await wait_until_async(
+            lambda: status(config, clients)["dead_letter_queue"]["visible"] == 1, 60, "nothing reached the DLQ"
+        )
         stop.set()
         await asyncio.wait_for(loop, 30)
 
@@ -108,10 +110,7 @@ def test_stop_drains_messages_already_received(moto_endpoint: str) -> None:
         stop = asyncio.Event()
         worker = consumer(clients, config, urls, slow_fixed_answer)
         loop = asyncio.create_task(worker.run(stop))
-        for _ in range(100):
-            await asyncio.sleep(0.1)
-            if worker.in_flight == 5:
-                break
+        await wait_until_async(lambda: worker.in_flight == 5, 10, "the consumer did not take all five")
         stop.set()  # all five are held and mid-work: they must still be answered and acknowledged
         await asyncio.wait_for(loop, 60)
         return worker

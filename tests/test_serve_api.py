@@ -13,9 +13,12 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.serve_fixtures import API_KEY, ServeCluster, healthy, wait_until
+from tests.serve_fixtures import API_KEY, ServeCluster, healthy
+from tests.waiting import wait_until
 
 from .conftest import KNN_EXPECTED, LFW, SCENES
+
+pytestmark = pytest.mark.serve
 
 KNN = SCENES / "knn"
 MAX_UPLOAD = 3_000_000
@@ -103,7 +106,9 @@ def test_every_test_face_is_named(enrolled: str) -> None:
         assert {"box", "detection_score", "landmarks", "name", "similarity", "margin", "candidates"} <= set(face)
         assert len(face["landmarks"]) == 5 and len(face["box"]) == 4
         assert body["model_id"] and body["width"] > 0 and body["height"] > 0
-        assert {"decode", "detect", "embed", "match"} <= set(body["timings_ms"])
+        timings = body["timings_ms"]
+        assert {"decode", "detect", "embed", "match"} <= set(timings)
+        assert timings["decode"] > 0 and timings["detect"] > 0 and timings["embed"] > 0 and timings["match"] >= 0
 
 
 def test_recognize_query_parameters(enrolled: str) -> None:

@@ -26,7 +26,10 @@ from tests.queue_helpers import (
     output,
     pool,
 )
-from tests.serve_fixtures import ServeCluster, healthy, wait_until
+from tests.serve_fixtures import ServeCluster, healthy
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.serve, pytest.mark.aws]
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,6 @@ class IngressDeployment:
             return PlainTextResponse(f"{stem}:{name}")
         result = await self._recognize(data)
         self._raise_for(result, filename)
-        metrics().faces_per_image.observe(len(result["faces"]))
         return PlainTextResponse(f"{stem}:{result['name'] or 'Unknown'}")
 
     # --- JSON API -----------------------------------------------------------------------------------------

@@ -48,9 +48,13 @@ class RecognizerDeployment:
         self._token: str | None = None
         gallery = self._read_gallery() or Gallery(models.embedder.model_id, models.embedder.dim)
         self._recognizer = Recognizer(
-            models.detector, models.embedder, gallery, threshold=models.threshold_rule, top_k=recognition.top_k
+            models.detector,
+            models.embedder,
+            gallery,
+            threshold=models.threshold_rule,
+            top_k=recognition.top_k,
+            max_pixels=max_pixels,
         )
-        self._max_pixels = max_pixels
         self._refresh_s = gallery_refresh_s
         self._refresh_lock = asyncio.Lock()
         # serve.batch adds these setters to the decorated method at run time; the decorator's type hides them.
@@ -110,7 +114,7 @@ class RecognizerDeployment:
         if newest > self._recognizer.gallery.revision:
             await self._refresh(force=True)
         started = time.perf_counter()
-        results = await asyncio.to_thread(run_jobs, self._recognizer, jobs, self._max_pixels)
+        results = await asyncio.to_thread(run_jobs, self._recognizer, jobs)
         self._metrics.batch_size.observe(len(jobs))
         self._record_stage_metrics(results, started)
         return results

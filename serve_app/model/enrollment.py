@@ -9,7 +9,7 @@ import numpy as np
 
 from serve_app.model.detector import FaceDetector
 from serve_app.model.embedder import Embedder
-from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
+from serve_app.model.images import DEFAULT_MAX_PIXELS, DecodedImage, InvalidImageError, decode_image
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,19 @@ class EnrolmentPhoto:
 
 
 def embed_for_enrolment(
-    detector: FaceDetector, embedder: Embedder, photos: Sequence[tuple[str, bytes]]
+    detector: FaceDetector,
+    embedder: Embedder,
+    photos: Sequence[tuple[str, bytes]],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[EnrolmentPhoto]:
-    """Exactly one face per photo: with none, or with several, nobody can tell which face the name belongs to."""
+    """Exactly one face per photo: with none, or with several, nobody can tell which face the name belongs to.
+    Photos over ``max_pixels`` are refused like any unusable upload."""
     outcomes: dict[int, EnrolmentPhoto] = {}
     decoded: list[tuple[int, DecodedImage]] = []
     for position, (label, payload) in enumerate(photos):
         try:
-            decoded.append((position, decode_image(payload)))
+            decoded.append((position, decode_image(payload, max_pixels=max_pixels)))
         except InvalidImageError as exc:
             outcomes[position] = EnrolmentPhoto(label, None, f"not a usable image: {exc}")
     detections = detector.detect_all([image for _, image in decoded])

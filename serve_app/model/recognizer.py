@@ -16,7 +16,7 @@ import torch
 from serve_app.model.detector import DetectedFace, FaceDetections, FaceDetector
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Candidate, Gallery
-from serve_app.model.images import DecodedImage, InvalidImageError, decode_image
+from serve_app.model.images import DEFAULT_MAX_PIXELS, DecodedImage, InvalidImageError, decode_timed
 from serve_app.model.match_threshold import MatchThreshold, ThresholdRule
 
 
@@ -88,6 +88,7 @@ class Recognizer:
         *,
         threshold: float | ThresholdRule | None = None,
         top_k: int = 3,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if gallery.model_id != embedder.model_id:
             raise ValueError(f"gallery model {gallery.model_id!r} != embedder model {embedder.model_id!r}")
@@ -100,6 +101,8 @@ class Recognizer:
         self.threshold_rule = threshold
         self.gallery = gallery
         self.top_k = top_k
+        #: Uploads over this many pixels are refused before decoding (``AppArgs.max_pixels`` in the service).
+        self.max_pixels = max_pixels
 
     @property
     def gallery(self) -> Gallery:
@@ -123,20 +126,15 @@ class Recognizer:
     def recognize_bytes(
         self, payloads: Sequence[bytes], *, threshold: float | None = None, top_k: int | None = None
     ) -> list[ImageResult | InvalidImageError]:
-        """Decode and recognise; a bad upload yields its :class:`InvalidImageError` in place, not a failed batch."""
-        decoded: list[DecodedImage | InvalidImageError] = []
-        decode_ms: list[float] = []
-        for payload in payloads:
-            started = time.perf_counter()
-            try:
-                decoded.append(decode_image(payload))
-            except InvalidImageError as exc:
-                decoded.append(exc)
-            decode_ms.append((time.perf_counter() - started) * 1000.0)
-        good = [d for d in decoded if isinstance(d, DecodedImage)]
-        good_ms = [ms for d, ms in zip(decoded, decode_ms, strict=True) if isinstance(d, DecodedImage)]
-        results = iter(self.recognize(good, threshold=threshold, top_k=top_k, decode_ms=good_ms))
-        return [d if isinstance(d, InvalidImageError) else next(results) for d in decoded]
+        """Decode (within :attr:`max_pixels`, timed) and recognise: the one way from uploaded bytes to answers,
+        for the service, the queue bridge and the command line alike. A bad upload yields its
+        :class:`InvalidImageError` in place, not a failed batch."""
+        decoded = [decode_timed(payload, max_pixels=self.max_pixels) for payload in payloads]
+        good = [(image, ms) for image, ms in decoded if isinstance(image, DecodedImage)]
+        results = iter(
+            self.recognize([i for i, _ in good], threshold=threshold, top_k=top_k, decode_ms=[ms for _, ms in good])
+        )
+        return [image if isinstance(image, InvalidImageError) else next(results) for image, _ in decoded]
 
     def recognize(
         self,
