@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from aws_stack.clients import AwsClients
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 #: Where `make run` records the local stack, so that `facerec aws status` finds it without flags.
 LOCAL_STACK_FILE = Path("run") / "aws.json"

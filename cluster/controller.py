@@ -37,9 +37,11 @@ from ray.serve import Application
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, queue_counts, queue_urls
 from cluster.policy import Decision, Observation, PolicyConfig, PolicyState, decide
+from serve_app.deployments.supervision import BackgroundTasks, Supervised
+from serve_app.metrics import controller_gauges
 
 # Serve writes this logger to the replica's log file (and the dashboard): every decision is visible there.
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 
 class PolicyArgs(BaseModel):
@@ -214,30 +216,19 @@ def cluster_state(app: str, deployment: str, node_bundle: dict[str, float]) -> t
     return int(replicas), nodes
 
 
-class ControllerDeployment:
+class ControllerDeployment(Supervised):
     """The Serve deployment that runs the loop (one replica, on the head)."""
 
     def __init__(self, args: ControllerArgs) -> None:
-        from ray.util.metrics import Gauge
-
         self._args = args
         self._reports = InFlightReports(args.report_ttl_s)
         self._controller = QueueController(
             args.policy.to_config(), SqsBacklog(args.stack), self._reports.total, RayActuator(args)
         )
-        self._gauges = {
-            name: Gauge(f"facerec_controller_{name}", description=description)
-            for name, description in {
-                "backlog": "Request queue backlog: visible plus in-flight messages.",
-                "ongoing": "Requests the ingress replicas report in flight.",
-                "desired_replicas": "Recognizer replicas the policy wants.",
-                "desired_nodes": "Worker nodes the policy asks Ray's autoscaler for.",
-                "actual_replicas": "Recognizer replicas running.",
-                "actual_nodes": "Worker nodes alive.",
-            }.items()
-        }
+        self._gauges = controller_gauges()
         self._last: dict[str, object] = {}
-        self._task = asyncio.get_event_loop().create_task(self._run())
+        self._background = BackgroundTasks()
+        self._background.start("controller loop", self._run())
 
     async def _run(self) -> None:
         while True:
@@ -275,7 +266,7 @@ class ControllerDeployment:
         return dict(self._last)
 
     def __del__(self) -> None:
-        self._task.cancel()
+        self._background.stop_all()
 
 
 def build_controller(args: dict[str, object] | ControllerArgs) -> Application:

@@ -1,4 +1,6 @@
-"""Application metrics, exported through Ray's metrics agent (Prometheus format) to the Ray dashboard.
+"""Every metric of the product (Serve app, SQS bridge, controller), in one place.
+
+Exported through Ray's metrics agent (Prometheus format) to the Ray dashboard.
 
 Names are prefixed ``facerec_``; Ray adds ``ray_`` when it exports them, so on the metrics endpoint they read
 ``ray_facerec_requests_total`` and so on. Created lazily, once per process, because a metric object must be
@@ -46,6 +48,38 @@ class Metrics:
         self.gallery_revision = Gauge("facerec_gallery_revision", description="Gallery revision a replica serves.")
 
 
+class BridgeMetrics:
+    """The SQS bridge's consumer (one per bridge replica)."""
+
+    def __init__(self) -> None:
+        self.messages = Counter(
+            "facerec_bridge_messages", description="Request messages finished, by outcome.", tag_keys=("outcome",)
+        )
+        self.in_flight = Gauge("facerec_bridge_in_flight", description="Request messages held by a consumer.")
+
+
+#: The queue-depth controller's view and decisions, one gauge each.
+CONTROLLER_GAUGES = {
+    "backlog": "Request queue backlog: visible plus in-flight messages.",
+    "ongoing": "Requests the ingress replicas report in flight.",
+    "desired_replicas": "Recognizer replicas the policy wants.",
+    "desired_nodes": "Worker nodes the policy asks Ray's autoscaler for.",
+    "actual_replicas": "Recognizer replicas running.",
+    "actual_nodes": "Worker nodes alive.",
+}
+
+
 @cache
 def metrics() -> Metrics:
+    """The Serve application's metrics (ingress and Recognizer)."""
     return Metrics()
+
+
+@cache
+def bridge_metrics() -> BridgeMetrics:
+    return BridgeMetrics()
+
+
+@cache
+def controller_gauges() -> dict[str, Gauge]:
+    return {name: Gauge(f"facerec_controller_{name}", description=text) for name, text in CONTROLLER_GAUGES.items()}

@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from sqs_bridge.processor import RequestMessage, RequestProcessor, TransientError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,16 @@ import logging
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
-from ray.util.metrics import Counter, Gauge
 
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, queue_urls
+from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.jobs import JobError, RecognizeJob
+from serve_app.metrics import bridge_metrics
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer
 from sqs_bridge.processor import UNKNOWN_NAME, Answer, RequestProcessor, UnusableInputError
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 
 class BridgeArgs(BaseModel):
@@ -34,7 +35,7 @@ class BridgeArgs(BaseModel):
     recognition_app: str = Field("facerec", description="the Serve application that has the Recognizer")
 
 
-class SqsBridgeDeployment:
+class SqsBridgeDeployment(Supervised):
     def __init__(self, args: BridgeArgs) -> None:
         clients = AwsClients.for_stack(args.stack)
         urls = queue_urls(args.stack, clients)
@@ -57,13 +58,11 @@ class SqsBridgeDeployment:
                 visibility_timeout_s=args.stack.visibility_timeout_s,
             ),
         )
-        self._processed = Counter(
-            "facerec_bridge_messages", description="Request messages finished, by outcome.", tag_keys=("outcome",)
-        )
-        self._in_flight = Gauge("facerec_bridge_in_flight", description="Request messages held by a consumer.")
+        self._metrics = bridge_metrics()
         self._stop = asyncio.Event()
-        self._loop = asyncio.get_event_loop().create_task(self._consumer.run(self._stop))
-        self._reporter = asyncio.get_event_loop().create_task(self._report())
+        self._background = BackgroundTasks()
+        self._loop = self._background.start("consumer", self._consumer.run(self._stop))
+        self._background.start("metrics reporter", self._report())
         log.info("SQS bridge consuming %s", urls.requests)
 
     async def _recognize(self, data: bytes) -> Answer:
@@ -76,16 +75,17 @@ class SqsBridgeDeployment:
         reported: dict[str, int] = {}
         while True:
             await asyncio.sleep(2.0)
-            self._in_flight.set(self._consumer.in_flight)
+            self._metrics.in_flight.set(self._consumer.in_flight)
             for outcome, count in self._consumer.counts.items():
                 if count > reported.get(outcome, 0):
-                    self._processed.inc(count - reported.get(outcome, 0), tags={"outcome": outcome})
+                    self._metrics.messages.inc(count - reported.get(outcome, 0), tags={"outcome": outcome})
                     reported[outcome] = count
 
     async def __del__(self) -> None:
+        self._background.shutting_down()
         self._stop.set()
         await asyncio.wait([self._loop], timeout=60)
-        self._reporter.cancel()
+        self._background.stop_all()
 
 
 def build_bridge(args: dict[str, object] | BridgeArgs) -> Application:

@@ -17,7 +17,7 @@ from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_galler
 from serve_app.metrics import metrics
 from serve_app.model.gallery import Gallery
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 
 class GalleryWriterDeployment:

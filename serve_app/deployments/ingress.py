@@ -25,11 +25,12 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from aws_stack.stack import StackConfig
+from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
 from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 API_KEY_ENV = "FACEREC_API_KEY"
 NAME_PATTERN = re.compile(r"^[\w][\w .'\-]{0,99}$")
@@ -103,7 +104,7 @@ FileParam = Annotated[UploadFile | None, File()]
 
 
 @serve.ingress(app)
-class IngressDeployment:
+class IngressDeployment(Supervised):
     """FastAPI routes; the work is done by the Recognizer and GalleryWriter deployments, through handles."""
 
     def __init__(
@@ -131,10 +132,10 @@ class IngressDeployment:
         if queue is not None and router is not None:
             # Queue mode: POST / goes through S3 + SQS like the legacy web tier, answered by the SQS bridge.
             self._queue = QueueClient.for_stack(queue.stack, router, queue.timeout_s)
-        self._reporter = None
+        self._background = BackgroundTasks()
         if controller_app is not None:
             # On a cluster the queue-depth controller sizes the Recognizer; it sees HTTP demand only through this.
-            self._reporter = asyncio.get_event_loop().create_task(self._report_in_flight(controller_app))
+            self._background.start("in-flight reporter", self._report_in_flight(controller_app))
 
     async def _report_in_flight(self, controller_app: str, every_s: float = 2.0) -> None:
         source = serve.get_replica_context().replica_id.unique_id

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.jobs import Job, RecognizeJob, run_jobs
 from serve_app.metrics import metrics
@@ -24,10 +25,10 @@ from serve_app.model.recognizer import Recognizer
 from serve_app.results import threshold_to_dict
 from serve_app.settings import RecognitionConfig
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 
-class RecognizerDeployment:
+class RecognizerDeployment(Supervised):
     """Serve wrapper around :class:`serve_app.model.recognizer.Recognizer`. Deployed by :mod:`serve_app.app`."""
 
     def __init__(
@@ -62,7 +63,8 @@ class RecognizerDeployment:
         self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._metrics = metrics()
         self._publish_gallery_metrics()
-        self._poller = asyncio.get_event_loop().create_task(self._poll_gallery())
+        self._background = BackgroundTasks()
+        self._background.start("gallery refresh", self._poll_gallery())
         log.info("Recognizer ready: %s, gallery %s (%d faces)", self._model_id, self._store.describe(), len(gallery))
 
     # --- gallery following --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 
 from serve_app.model.weights.files import casia_graph_path, keras_h5_path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 DEFAULT_CHECKPOINT = "facenet-keras-128"
 

@@ -21,7 +21,7 @@ from serve_app.model.open_set import (
     threshold_for_far,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 ThresholdSource = Literal["fixed", "false_accept_rate", "request"]
 

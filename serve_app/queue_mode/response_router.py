@@ -18,20 +18,22 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, queue_urls
+from serve_app.deployments.supervision import BackgroundTasks, Supervised
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 #: How long an answer nobody here is waiting for stays hidden before SQS offers it again.
 UNCLAIMED_VISIBILITY_S = 30
 
 
-class ResponseRouterDeployment:
+class ResponseRouterDeployment(Supervised):
     def __init__(self, stack: StackConfig) -> None:
         clients = AwsClients.for_stack(stack)
         self._sqs = clients.sqs
         self._queue_url = queue_urls(stack, clients).responses
         self._waiters: dict[str, asyncio.Future[str]] = {}
-        self._loop = asyncio.get_event_loop().create_task(self._read_forever())
+        self._background = BackgroundTasks()
+        self._background.start("response reader", self._read_forever())
 
     async def expect(self, correlation_id: str) -> None:
         """Register interest before the request is sent, so its answer can never arrive unclaimed."""

