@@ -266,7 +266,8 @@ class ControllerDeployment(Supervised):
         return dict(self._last)
 
     def __del__(self) -> None:
-        self._background.stop_all()
+        if hasattr(self, "_background"):  # absent when __init__ failed
+            self._background.stop_all()
 
 
 def build_controller(args: dict[str, object] | ControllerArgs) -> Application:

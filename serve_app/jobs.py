@@ -1,8 +1,9 @@
-"""Work items the ingress (and the SQS bridge) send to Recognizer replicas, and what comes back.
+"""Work items the ingress (and the SQS bridge) send to Recognizer replicas, and the typed results that come back.
 
 Plain dataclasses, no Ray: they cross process boundaries pickled, and the batch logic that consumes them
 (:func:`run_jobs`) is tested without a cluster. Each job carries raw image bytes; decoding happens in the
-replica so that a bad upload costs the ingress nothing.
+replica so that a bad upload costs the ingress nothing. Results stay typed (:class:`ImageResult`,
+:class:`Detections`, an embedding, :class:`EnrolmentPhoto`) until the edge turns them into JSON.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-from serve_app.model.enrollment import embed_for_enrolment
+import numpy as np
+
+from serve_app.model.detector import DetectedFace
+from serve_app.model.enrollment import EnrolmentPhoto, embed_for_enrolment
 from serve_app.model.images import DecodedImage, InvalidImageError, decode_timed
-from serve_app.model.recognizer import Recognizer, embed_main_faces
-from serve_app.results import detection_to_dict, image_result_to_dict
+from serve_app.model.recognizer import ImageResult, Recognizer, embed_main_faces
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,25 @@ class JobError:
     message: str
 
 
-def run_jobs(recognizer: Recognizer, jobs: Sequence[Job]) -> list[Any]:
-    """Run a mixed batch: jobs of one kind (and settings) share one detector pass and one embedder pass. Every
-    upload is decoded within ``recognizer.max_pixels``.
+@dataclass(frozen=True)
+class Detections:
+    """A :class:`DetectJob`'s answer: the photo's size and its confident faces."""
 
-    Returns, per job: a JSON-ready ``dict`` (recognize, detect), an embedding ``np.ndarray`` or ``None``
-    (embed), a list of per-photo dicts (enrol), or a :class:`JobError`.
+    width: int
+    height: int
+    faces: tuple[DetectedFace, ...]
+
+
+#: What each job kind returns: recognize -> ImageResult, detect -> Detections, embed -> the main face's embedding
+#: (None: no face), enrol -> one EnrolmentPhoto per photo; a JobError for an unusable upload.
+JobResult = ImageResult | Detections | np.ndarray | None | list[EnrolmentPhoto] | JobError
+
+
+def run_jobs(recognizer: Recognizer, jobs: Sequence[Job]) -> list[JobResult]:
+    """Run a mixed batch: jobs of one kind (and settings) share one detector pass and one embedder pass. Every
+    upload is decoded within ``recognizer.max_pixels``. One result per job, in order (see :data:`JobResult`).
     """
-    out: list[Any] = [None] * len(jobs)
+    out: list[JobResult] = [None] * len(jobs)
     # Recognitions with different thresholds or top-k cannot share one matching step.
     recognitions: dict[tuple[float | None, int | None], list[int]] = defaultdict(list)
     detections: list[tuple[int, DecodedImage]] = []
@@ -88,27 +102,18 @@ def run_jobs(recognizer: Recognizer, jobs: Sequence[Job]) -> list[Any]:
         for position, result in zip(
             positions, recognizer.recognize_bytes(payloads, threshold=threshold, top_k=top_k), strict=True
         ):
-            out[position] = (
-                JobError(result.reason, str(result))
-                if isinstance(result, InvalidImageError)
-                else image_result_to_dict(result)
-            )
+            out[position] = JobError(result.reason, str(result)) if isinstance(result, InvalidImageError) else result
     if detections:
         images = [image for _, image in detections]
         for (position, image), faces in zip(detections, recognizer.detector.detect(images), strict=True):
-            out[position] = {
-                "width": image.width,
-                "height": image.height,
-                "faces": [detection_to_dict(face) for face in faces],
-            }
+            out[position] = Detections(image.width, image.height, tuple(faces))
     if embeddings:
         vectors = embed_main_faces(recognizer.detector, recognizer.embedder, [image for _, image in embeddings])
         for (position, _), vector in zip(embeddings, vectors, strict=True):
             out[position] = vector
     for position, job in enumerate(jobs):
         if isinstance(job, EnrolJob):
-            outcomes = embed_for_enrolment(
+            out[position] = embed_for_enrolment(
                 recognizer.detector, recognizer.embedder, job.photos, max_pixels=recognizer.max_pixels
             )
-            out[position] = [{"photo": o.label, "embedding": o.embedding, "refused": o.refused} for o in outcomes]
     return out

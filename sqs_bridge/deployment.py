@@ -66,10 +66,10 @@ class SqsBridgeDeployment(Supervised):
         log.info("SQS bridge consuming %s", urls.requests)
 
     async def _recognize(self, data: bytes) -> Answer:
-        result = await self._recognizer.run.remote(RecognizeJob(data))
+        result = await self._recognizer.recognize.remote(RecognizeJob(data))
         if isinstance(result, JobError):
             raise UnusableInputError(result.reason, result.message)
-        return Answer(result["name"] or UNKNOWN_NAME)
+        return Answer(result.main_name or UNKNOWN_NAME)
 
     async def _report(self) -> None:
         reported: dict[str, int] = {}
@@ -82,6 +82,8 @@ class SqsBridgeDeployment(Supervised):
                     reported[outcome] = count
 
     async def __del__(self) -> None:
+        if not hasattr(self, "_background"):  # __init__ failed before the loops started
+            return
         self._background.shutting_down()
         self._stop.set()
         await asyncio.wait([self._loop], timeout=60)

@@ -109,16 +109,19 @@ def test_results_carry_model_id_and_timings(recognizer: Recognizer) -> None:
 def test_the_service_batch_path_decodes_within_the_configured_pixel_limit(models: Models) -> None:
     """run_jobs (what a Recognizer replica runs) decodes every kind of job within the recognizer's max_pixels,
     enrolment included, and reports decode time in each recognition."""
-    from serve_app.jobs import DetectJob, EnrolJob, JobError, RecognizeJob, run_jobs
+    from serve_app.jobs import Detections, DetectJob, EnrolJob, JobError, RecognizeJob, run_jobs
 
     photo = (SCENES / "knn" / "test" / "obama1.jpg").read_bytes()
     pixels = decode_image(photo).pixels.shape[0] * decode_image(photo).pixels.shape[1]
     gallery = Gallery(models.embedder.model_id, models.embedder.dim)
     roomy = Recognizer(models.detector, models.embedder, gallery, max_pixels=pixels)
-    recognized, enrolled = run_jobs(roomy, [RecognizeJob(photo), EnrolJob((("obama1.jpg", photo),))])
-    assert recognized["timings_ms"]["decode"] > 0 and recognized["timings_ms"]["detect"] > 0
-    assert len(recognized["faces"]) == 1
-    assert enrolled[0]["refused"] is None and enrolled[0]["embedding"] is not None
+    recognized, detected, enrolled = run_jobs(
+        roomy, [RecognizeJob(photo), DetectJob(photo), EnrolJob((("obama1.jpg", photo),))]
+    )
+    assert isinstance(recognized, ImageResult) and isinstance(detected, Detections)
+    assert recognized.timings.decode_ms > 0 and recognized.timings.detect_ms > 0
+    assert len(recognized.faces) == 1 and len(detected.faces) == 1
+    assert isinstance(enrolled, list) and enrolled[0].refused is None and enrolled[0].embedding is not None
 
     tight = Recognizer(models.detector, models.embedder, gallery, max_pixels=pixels - 1)
     recognized, detected, enrolled = run_jobs(
@@ -126,7 +129,8 @@ def test_the_service_batch_path_decodes_within_the_configured_pixel_limit(models
     )
     assert isinstance(recognized, JobError) and recognized.reason == "too_large"
     assert isinstance(detected, JobError) and detected.reason == "too_large"
-    assert enrolled[0]["embedding"] is None and "not a usable image" in enrolled[0]["refused"]
+    assert isinstance(enrolled, list) and enrolled[0].embedding is None
+    assert enrolled[0].refused is not None and "not a usable image" in enrolled[0].refused
 
 
 def test_embeddings_are_unit_float32(models: Models) -> None:

@@ -229,5 +229,27 @@ def test_concurrent_enrolments_keep_each_others_faces(api: str) -> None:
 
 def test_openapi_docs(api: str) -> None:
     assert requests.get(f"{api}/docs", timeout=30).status_code == 200
-    paths = requests.get(f"{api}/openapi.json", timeout=30).json()["paths"]
+    schema = requests.get(f"{api}/openapi.json", timeout=30).json()
+    paths = schema["paths"]
     assert {"/", "/v1/recognize", "/v1/verify", "/v1/detect", "/v1/people", "/healthz"} <= set(paths)
+    # Every JSON route documents its answer's schema, and its errors' (the next tools fuzz the API from it).
+    expected = {
+        ("/v1/recognize", "post", "200"): "Recognition",
+        ("/v1/recognize", "post", "415"): "Error",
+        ("/v1/detect", "post", "200"): "Detection",
+        ("/v1/verify", "post", "200"): "Verification",
+        ("/v1/people", "get", "200"): "People",
+        ("/v1/people/{name}", "get", "200"): "Person",
+        ("/v1/people/{name}", "get", "404"): "Error",
+        ("/v1/people/{name}/faces", "post", "201"): "Enrolment",
+        ("/v1/people/{name}/faces", "post", "422"): "Enrolment",
+        ("/v1/people/{name}", "delete", "200"): "PersonForgotten",
+        ("/v1/people/{name}/faces/{face_id}", "delete", "200"): "FaceForgotten",
+        ("/healthz", "get", "200"): "Health",
+        ("/healthz", "get", "503"): "Health",
+    }
+    for (path, method, status), model in expected.items():
+        content = paths[path][method]["responses"][status]["content"]["application/json"]
+        assert content["schema"]["$ref"] == f"#/components/schemas/{model}", (path, method, status)
+    recognition = schema["components"]["schemas"]["Recognition"]["properties"]
+    assert {"faces", "name", "threshold", "timings_ms", "best_guess"} <= set(recognition)

@@ -97,7 +97,11 @@ def queue_app(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str]:
     )
     serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
     wait_until(lambda: healthy(serve_cluster.url), 240, "the queue-mode app did not start")
-    serve.run(build_bridge({"stack": stack.model_dump(), "wait_time_s": 1}), name=BRIDGE, route_prefix=None)
+    serve.run(
+        build_bridge({"stack": stack.model_dump(), "wait_time_s": 1, "recognition_app": APP}),
+        name=BRIDGE,
+        route_prefix=None,
+    )
     enrol(serve_cluster.url)
     yield serve_cluster.url
     serve.delete(BRIDGE)

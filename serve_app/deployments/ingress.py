@@ -25,10 +25,24 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from aws_stack.stack import StackConfig
+from serve_app.api_models import (
+    Detection,
+    Enrolment,
+    Error,
+    FaceForgotten,
+    Health,
+    People,
+    Person,
+    PersonForgotten,
+    Recognition,
+    Verification,
+)
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
+from serve_app.model.recognizer import ImageResult
 from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError
+from serve_app.results import detection_to_dict, image_result_to_dict
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -101,6 +115,10 @@ class QueueSettings:
 
 
 FileParam = Annotated[UploadFile | None, File()]
+
+#: The error answers a route can give, for /docs: every one has the body of :class:`Error`.
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422, 503)}
+GALLERY_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (401, 404, 422)}
 
 
 @serve.ingress(app)
@@ -178,9 +196,14 @@ class IngressDeployment(Supervised):
             )
         return name
 
-    async def _recognize(self, data: bytes, threshold: float | None = None, top_k: int | None = None) -> Any:
+    async def _recognize(
+        self, data: bytes, label: str, threshold: float | None = None, top_k: int | None = None
+    ) -> ImageResult:
         job = RecognizeJob(data, threshold=threshold, top_k=top_k, min_revision=self._min_revision)
-        return await self._recognizer.run.remote(job)
+        result: ImageResult | JobError = await self._recognizer.recognize.remote(job)
+        self._raise_for(result, label)
+        assert isinstance(result, ImageResult)
+        return result
 
     # --- the legacy contract ------------------------------------------------------------------------------
     @app.post("/", response_class=PlainTextResponse, summary="Legacy: the main face's name as `<stem>:<Name>`")
@@ -193,35 +216,44 @@ class IngressDeployment(Supervised):
             except QueueTimeoutError as exc:
                 raise APIError(504, "queue_timeout", str(exc)) from exc
             return PlainTextResponse(f"{stem}:{name}")
-        result = await self._recognize(data)
-        self._raise_for(result, filename)
-        return PlainTextResponse(f"{stem}:{result['name'] or 'Unknown'}")
+        result = await self._recognize(data, filename)
+        return PlainTextResponse(f"{stem}:{result.main_name or 'Unknown'}")
 
     # --- JSON API -----------------------------------------------------------------------------------------
-    @app.post("/v1/recognize", summary="Every face in the photo: box, landmarks, name or null, similarity")
+    @app.post(
+        "/v1/recognize",
+        summary="Every face in the photo: box, landmarks, name or null, similarity",
+        responses=UPLOAD_ERRORS,
+    )
     async def recognize(
         self,
         image: FileParam = None,
         top_k: Annotated[int | None, Query(ge=1, le=100)] = None,
         threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
-    ) -> dict[str, Any]:
+    ) -> Recognition:
         filename, data = await self._read(image, "image")
-        result = await self._recognize(data, threshold, top_k)
-        self._raise_for(result, filename)
-        return {"filename": filename, **result}
+        result = await self._recognize(data, filename, threshold, top_k)
+        return Recognition.model_validate({"filename": filename, **image_result_to_dict(result)})
 
-    @app.post("/v1/detect", summary="Faces only: boxes, detection scores and landmarks")
-    async def detect(self, image: FileParam = None) -> dict[str, Any]:
+    @app.post("/v1/detect", summary="Faces only: boxes, detection scores and landmarks", responses=UPLOAD_ERRORS)
+    async def detect(self, image: FileParam = None) -> Detection:
         filename, data = await self._read(image, "image")
-        result = await self._recognizer.run.remote(DetectJob(data))
+        result = await self._recognizer.detect.remote(DetectJob(data))
         self._raise_for(result, filename)
-        return {"filename": filename, **result}
+        return Detection.model_validate(
+            {
+                "filename": filename,
+                "width": result.width,
+                "height": result.height,
+                "faces": [detection_to_dict(face) for face in result.faces],
+            }
+        )
 
-    @app.post("/v1/verify", summary="Are the main faces of two photos the same person?")
-    async def verify(self, image1: FileParam = None, image2: FileParam = None) -> dict[str, Any]:
+    @app.post("/v1/verify", summary="Are the main faces of two photos the same person?", responses=UPLOAD_ERRORS)
+    async def verify(self, image1: FileParam = None, image2: FileParam = None) -> Verification:
         (name1, data1), (name2, data2) = await self._read(image1, "image1"), await self._read(image2, "image2")
         first, second = await asyncio.gather(
-            self._recognizer.run.remote(EmbedJob(data1)), self._recognizer.run.remote(EmbedJob(data2))
+            self._recognizer.embed.remote(EmbedJob(data1)), self._recognizer.embed.remote(EmbedJob(data2))
         )
         self._raise_for(first, name1)
         self._raise_for(second, name2)
@@ -229,27 +261,40 @@ class IngressDeployment(Supervised):
         if missing:
             raise APIError(422, "no_face", f"no face found in {', '.join(missing)}")
         similarity = float(np.dot(first, second))
-        return {
-            "same_person": similarity >= self._threshold,
-            "similarity": round(similarity, 4),
-            "threshold": self._threshold,
-            "model_id": self._model_id,
-        }
+        return Verification(
+            same_person=similarity >= self._threshold,
+            similarity=round(similarity, 4),
+            threshold=self._threshold,
+            model_id=self._model_id,
+        )
 
     # --- the gallery --------------------------------------------------------------------------------------
     @app.get("/v1/people", summary="Enrolled people and how many faces each has")
-    async def people(self) -> dict[str, Any]:
+    async def people(self) -> People:
         people, revision = await self._writer.people.remote()
-        return {"people": [{"name": n, "faces": c} for n, c in people.items()], "revision": revision}
+        return People.model_validate(
+            {"people": [{"name": n, "faces": c} for n, c in people.items()], "revision": revision}
+        )
 
-    @app.get("/v1/people/{name}", summary="One enrolled person and their face ids")
-    async def person(self, name: str) -> dict[str, Any]:
+    @app.get("/v1/people/{name}", summary="One enrolled person and their face ids", responses=GALLERY_ERRORS)
+    async def person(self, name: str) -> Person:
         faces, revision = await self._writer.person.remote(name)
         if not faces:
             raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
-        return {"name": name, "face_ids": faces, "faces": len(faces), "revision": revision}
+        return Person(name=name, face_ids=faces, faces=len(faces), revision=revision)
 
-    @app.post("/v1/people/{name}/faces", status_code=201, summary="Enrol one or more photos of one face each")
+    @app.post(
+        "/v1/people/{name}/faces",
+        status_code=201,
+        response_model=Enrolment,
+        summary="Enrol one or more photos of one face each",
+        responses={
+            422: {"model": Enrolment, "description": "every photo refused (or a bad name)"},
+            400: {"model": Error},
+            401: {"model": Error},
+            413: {"model": Error},
+        },
+    )
     async def enrol(
         self,
         name: str,
@@ -263,43 +308,51 @@ class IngressDeployment(Supervised):
         if len(images) > self._limits.max_enrol_photos:
             raise APIError(413, "too_many_files", f"at most {self._limits.max_enrol_photos} photos per request")
         photos = tuple([await self._read(upload, "images") for upload in images])
-        outcomes = await self._recognizer.run.remote(EnrolJob(photos))
-        accepted = [o for o in outcomes if o["embedding"] is not None]
-        refused = [{"photo": o["photo"], "reason": o["refused"]} for o in outcomes if o["embedding"] is None]
+        outcomes = await self._recognizer.enrol.remote(EnrolJob(photos))
+        accepted = [o for o in outcomes if o.embedding is not None]
+        refused = [{"photo": o.label, "reason": o.refused} for o in outcomes if o.embedding is None]
         if not accepted:
-            return JSONResponse({"name": name, "enrolled": [], "refused": refused, "revision": None}, status_code=422)
+            body = Enrolment.model_validate({"name": name, "enrolled": [], "refused": refused, "revision": None})
+            return JSONResponse(body.model_dump(), status_code=422)
         face_ids, revision = await self._writer.add_faces.remote(
-            name, np.stack([o["embedding"] for o in accepted]), self._model_id
+            name, np.stack([o.embedding for o in accepted]), self._model_id
         )
         self._min_revision = max(self._min_revision, revision)
-        enrolled = [{"photo": o["photo"], "face_id": f} for o, f in zip(accepted, face_ids, strict=True)]
-        return JSONResponse({"name": name, "enrolled": enrolled, "refused": refused, "revision": revision}, 201)
+        enrolled = [{"photo": o.label, "face_id": f} for o, f in zip(accepted, face_ids, strict=True)]
+        body = Enrolment.model_validate({"name": name, "enrolled": enrolled, "refused": refused, "revision": revision})
+        return JSONResponse(body.model_dump(), status_code=201)
 
-    @app.delete("/v1/people/{name}", summary="Forget a person and all their faces")
-    async def forget(self, name: str, x_api_key: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+    @app.delete("/v1/people/{name}", summary="Forget a person and all their faces", responses=GALLERY_ERRORS)
+    async def forget(self, name: str, x_api_key: Annotated[str | None, Header()] = None) -> PersonForgotten:
         self._authorize(x_api_key)
         removed, revision = await self._writer.remove_person.remote(name)
         if not removed:
             raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
         self._min_revision = max(self._min_revision, revision)
-        return {"name": name, "removed_faces": removed, "revision": revision}
+        return PersonForgotten(name=name, removed_faces=removed, revision=revision)
 
-    @app.delete("/v1/people/{name}/faces/{face_id}", summary="Forget one enrolled face")
+    @app.delete("/v1/people/{name}/faces/{face_id}", summary="Forget one enrolled face", responses=GALLERY_ERRORS)
     async def forget_face(
         self, name: str, face_id: str, x_api_key: Annotated[str | None, Header()] = None
-    ) -> dict[str, Any]:
+    ) -> FaceForgotten:
         self._authorize(x_api_key)
         removed, revision = await self._writer.remove_face.remote(name, face_id)
         if not removed:
             raise APIError(404, "unknown_face", f"{name!r} has no face {face_id!r}")
         self._min_revision = max(self._min_revision, revision)
-        return {"name": name, "removed_face": face_id, "revision": revision}
+        return FaceForgotten(name=name, removed_face=face_id, revision=revision)
 
     # --- operations ---------------------------------------------------------------------------------------
-    @app.get("/healthz", summary="200 once a Recognizer replica has its models loaded")
+    @app.get(
+        "/healthz",
+        summary="200 once a Recognizer replica has its models loaded",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "no Recognizer replica answered yet"}},
+    )
     async def healthz(self) -> JSONResponse:
         try:
             info = await asyncio.wait_for(self._recognizer.info.remote(), timeout=5.0)
         except TimeoutError:
-            return JSONResponse({"status": "starting", "detail": "no Recognizer replica answered"}, status_code=503)
-        return JSONResponse({"status": "ok", **info})
+            starting = Health(status="starting", detail="no Recognizer replica answered")
+            return JSONResponse(starting.model_dump(exclude_none=True), status_code=503)
+        return JSONResponse(Health.model_validate({"status": "ok", **info}).model_dump(exclude_none=True))

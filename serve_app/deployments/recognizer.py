@@ -11,17 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 from ray import serve
 
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
-from serve_app.jobs import Job, RecognizeJob, run_jobs
+from serve_app.jobs import (
+    Detections,
+    DetectJob,
+    EmbedJob,
+    EnrolJob,
+    Job,
+    JobError,
+    JobResult,
+    RecognizeJob,
+    run_jobs,
+)
 from serve_app.metrics import metrics
+from serve_app.model.enrollment import EnrolmentPhoto
 from serve_app.model.gallery import Gallery, GalleryError
-from serve_app.model.recognizer import Recognizer
+from serve_app.model.recognizer import ImageResult, Recognizer
 from serve_app.results import threshold_to_dict
 from serve_app.settings import RecognitionConfig
 
@@ -105,13 +117,25 @@ class RecognizerDeployment(Supervised):
         self._metrics.gallery_people.set(len(gallery.people()))
         self._metrics.gallery_revision.set(gallery.revision)
 
-    # --- requests -----------------------------------------------------------------------------------------
-    async def run(self, job: Job) -> Any:
-        """Run one job; concurrent calls are batched together."""
-        return await self._run_batch(job)
+    # --- requests: one method per job kind; concurrent calls of every kind share one batch queue -----------
+    async def recognize(self, job: RecognizeJob) -> ImageResult | JobError:
+        """Every face in the photo, named against the gallery."""
+        return cast(ImageResult | JobError, await self._run_batch(job))
+
+    async def detect(self, job: DetectJob) -> Detections | JobError:
+        """Faces only."""
+        return cast(Detections | JobError, await self._run_batch(job))
+
+    async def embed(self, job: EmbedJob) -> np.ndarray | JobError | None:
+        """The main face's embedding (``None``: no face)."""
+        return cast(np.ndarray | JobError | None, await self._run_batch(job))
+
+    async def enrol(self, job: EnrolJob) -> list[EnrolmentPhoto]:
+        """One embedding per photo, or the reason it is refused."""
+        return cast(list[EnrolmentPhoto], await self._run_batch(job))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _run_batch(self, jobs: list[Job]) -> list[Any]:
+    async def _run_batch(self, jobs: list[Job]) -> list[JobResult]:
         newest = max((j.min_revision for j in jobs if isinstance(j, RecognizeJob)), default=0)
         if newest > self._recognizer.gallery.revision:
             await self._refresh(force=True)
@@ -121,17 +145,19 @@ class RecognizerDeployment(Supervised):
         self._record_stage_metrics(results, started)
         return results
 
-    def _record_stage_metrics(self, results: list[Any], started: float) -> None:
-        seen_batch = False
-        for result in results:
-            if isinstance(result, dict) and "timings_ms" in result:
-                self._metrics.faces_per_image.observe(len(result["faces"]))
-                timings = result["timings_ms"]
-                self._metrics.stage_latency_ms.observe(timings["decode"], tags={"stage": "decode"})
-                if not seen_batch:  # detect/embed/match are per batch: record them once
-                    seen_batch = True
-                    for stage in ("detect", "embed", "match"):
-                        self._metrics.stage_latency_ms.observe(timings[stage], tags={"stage": stage})
+    def _record_stage_metrics(self, results: list[JobResult], started: float) -> None:
+        recognized = [result for result in results if isinstance(result, ImageResult)]
+        for result in recognized:
+            self._metrics.faces_per_image.observe(len(result.faces))
+            self._metrics.stage_latency_ms.observe(result.timings.decode_ms, tags={"stage": "decode"})
+        if recognized:  # detect/embed/match are per batch: record them once
+            timings = recognized[0].timings
+            for stage, value in (
+                ("detect", timings.detect_ms),
+                ("embed", timings.embed_ms),
+                ("match", timings.match_ms),
+            ):
+                self._metrics.stage_latency_ms.observe(value, tags={"stage": stage})
         self._metrics.stage_latency_ms.observe((time.perf_counter() - started) * 1000.0, tags={"stage": "batch"})
 
     def info(self) -> dict[str, Any]:

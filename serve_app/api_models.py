@@ -1,0 +1,160 @@
+"""The JSON API's response bodies as pydantic models: what ``/docs`` and ``/openapi.json`` show for every route.
+
+The ingress builds these at the edge from the typed results the Recognizer returns (:mod:`serve_app.results`
+turns a result into the same plain JSON the command line prints). Field names and shapes are the API's contract.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Candidate(BaseModel):
+    name: str
+    similarity: float = Field(description="cosine similarity to the person's closest enrolled face")
+
+
+class Face(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in the photo's pixels (EXIF orientation applied)")
+    detection_score: float = Field(description="MTCNN's face probability")
+    landmarks: list[list[float]] = Field(description="eyes, nose, mouth corners: five [x, y]")
+
+
+class RecognizedFace(Face):
+    name: str | None = Field(description="the enrolled person, or null (Unknown)")
+    similarity: float
+    margin: float = Field(description="lead of the best person over the second-best (cosine)")
+    candidates: list[Candidate]
+
+
+class Threshold(BaseModel):
+    value: float = Field(description="the similarity a face needed to be named")
+    source: Literal["fixed", "false_accept_rate", "request"]
+    false_accept_rate: float | None = None
+    gallery_people: int | None = None
+    min_margin: float = 0.0
+
+
+class Timings(BaseModel):
+    decode: float
+    detect: float
+    embed: float
+    match: float
+    batch_size: int = Field(description="photos in the Recognizer batch this one ran in")
+
+
+class Recognition(BaseModel):
+    """``POST /v1/recognize``."""
+
+    filename: str
+    width: int
+    height: int
+    model_id: str
+    main_face: int | None = Field(description="index in `faces` of the photo's main face (the legacy answer's)")
+    name: str | None = Field(description="the main face's name: what the legacy `POST /` answers")
+    faces: list[RecognizedFace]
+    best_guess: RecognizedFace | None = Field(
+        description="where no face reached the detection threshold: the weaker candidate `name` comes from"
+    )
+    threshold: Threshold | None
+    timings_ms: Timings
+
+
+class Detection(BaseModel):
+    """``POST /v1/detect``."""
+
+    filename: str
+    width: int
+    height: int
+    faces: list[Face]
+
+
+class Verification(BaseModel):
+    """``POST /v1/verify``."""
+
+    same_person: bool
+    similarity: float
+    threshold: float
+    model_id: str
+
+
+class PersonFaces(BaseModel):
+    name: str
+    faces: int
+
+
+class People(BaseModel):
+    """``GET /v1/people``."""
+
+    people: list[PersonFaces]
+    revision: int
+
+
+class Person(BaseModel):
+    """``GET /v1/people/{name}``."""
+
+    name: str
+    face_ids: list[str]
+    faces: int
+    revision: int
+
+
+class EnrolledPhoto(BaseModel):
+    photo: str
+    face_id: str
+
+
+class RefusedPhoto(BaseModel):
+    photo: str
+    reason: str
+
+
+class Enrolment(BaseModel):
+    """``POST /v1/people/{name}/faces`` (201; 422 with ``enrolled`` empty when every photo was refused)."""
+
+    name: str
+    enrolled: list[EnrolledPhoto]
+    refused: list[RefusedPhoto]
+    revision: int | None
+
+
+class PersonForgotten(BaseModel):
+    """``DELETE /v1/people/{name}``."""
+
+    name: str
+    removed_faces: int
+    revision: int
+
+
+class FaceForgotten(BaseModel):
+    """``DELETE /v1/people/{name}/faces/{face_id}``."""
+
+    name: str
+    removed_face: str
+    revision: int
+
+
+class Health(BaseModel):
+    """``GET /healthz``: 200 with the model and gallery once a Recognizer replica answers, else 503."""
+
+    status: Literal["ok", "starting"]
+    detail: str | None = None
+    replica: str | None = None
+    model_id: str | None = None
+    threshold: Threshold | None = None
+    gallery_revision: int | None = None
+    gallery_faces: int | None = None
+    gallery_people: int | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable: missing_part, body_too_large, not_an_image, ...")
+    message: str
+
+
+class Error(BaseModel):
+    """Every 4xx/5xx answer of the JSON API."""
+
+    error: ErrorDetail
