@@ -21,6 +21,9 @@ from serve_app.results import image_result_to_dict
 
 from .conftest import LFW
 
+# 800 real photos embedded for one module: an accuracy test (`-m slow`), still run by `make test` and CI.
+pytestmark = pytest.mark.slow
+
 ENROLLED, STRANGERS, TARGET = 500, 300, 0.01
 
 
