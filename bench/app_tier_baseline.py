@@ -35,6 +35,7 @@ from serve_app.model.gallery import Gallery
 from serve_app.model.images import decode_image
 from serve_app.model.pipeline import Models, load_models
 from serve_app.model.recognizer import embed_main_faces
+from serve_app.settings import RecognitionConfig
 
 RESULTS = results_dir()
 #: What the project set out to beat the original app tier by (model floor over baseline, same photos, same run).
@@ -119,7 +120,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    models = load_models(args.checkpoint, max_embed_batch=args.batch)
+    models = load_models(
+        RecognitionConfig(checkpoint=args.checkpoint, max_embed_batch=args.batch, false_accept_rate=None)
+    )
     payloads = lfw_payloads(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         gallery_dir = Path(tmp)

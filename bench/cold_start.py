@@ -37,11 +37,13 @@ import torch
 from serve_app.model.gallery import Gallery
 from serve_app.model.pipeline import load_models
 from serve_app.model.recognizer import Recognizer
+from serve_app.settings import RecognitionConfig
 imported = time.perf_counter()
 torch.set_num_threads(int(sys.argv[2]))
-models = load_models("facenet-keras-128")
+models = load_models(RecognitionConfig())  # what `make run` ships
 loaded = time.perf_counter()
-recognizer = Recognizer(models.detector, models.embedder, Gallery(models.embedder.model_id, models.embedder.dim))
+gallery = Gallery(models.embedder.model_id, models.embedder.dim)
+recognizer = Recognizer(models.detector, models.embedder, gallery, threshold=models.threshold_rule)
 data = open(sys.argv[1], "rb").read()
 recognizer.recognize_bytes([data])
 first = time.perf_counter()

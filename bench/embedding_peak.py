@@ -28,6 +28,7 @@ from serve_app.model.detector import main_face_index
 from serve_app.model.embedder import Embedder
 from serve_app.model.images import decode_image
 from serve_app.model.pipeline import Models, load_models
+from serve_app.settings import RecognitionConfig
 
 RESULTS = results_dir()
 
@@ -116,7 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    models = load_models(args.checkpoint, max_embed_batch=max(args.batches))
+    models = load_models(
+        RecognitionConfig(checkpoint=args.checkpoint, max_embed_batch=max(args.batches), false_accept_rate=None)
+    )
     crops = face_crops(models, lfw_payloads(args.images), args.crops)
     flops = flops_per_image(models.embedder, crops[0])
     # The peak in the arithmetic the embedder runs in (bfloat16 where the CPU has it natively: see Embedder).

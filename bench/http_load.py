@@ -91,8 +91,9 @@ def model_floor(photos: Sequence[tuple[str, bytes]] | Sequence[Photo], batch: in
     payloads = [p.data if isinstance(p, Photo) else p[1] for p in photos]
     torch.set_num_threads(threads)
     shipped = RecognitionConfig()
-    models = load_models(shipped.checkpoint, detector_config=shipped.detector_config())
-    recognizer = Recognizer(models.detector, models.embedder, Gallery(models.embedder.model_id, models.embedder.dim))
+    models = load_models(shipped)
+    gallery = Gallery(models.embedder.model_id, models.embedder.dim)
+    recognizer = Recognizer(models.detector, models.embedder, gallery, threshold=models.threshold_rule)
     recognizer.recognize_bytes(payloads[:8])  # warm-up
     started = time.perf_counter()
     for start in range(0, len(payloads), batch):

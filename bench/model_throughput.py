@@ -20,6 +20,7 @@ from machine import describe, results_dir
 from serve_app.model.images import decode_image
 from serve_app.model.pipeline import Models, load_models
 from serve_app.model.recognizer import embed_main_faces
+from serve_app.settings import RecognitionConfig
 
 LFW_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw-view1" / "images"
 RESULTS = results_dir()
@@ -47,7 +48,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="facenet-keras-128")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models = load_models(args.checkpoint, max_embed_batch=args.batch)
+    models = load_models(
+        RecognitionConfig(checkpoint=args.checkpoint, max_embed_batch=args.batch, false_accept_rate=None)
+    )
     payloads = lfw_payloads(args.images)
     images_per_s(models, payloads, 8)  # warm-up: first calls allocate and pick kernels
     single = images_per_s(models, payloads, 1)

@@ -174,9 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shipped = RecognitionConfig()
-    models = load_models(
-        shipped.checkpoint, detector_config=shipped.detector_config(), embed_precision=shipped.embed_precision
-    )
+    models = load_models(shipped)
     before = FaceDetector(
         DetectorConfig(
             probability_threshold=shipped.detect_probability,

@@ -44,27 +44,11 @@ from serve_app.metrics import controller_gauges
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 
-class PolicyArgs(BaseModel):
-    """:class:`cluster.policy.PolicyConfig` as application arguments (same names, same meaning)."""
-
-    service_time_s: float = Field(0.1, gt=0, description="seconds one replica spends per image, batched")
-    latency_target_s: float = Field(10.0, gt=0, description="how long an image may wait in the backlog")
-    min_replicas: int = Field(0, ge=0)
-    max_replicas: int = Field(16, ge=1)
-    replicas_per_node: int = Field(1, ge=1)
-    max_nodes: int = Field(16, ge=0)
-    scale_down_after_s: float = Field(60.0, ge=0)
-    hysteresis: float = Field(0.2, ge=0, lt=1)
-
-    def to_config(self) -> PolicyConfig:
-        return PolicyConfig(**self.model_dump())
-
-
 class ControllerArgs(BaseModel):
     """Application arguments of the controller (the ``args:`` of the ``controller`` application)."""
 
     stack: StackConfig = Field(default_factory=StackConfig)
-    policy: PolicyArgs = Field(default_factory=PolicyArgs)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     period_s: float = Field(5.0, gt=0, description="seconds between decisions")
     recognition_app: str = "facerec"
     recognizer_deployment: str = "Recognizer"
@@ -222,9 +206,7 @@ class ControllerDeployment(Supervised):
     def __init__(self, args: ControllerArgs) -> None:
         self._args = args
         self._reports = InFlightReports(args.report_ttl_s)
-        self._controller = QueueController(
-            args.policy.to_config(), SqsBacklog(args.stack), self._reports.total, RayActuator(args)
-        )
+        self._controller = QueueController(args.policy, SqsBacklog(args.stack), self._reports.total, RayActuator(args))
         self._gauges = controller_gauges()
         self._last: dict[str, object] = {}
         self._background = BackgroundTasks()

@@ -24,21 +24,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    #: Seconds one replica spends per image (measured, batched); the capacity estimate rests on it.
-    service_time_s: float = 0.1
-    #: How long an image may wait in the backlog: the backlog per replica is latency_target_s / service_time_s.
-    latency_target_s: float = 10.0
-    min_replicas: int = 0
-    max_replicas: int = 16
-    replicas_per_node: int = 1
-    max_nodes: int = 16
-    #: Demand must stay low this long before replicas are removed.
-    scale_down_after_s: float = 60.0
-    #: Fraction of the next-lower capacity demand must stay under to count as "low".
-    hysteresis: float = 0.2
+
+class PolicyConfig(BaseModel):
+    """The rule's settings: the controller application's ``policy`` argument and the simulator's, one schema."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    service_time_s: float = Field(
+        0.1, gt=0, description="seconds one replica spends per image (measured, batched): the capacity estimate"
+    )
+    latency_target_s: float = Field(
+        10.0, gt=0, description="how long an image may wait in the backlog (backlog per replica = this / service)"
+    )
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(16, ge=1)
+    replicas_per_node: int = Field(1, ge=1)
+    max_nodes: int = Field(16, ge=0)
+    scale_down_after_s: float = Field(60.0, ge=0, description="demand stays low this long before replicas go")
+    hysteresis: float = Field(
+        0.2, ge=0, lt=1, description="fraction of the next-lower capacity demand must stay under to count as low"
+    )
 
     @property
     def images_per_replica(self) -> float:

@@ -20,7 +20,6 @@ from aws_stack.stack import StackConfig
 from serve_app.deployments.gallery_writer import GalleryWriterDeployment
 from serve_app.deployments.ingress import IngressDeployment, IngressLimits, QueueSettings
 from serve_app.deployments.recognizer import RecognizerDeployment
-from serve_app.model.checkpoints import resolve_checkpoint
 from serve_app.model.images import DEFAULT_MAX_PIXELS
 from serve_app.queue_mode.response_router import ResponseRouterDeployment
 from serve_app.settings import RecognitionConfig
@@ -120,13 +119,8 @@ class AppArgs(BaseModel):
 def build_app(args: AppArgs) -> Application:
     """Wire the deployments together (Serve has validated the config's ``args`` into :class:`AppArgs`)."""
     config = args
-    checkpoint = resolve_checkpoint(config.recognition.checkpoint, config.recognition.threshold)
-    model_id = checkpoint.model_id + ("+flip" if config.recognition.flip else "")
-    threshold = (
-        checkpoint.threshold_for(config.recognition.flip)
-        if config.recognition.threshold is None
-        else config.recognition.threshold
-    )
+    checkpoint = config.recognition.resolved_checkpoint()  # an unknown checkpoint fails here, before deploying
+    model_id, threshold = config.recognition.model_id, config.recognition.verification_threshold
     scaling = config.recognizer
     size = size_recognizer(scaling, config.recognition.torch_threads, machine_cores())
     torch_threads = size.torch_threads

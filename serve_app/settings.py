@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serve_app.model.checkpoints import DEFAULT_CHECKPOINT
+from serve_app.model.checkpoints import DEFAULT_CHECKPOINT, Checkpoint, resolve_checkpoint
 from serve_app.model.detector import DetectorConfig
 
 if TYPE_CHECKING:
@@ -46,21 +46,25 @@ class RecognitionConfig(BaseModel):
         "auto", description="embedder arithmetic; auto: bfloat16 where the CPU has it natively, else float32"
     )
 
+    def resolved_checkpoint(self) -> Checkpoint:
+        """The checkpoint these settings name (the one place a name or path becomes weights and facts)."""
+        return resolve_checkpoint(self.checkpoint, self.threshold)
+
+    @property
+    def model_id(self) -> str:
+        """The embedding space these settings produce (checkpoint, and flip averaging)."""
+        return self.resolved_checkpoint().model_id_for(self.flip)
+
+    @property
+    def verification_threshold(self) -> float:
+        """One photo against one other: the configured ``threshold``, or the checkpoint's own (with flip)."""
+        return self.resolved_checkpoint().threshold_for(self.flip) if self.threshold is None else self.threshold
+
     def load_models(self, torch_threads: int | None = None) -> Models:
-        """The detector, embedder and match rule these settings describe (the one place they are unpacked)."""
+        """The detector, embedder and match rule these settings describe."""
         from serve_app.model.pipeline import load_models
 
-        return load_models(
-            self.checkpoint,
-            detector_config=self.detector_config(),
-            flip=self.flip,
-            max_embed_batch=self.max_embed_batch,
-            threshold=self.threshold,
-            embed_precision=self.embed_precision,
-            torch_threads=torch_threads,
-            false_accept_rate=self.false_accept_rate,
-            min_margin=self.min_margin,
-        )
+        return load_models(self, torch_threads=torch_threads)
 
     def detector_config(self) -> DetectorConfig:
         return DetectorConfig(

@@ -65,4 +65,4 @@ def models():  # type: ignore[no-untyped-def]
     from serve_app.model.pipeline import load_models
     from serve_app.settings import RecognitionSettings
 
-    return load_models(RecognitionSettings().checkpoint)
+    return load_models(RecognitionSettings())

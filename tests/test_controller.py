@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from pydantic import ValidationError
 
-from cluster.controller import InFlightReports, PolicyArgs, QueueController
+from cluster.controller import ControllerArgs, InFlightReports, QueueController
 from cluster.policy import PolicyConfig
 
 POLICY = PolicyConfig(service_time_s=0.1, latency_target_s=10.0, max_replicas=4, max_nodes=4, scale_down_after_s=30)
@@ -102,6 +103,11 @@ def test_in_flight_reports_sum_per_replica_and_expire() -> None:
     assert reports.total() == 1
 
 
-def test_policy_args_match_the_policy_config() -> None:
-    assert PolicyArgs().to_config() == PolicyConfig(min_replicas=0)
-    assert set(PolicyArgs.model_fields) == set(PolicyConfig.__dataclass_fields__)
+def test_the_controller_takes_the_policy_schema_itself() -> None:
+    """One schema: the controller application's `policy` argument is validated into PolicyConfig directly."""
+    args = ControllerArgs.model_validate({"policy": {"max_replicas": 4, "latency_target_s": 5}})
+    assert args.policy == PolicyConfig(max_replicas=4, latency_target_s=5.0)
+    with pytest.raises(ValidationError):
+        ControllerArgs.model_validate({"policy": {"max_replicas": 0}})
+    with pytest.raises(ValidationError, match="extra"):
+        ControllerArgs.model_validate({"policy": {"max_replica": 4}})  # a misspelt key is an error, not ignored

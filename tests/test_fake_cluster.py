@@ -49,7 +49,6 @@ import requests
 
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, provision, status
-from cluster.controller import PolicyArgs
 from cluster.deploy import deploy, render_serve_config
 from cluster.policy import PolicyConfig, nodes_for, wanted_replicas
 from tests.queue_helpers import Stack, check_all_answered, collect_responses, enqueue, enrol, numbered
@@ -308,7 +307,7 @@ def _serve_config(stack: StackConfig, http_port: int, dashboard: str, *, bridge:
 def _policy(config: dict[str, Any]) -> PolicyConfig:
     """The policy the controller runs with, from the same application arguments it is given."""
     controller = next(app for app in config["applications"] if app["name"] == "controller")
-    return PolicyArgs.model_validate(controller["args"]["policy"]).to_config()
+    return PolicyConfig.model_validate(controller["args"]["policy"])
 
 
 def test_backlog_brings_worker_nodes_that_drain_it_then_leave(fake_cluster: FakeCluster, moto_endpoint: str) -> None:

@@ -114,7 +114,7 @@ def test_the_service_batch_path_decodes_within_the_configured_pixel_limit(models
     photo = (SCENES / "knn" / "test" / "obama1.jpg").read_bytes()
     pixels = decode_image(photo).pixels.shape[0] * decode_image(photo).pixels.shape[1]
     gallery = Gallery(models.embedder.model_id, models.embedder.dim)
-    roomy = Recognizer(models.detector, models.embedder, gallery, max_pixels=pixels)
+    roomy = Recognizer(models.detector, models.embedder, gallery, threshold=models.threshold, max_pixels=pixels)
     recognized, detected, enrolled = run_jobs(
         roomy, [RecognizeJob(photo), DetectJob(photo), EnrolJob((("obama1.jpg", photo),))]
     )
@@ -123,7 +123,7 @@ def test_the_service_batch_path_decodes_within_the_configured_pixel_limit(models
     assert len(recognized.faces) == 1 and len(detected.faces) == 1
     assert isinstance(enrolled, list) and enrolled[0].refused is None and enrolled[0].embedding is not None
 
-    tight = Recognizer(models.detector, models.embedder, gallery, max_pixels=pixels - 1)
+    tight = Recognizer(models.detector, models.embedder, gallery, threshold=models.threshold, max_pixels=pixels - 1)
     recognized, detected, enrolled = run_jobs(
         tight, [RecognizeJob(photo), DetectJob(photo), EnrolJob((("obama1.jpg", photo),))]
     )

@@ -55,6 +55,10 @@ class Checkpoint:
     def threshold_for(self, flip: bool) -> float:
         return self.flip_threshold if flip and self.flip_threshold is not None else self.threshold
 
+    def model_id_for(self, flip: bool) -> str:
+        """The embedding space's id: flip averaging changes the vectors, so it is part of the id."""
+        return self.model_id + ("+flip" if flip else "")
+
 
 # Converters are imported when their checkpoint is loaded: each pulls in its own file-format reader.
 def _keras() -> nn.Module:

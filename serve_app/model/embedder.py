@@ -58,7 +58,7 @@ class Embedder:
     @property
     def model_id(self) -> str:
         """Identifies the embedding space; flip averaging changes the vectors, so it is part of the id."""
-        return self.checkpoint.model_id + ("+flip" if self.flip else "")
+        return self.checkpoint.model_id_for(self.flip)
 
     @property
     def dim(self) -> int:

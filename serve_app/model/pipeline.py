@@ -1,15 +1,18 @@
-"""Build the detector and embedder from plain settings (no serving framework involved)."""
+"""Build the detector, embedder and match rule from the recognition settings (no serving framework involved)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from serve_app.model.checkpoints import resolve_checkpoint
-from serve_app.model.detector import DetectorConfig, FaceDetector
-from serve_app.model.embedder import Embedder, Precision
+from serve_app.model.detector import FaceDetector
+from serve_app.model.embedder import Embedder
 from serve_app.model.match_threshold import ThresholdRule, threshold_rule
+
+if TYPE_CHECKING:
+    from serve_app.settings import RecognitionConfig
 
 
 @dataclass(frozen=True)
@@ -23,35 +26,31 @@ class Models:
 
 
 def load_models(
-    checkpoint: str,
-    *,
-    detector_config: DetectorConfig | None = None,
-    flip: bool = False,
-    max_embed_batch: int = 32,
-    threshold: float | None = None,
-    torch_threads: int | None = None,
-    device: torch.device | None = None,
-    embed_precision: Precision = "auto",
-    false_accept_rate: float | None = None,
-    min_margin: float = 0.0,
+    settings: RecognitionConfig, *, torch_threads: int | None = None, device: torch.device | None = None
 ) -> Models:
-    """Load MTCNN and the named embedding checkpoint once; ``threshold`` defaults to the checkpoint's own.
+    """Load MTCNN and the settings' embedding checkpoint once, with the match rule the settings ask for.
 
     With ``false_accept_rate`` (and no ``threshold``), gallery matches use a threshold derived from the
     checkpoint's shipped impostor calibration and the gallery's size (:mod:`serve_app.model.match_threshold`).
     """
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
-    resolved = resolve_checkpoint(checkpoint, threshold)
-    detector = FaceDetector(detector_config, device=device)
-    embedder = Embedder(resolved, max_batch=max_embed_batch, flip=flip, device=device, precision=embed_precision)
-    fixed = resolved.threshold_for(flip) if threshold is None else threshold
+    resolved = settings.resolved_checkpoint()
+    detector = FaceDetector(settings.detector_config(), device=device)
+    embedder = Embedder(
+        resolved,
+        max_batch=settings.max_embed_batch,
+        flip=settings.flip,
+        device=device,
+        precision=settings.embed_precision,
+    )
+    fixed = settings.verification_threshold
     rule = threshold_rule(
         fixed=fixed,
-        false_accept_rate=false_accept_rate if threshold is None else None,
+        false_accept_rate=settings.false_accept_rate if settings.threshold is None else None,
         checkpoint=resolved.name,
-        flip=flip,
+        flip=settings.flip,
         model_id=embedder.model_id,
-        min_margin=min_margin,
+        min_margin=settings.min_margin,
     )
     return Models(detector, embedder, fixed, rule)

@@ -86,7 +86,7 @@ class Recognizer:
         embedder: Embedder,
         gallery: Gallery,
         *,
-        threshold: float | ThresholdRule | None = None,
+        threshold: float | ThresholdRule,
         top_k: int = 3,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
@@ -94,11 +94,7 @@ class Recognizer:
             raise ValueError(f"gallery model {gallery.model_id!r} != embedder model {embedder.model_id!r}")
         self.detector = detector
         self.embedder = embedder
-        if not isinstance(threshold, ThresholdRule):
-            threshold = ThresholdRule(
-                embedder.checkpoint.threshold_for(embedder.flip) if threshold is None else threshold
-            )
-        self.threshold_rule = threshold
+        self.threshold_rule = threshold if isinstance(threshold, ThresholdRule) else ThresholdRule(threshold)
         self.gallery = gallery
         self.top_k = top_k
         #: Uploads over this many pixels are refused before decoding (``AppArgs.max_pixels`` in the service).
