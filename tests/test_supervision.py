@@ -1,8 +1,9 @@
 """Background loops are supervised: a replica whose loop has died reports unhealthy, and Serve replaces it.
 
 The unit tests check :class:`BackgroundTasks` itself; the Serve test kills each loop of a running queue-mode
-application (gallery refresh, in-flight reporter, response reader, bridge consumer) and waits for Serve to put a
-new replica, with the loop running again, in place of the old one; the service answers through the queue after.
+application (gallery refresh, in-flight reporter, response reader, bridge consumer, scaling controller) and waits
+for Serve to put a new replica, with the loop running again, in place of the old one; the service answers through
+the queue after.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, provision
 from serve_app.deployments.supervision import BackgroundTaskError, BackgroundTasks
 from tests.queue_helpers import enrol, pool
-from tests.serve_fixtures import ServeCluster, healthy
+from tests.serve_fixtures import ServeCluster, free_port, healthy
 from tests.waiting import wait_until
 
 
@@ -70,13 +71,14 @@ def test_a_killed_or_finished_task_fails_the_check() -> None:
 
 
 # --- Serve replaces the replica ------------------------------------------------------------------------------
-APP, BRIDGE = "supervised", "supervised-bridge"
+APP, BRIDGE, CONTROLLER = "supervised", "supervised-bridge", "supervised-controller"
 
 
 @pytest.fixture(scope="module")
 def queue_app(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str]:
     from ray import serve
 
+    from cluster.controller import build_controller
     from serve_app.app import AppArgs, build_app
     from serve_app.settings import RecognitionSettings
     from sqs_bridge.deployment import build_bridge
@@ -90,11 +92,19 @@ def queue_app(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str]:
             "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0},
             "queue_mode": True,
             "stack": stack.model_dump(),
-            # No controller runs here: the ingress's reporter retries (and logs) every 2 s, which is all this
-            # test needs of it (a loop to kill).
-            "controller_app": "no-controller-here",
+            "controller_app": CONTROLLER,
         }
     )
+    # The queue-depth controller, with nothing to act on: no worker nodes allowed, and Serve's scaling API
+    # (the dashboard) at a port nothing listens on, so each step's attempt fails, is logged, and the loop goes on.
+    controller = {
+        "stack": stack.model_dump(),
+        "recognition_app": APP,
+        "policy": {"max_nodes": 0, "max_replicas": 1, "min_replicas": 1},
+        "period_s": 1.0,
+        "dashboard_url": f"http://127.0.0.1:{free_port()}",
+    }
+    serve.run(build_controller(controller), name=CONTROLLER, route_prefix=None)
     serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
     wait_until(lambda: healthy(serve_cluster.url), 240, "the queue-mode app did not start")
     serve.run(
@@ -105,6 +115,7 @@ def queue_app(serve_cluster: ServeCluster, moto_endpoint: str) -> Iterator[str]:
     enrol(serve_cluster.url)
     yield serve_cluster.url
     serve.delete(BRIDGE)
+    serve.delete(CONTROLLER)
     serve.delete(APP)
 
 
@@ -123,6 +134,7 @@ def _replica(handle: Any) -> str | None:
         (APP, "Ingress", "in-flight reporter"),
         (APP, "ResponseRouter", "response reader"),
         (BRIDGE, "SqsBridge", "consumer"),
+        (CONTROLLER, "QueueController", "controller loop"),
     ],
 )
 def test_a_replica_whose_loop_died_is_replaced(queue_app: str, app: str, deployment: str, task: str) -> None:
