@@ -23,11 +23,13 @@ from types import FrameType
 
 import yaml
 
+from serve_app import SHIPPED_CONFIG
+
 log = logging.getLogger("facerec.local")
 
 RUN_DIR = Path("run")
 PID_FILE = RUN_DIR / "facerec.pid"
-CONFIG = Path(__file__).with_name("config.yaml")
+CONFIG = SHIPPED_CONFIG
 
 
 def _listening(port: int) -> bool:

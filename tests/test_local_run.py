@@ -40,3 +40,15 @@ def test_time_wait_sockets_after_a_load_run_do_not_count() -> None:
             bind_failed = True
     assert bind_failed, "expected the port to be in TIME_WAIT"
     assert not _listening(port)
+
+
+def test_make_run_deploys_the_shipped_config() -> None:
+    """`make run` reads the application's arguments from the Serve config shipped with the app, and they validate."""
+    import yaml
+
+    from facerec.local_run import CONFIG
+    from serve_app.app import AppArgs
+
+    assert CONFIG.is_file(), CONFIG
+    args = AppArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    assert args.recognition.checkpoint
