@@ -25,6 +25,8 @@ from typing import Any
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+#: What ``facerec.local_run`` prints once every application is deployed.
+READY_BANNER = "facerec is running"
 
 
 def free_port() -> int:
@@ -81,8 +83,11 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float, 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        # Both applications up (local_run prints its banner after the bridge is deployed), so that no replica is
+        # still importing torch while a benchmark measures.
+        started = READY_BANNER in log.read_text(errors="replace")
         try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if started and requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 return
         except requests.RequestException:
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,8 +13,8 @@ import pytest
 import requests
 
 from aws_stack.clients import AwsClients
-from aws_stack.stack import StackConfig, provision, status
-from tests.queue_helpers import enrol, pool
+from aws_stack.stack import StackConfig, provision, queue_counts, queue_urls, status
+from tests.queue_helpers import ENROLLED, enrol, person_photos, pool
 from tests.serve_fixtures import ServeCluster, healthy
 from tests.waiting import wait_until
 
@@ -87,6 +88,105 @@ def test_two_hundred_concurrent_requests_each_get_their_own_answer(
         return all(report[q] == {"visible": 0, "in_flight": 0} for q in ("request_queue", "response_queue"))
 
     wait_until(drained, 30, "queues did not drain to 0")
+
+
+#: Ten people for the same-name test: the module's four enrolled people and six more.
+MORE_PEOPLE = ["Colin_Powell", "Donald_Rumsfeld", "Jean_Chretien", "Angelina_Jolie", "Hans_Blix", "Amelie_Mauresmo"]
+
+
+def _post_all(url: str, jobs: list[tuple[str, bytes, str]], workers: int) -> list[tuple[int, str, str]]:
+    """POST / each (file name, photo, expected answer) from ``workers`` clients at once."""
+
+    def post(job: tuple[str, bytes, str]) -> tuple[int, str, str]:
+        name, data, expected = job
+        response = requests.post(f"{url}/", files={"inputFile": (name, data)}, timeout=600)
+        return response.status_code, response.text, expected
+
+    with ThreadPoolExecutor(max_workers=workers) as clients_pool:
+        return list(clients_pool.map(post, jobs))
+
+
+def test_same_name_uploads_at_once_each_get_the_answer_for_their_own_photo(
+    queued: tuple[str, StackConfig, AwsClients],
+) -> None:
+    """100 clients, 10 people, every upload called photo.jpg: each reads back exactly the bytes it uploaded."""
+    url, stack, clients = queued
+    enrol(url, MORE_PEOPLE)
+    people = [*ENROLLED, *MORE_PEOPLE]
+    photos = [(person_photos(person)[1].read_bytes(), person) for person in people]
+    jobs = [("photo.jpg", data, f"photo:{person}") for data, person in (photos[i % 10] for i in range(100))]
+    results = _post_all(url, jobs, workers=100)
+    assert [code for code, _, _ in results] == [200] * 100
+    wrong = [(body, expected) for _, body, expected in results if body != expected]
+    print(f"\nsame-name uploads: 100 sent, {100 - len(wrong)} right, {len(wrong)} wrong")
+    assert wrong == []
+    versions = clients.s3.list_object_versions(Bucket=stack.in_bucket, Prefix="photo.jpg").get("Versions", [])
+    assert len(versions) == 100  # one version per upload, each read by its own request
+
+
+def test_malformed_messages_on_the_response_queue_do_not_stop_the_router(
+    queued: tuple[str, StackConfig, AwsClients],
+) -> None:
+    url, stack, clients = queued
+    responses_url = queue_urls(stack, clients).responses
+    junk: list[dict[str, Any]] = [
+        {"MessageBody": "not a tuple"},  # no correlation id at all
+        {"MessageBody": "('x', 'y')", "MessageAttributes": {"key": {"DataType": "Binary", "BinaryValue": b"\x00"}}},
+        {"MessageBody": "x" * 200_000, "MessageAttributes": {"key": {"DataType": "String", "StringValue": ""}}},
+        {"MessageBody": "\ufffd(((", "MessageAttributes": {"key": {"DataType": "Number", "StringValue": "7"}}},
+        {
+            "MessageBody": "('a', 'b', 'c')",
+            "MessageAttributes": {"status": {"DataType": "String", "StringValue": "ok"}},
+        },
+    ]
+    stop = threading.Event()
+
+    def inject() -> int:
+        sent = 0
+        while not stop.is_set():
+            clients.sqs.send_message(QueueUrl=responses_url, **junk[sent % len(junk)])
+            sent += 1
+            stop.wait(0.05)
+        return sent
+
+    photos = pool()
+    jobs = [(f"junk_{i:03d}.jpg", *photos[i % len(photos)]) for i in range(200)]
+    with ThreadPoolExecutor(max_workers=1) as injector:
+        injected = injector.submit(inject)
+        results = _post_all(url, [(name, data, f"{name[:-4]}:{expected}") for name, data, expected in jobs], 200)
+        stop.set()
+        count = injected.result()
+    right = sum(1 for code, body, expected in results if code == 200 and body == expected)
+    print(f"\nmalformed responses: {count} injected during 200 requests, {right} right answers")
+    assert count > len(junk)
+    assert right == 200
+    # Nobody can ever claim them: the router drops them rather than leave them circling.
+    wait_until(lambda: queue_counts(clients.sqs, responses_url) == {"visible": 0, "in_flight": 0}, 120, "junk left")
+
+
+def test_the_router_killed_mid_run_loses_no_answer(
+    serve_cluster: ServeCluster, queued: tuple[str, StackConfig, AwsClients]
+) -> None:
+    import ray
+
+    url, _, _ = queued
+    photos = pool()
+    jobs = [(f"kill_{i:03d}.jpg", *photos[i % len(photos)]) for i in range(200)]
+    with ThreadPoolExecutor(max_workers=1) as killer:
+
+        def kill_router() -> str:
+            time.sleep(2.0)  # requests are in flight by now: their answers come back while the router is down
+            victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#ResponseRouter#" in a["name"]]
+            ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+            return str(victims[0]["name"])
+
+        killed = killer.submit(kill_router)
+        results = _post_all(url, [(name, data, f"{name[:-4]}:{expected}") for name, data, expected in jobs], 200)
+        killed.result()
+    failed = [(code, body) for code, body, _ in results if code != 200]
+    wrong = [(body, expected) for code, body, expected in results if code == 200 and body != expected]
+    print(f"\nrouter killed: 200 sent, {200 - len(failed)} answered, {len(failed)} failed, {len(wrong)} wrong")
+    assert failed == [] and wrong == []
 
 
 def test_no_answer_in_time_is_a_504_not_a_hang(

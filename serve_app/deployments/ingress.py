@@ -10,8 +10,6 @@ import hmac
 import logging
 import os
 import re
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Annotated, Any
@@ -37,6 +35,7 @@ from serve_app.api_models import (
     Recognition,
     Verification,
 )
+from serve_app.deployments.http_limits import LimitsAndMetrics
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
@@ -72,33 +71,12 @@ async def _problem(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
 
 
-@app.middleware("http")
-async def _limits_and_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    started = time.perf_counter()
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    declared = request.headers.get("content-length")
-    if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
-        # Refuse before reading a byte of the body.
-        response: Response = JSONResponse(
-            {
-                "error": {
-                    "code": "body_too_large",
-                    "message": f"the request body is {declared} bytes; the limit is {limit}",
-                }
-            },
-            status_code=413,
-        )
-    else:
-        request.app.state.in_flight = getattr(request.app.state, "in_flight", 0) + 1
-        try:
-            response = await call_next(request)
-        finally:
-            request.app.state.in_flight -= 1
-    route = request.scope.get("route")
-    path = getattr(route, "path", "unmatched")
-    metrics().requests.inc(tags={"route": path, "status": str(response.status_code)})
-    metrics().request_latency_ms.observe((time.perf_counter() - started) * 1000.0, tags={"route": path})
-    return response
+def _observe(route: str, status: int, seconds: float) -> None:
+    metrics().requests.inc(tags={"route": route, "status": str(status)})
+    metrics().request_latency_ms.observe(seconds * 1000.0, tags={"route": route})
+
+
+app.add_middleware(LimitsAndMetrics, state=app.state, observe=_observe)
 
 
 @dataclass(frozen=True)

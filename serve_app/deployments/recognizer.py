@@ -1,9 +1,10 @@
 """The Recognizer deployment: owns the models and a read-only copy of the shared gallery, batches requests.
 
-Concurrent requests (HTTP and queue alike) are gathered by ``@serve.batch`` and run as one batch on a worker
-thread, so the event loop keeps accepting requests while torch computes. The gallery copy follows the store:
-a background task polls the store's change token every ``gallery_refresh_s`` seconds, and a request that
-carries a newer ``min_revision`` (read-your-writes after an enrolment) refreshes it first.
+Concurrent requests (HTTP and queue alike) are gathered by a :class:`~serve_app.deployments.batching.Batcher`
+and run as one batch on a worker thread, so the event loop keeps accepting requests while torch computes.
+The gallery copy follows the store: a background task polls the store's change token every
+``gallery_refresh_s`` seconds, and a request that carries a newer ``min_revision`` (read-your-writes after an
+enrolment) refreshes it first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from serve_app.deployments.batching import Batcher
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.jobs import (
@@ -70,12 +72,11 @@ class RecognizerDeployment(Supervised):
         )
         self._refresh_s = gallery_refresh_s
         self._refresh_lock = asyncio.Lock()
-        # serve.batch adds these setters to the decorated method at run time; the decorator's type hides them.
-        self._run_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._batcher: Batcher[Job, JobResult] = Batcher(self._run_batch, max_batch_size, batch_wait_timeout_s)
         self._metrics = metrics()
         self._publish_gallery_metrics()
         self._background = BackgroundTasks()
+        self._background.start("batching", self._batcher.serve_forever())
         self._background.start("gallery refresh", self._poll_gallery())
         log.info("Recognizer ready: %s, gallery %s (%d faces)", self._model_id, self._store.describe(), len(gallery))
 
@@ -120,21 +121,20 @@ class RecognizerDeployment(Supervised):
     # --- requests: one method per job kind; concurrent calls of every kind share one batch queue -----------
     async def recognize(self, job: RecognizeJob) -> ImageResult | JobError:
         """Every face in the photo, named against the gallery."""
-        return cast(ImageResult | JobError, await self._run_batch(job))
+        return cast(ImageResult | JobError, await self._batcher.submit(job))
 
     async def detect(self, job: DetectJob) -> Detections | JobError:
         """Faces only."""
-        return cast(Detections | JobError, await self._run_batch(job))
+        return cast(Detections | JobError, await self._batcher.submit(job))
 
     async def embed(self, job: EmbedJob) -> np.ndarray | JobError | None:
         """The main face's embedding (``None``: no face)."""
-        return cast(np.ndarray | JobError | None, await self._run_batch(job))
+        return cast(np.ndarray | JobError | None, await self._batcher.submit(job))
 
     async def enrol(self, job: EnrolJob) -> list[EnrolmentPhoto]:
         """One embedding per photo, or the reason it is refused."""
-        return cast(list[EnrolmentPhoto], await self._run_batch(job))
+        return cast(list[EnrolmentPhoto], await self._batcher.submit(job))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _run_batch(self, jobs: list[Job]) -> list[JobResult]:
         newest = max((j.min_revision for j in jobs if isinstance(j, RecognizeJob)), default=0)
         if newest > self._recognizer.gallery.revision:
