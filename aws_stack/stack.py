@@ -94,6 +94,33 @@ def _create_bucket(s3: Any, name: str, region: str) -> None:
             raise
 
 
+#: How long an overwritten upload stays readable: long enough for any request still queued for it.
+NONCURRENT_UPLOAD_DAYS = 1
+
+
+def _version_uploads(s3: Any, bucket: str) -> None:
+    """Version the input bucket, so two uploads under one name are two objects.
+
+    The legacy contract names the input object after the client's file, so two clients posting ``photo.jpg``
+    at once overwrite each other; the queue-mode web tier sends the version it wrote with its request, and the
+    bridge reads exactly that version. Old versions expire after a day, so versioning costs no lasting storage.
+    """
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_lifecycle_configuration(
+        Bucket=bucket,
+        LifecycleConfiguration={
+            "Rules": [
+                {
+                    "ID": "expire-overwritten-uploads",
+                    "Status": "Enabled",
+                    "Filter": {"Prefix": ""},
+                    "NoncurrentVersionExpiration": {"NoncurrentDays": NONCURRENT_UPLOAD_DAYS},
+                }
+            ]
+        },
+    )
+
+
 def _ensure_queue(sqs: Any, name: str, attributes: dict[str, str]) -> str:
     try:
         url = str(sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"])
@@ -110,6 +137,7 @@ def provision(config: StackConfig, clients: AwsClients) -> QueueUrls:
     """Create (or bring up to date) every bucket and queue of the stack. Safe to run any number of times."""
     for bucket in (config.in_bucket, config.out_bucket, config.gallery_bucket):
         _create_bucket(clients.s3, bucket, config.region)
+    _version_uploads(clients.s3, config.in_bucket)
     dead_letter = _ensure_queue(clients.sqs, config.dead_letter_queue, {"MessageRetentionPeriod": "1209600"})
     dead_letter_arn = clients.sqs.get_queue_attributes(QueueUrl=dead_letter, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"

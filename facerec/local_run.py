@@ -108,7 +108,7 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) -> int:
+def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int, queue_mode: bool = False) -> int:
     for port in (http_port, dashboard_port, moto_port, metrics_port):
         if _listening(port):
             log.error("127.0.0.1:%d is in use: is the service already running? (`make stop`)", port)
@@ -137,6 +137,8 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
             from serve_app.app import AppArgs, build_app
             from sqs_bridge.deployment import build_bridge
 
+            # Every Ray process of this local head inherits this environment (AWS_* for the moto server, any
+            # FACEREC_*). Not through a runtime_env: Ray's runtime-env agent logs those values, FACEREC_API_KEY too.
             ray.init(
                 address="local",
                 include_dashboard=True,
@@ -144,7 +146,6 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
                 dashboard_port=dashboard_port,
                 _node_ip_address="127.0.0.1",
                 _metrics_export_port=metrics_port,
-                runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FACEREC_"))}},
             )
             # After ray.init: Ray installs its own SIGTERM handler there, which would abort instead of stopping.
             stop = _stop_event()
@@ -152,12 +153,15 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int) 
                 serve.start(http_options={"host": "127.0.0.1", "port": http_port})
                 args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
                 args["gallery_uri"] = stack.gallery_uri
+                if queue_mode:  # POST / through the local S3 + SQS and the bridge, as the cluster's web tier
+                    args.update(queue_mode=True, stack=stack.model_dump())
                 serve.run(build_app(AppArgs.model_validate(args)), name="facerec", route_prefix="/")
                 serve.run(build_bridge({"stack": stack.model_dump()}), name="bridge", route_prefix=None)
                 api = f"http://127.0.0.1:{http_port}"
+                legacy = "legacy POST / through S3 + SQS" if queue_mode else "legacy POST /"
                 print(
                     "\nfacerec is running (Ctrl-C or `make stop` to stop):\n"
-                    f"  API        {api}/   (legacy POST /, JSON API under /v1)\n"
+                    f"  API        {api}/   ({legacy}, JSON API under /v1)\n"
                     f"  API docs   {api}/docs\n"
                     f"  health     {api}/healthz\n"
                     f"  dashboard  http://127.0.0.1:{dashboard_port}\n"
@@ -184,9 +188,14 @@ def main() -> None:
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--moto-port", type=int, default=5000)
     parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument(
+        "--queue-mode",
+        action="store_true",
+        help="legacy web tier: POST / uploads to the input bucket and waits for the bridge's answer on the queues",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(run(args.http_port, args.dashboard_port, args.moto_port, args.metrics_port))
+    sys.exit(run(args.http_port, args.dashboard_port, args.moto_port, args.metrics_port, args.queue_mode))
 
 
 if __name__ == "__main__":

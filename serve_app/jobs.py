@@ -8,6 +8,7 @@ replica so that a bad upload costs the ingress nothing. Results stay typed (:cla
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from serve_app.model.detector import DetectedFace
 from serve_app.model.enrollment import EnrolmentPhoto, embed_for_enrolment
 from serve_app.model.images import DecodedImage, InvalidImageError, decode_timed
 from serve_app.model.recognizer import ImageResult, Recognizer, embed_main_faces
+
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 
 @dataclass(frozen=True)
@@ -117,3 +120,19 @@ def run_jobs(recognizer: Recognizer, jobs: Sequence[Job]) -> list[JobResult]:
                 recognizer.detector, recognizer.embedder, job.photos, max_pixels=recognizer.max_pixels
             )
     return out
+
+
+def run_jobs_isolated(recognizer: Recognizer, jobs: Sequence[Job]) -> list[JobResult]:
+    """:func:`run_jobs`, but a job whose input hits a bug fails alone (``unprocessable``), not its whole batch.
+
+    The batch runs as one first; only if that raises are its jobs run one at a time to find the culprit, so the
+    other callers (other users' requests that happened to share the batch) still get their answers.
+    """
+    try:
+        return run_jobs(recognizer, jobs)
+    except Exception:
+        if len(jobs) == 1:
+            log.exception("a %s failed", type(jobs[0]).__name__)
+            return [JobError("unprocessable", "the photo could not be processed")]
+        log.exception("a batch of %d failed; running its jobs one at a time", len(jobs))
+        return [run_jobs_isolated(recognizer, [job])[0] for job in jobs]

@@ -21,14 +21,17 @@ deliveries SQS moves it to the dead-letter queue.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import posixpath
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+
+from serve_app.queue_mode.contract import KEY_ATTRIBUTE, VERSION_ATTRIBUTE, output_key, response_body
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -56,18 +59,20 @@ class RequestMessage:
     body: str
     correlation_id: str
     receive_count: int
+    #: The upload this request is about, when the producer named one (two uploads may share a key).
+    version_id: str | None = None
 
     @classmethod
     def from_sqs(cls, message: dict[str, Any]) -> RequestMessage:
         attributes = message.get("MessageAttributes") or {}
-        key_attribute = attributes.get("key", {}).get("StringValue")
         return cls(
             message_id=message["MessageId"],
             receipt_handle=message["ReceiptHandle"],
             body=message.get("Body", ""),
             # A request without a correlation id still gets an answer; its message id stands in.
-            correlation_id=key_attribute or message["MessageId"],
+            correlation_id=_string_attribute(attributes, KEY_ATTRIBUTE) or message["MessageId"],
             receive_count=int((message.get("Attributes") or {}).get("ApproximateReceiveCount", "1")),
+            version_id=_string_attribute(attributes, VERSION_ATTRIBUTE),
         )
 
 
@@ -95,16 +100,6 @@ class Outcome(Enum):
 Recognize = Callable[[bytes], Awaitable[Answer]]
 
 
-def output_key(input_key: str) -> str:
-    """``test_000.jpg`` -> ``test_000`` (the filename without its extension)."""
-    return posixpath.splitext(input_key)[0]
-
-
-def response_body(stem: str, name: str) -> str:
-    """The Python tuple repr that old web tiers parse with ``strip("()").split(", ")``."""
-    return repr((stem, name))
-
-
 @dataclass
 class RequestProcessor:
     s3: Any
@@ -113,6 +108,8 @@ class RequestProcessor:
     out_bucket: str
     response_queue_url: str
     recognize: Recognize
+    #: How long to keep trying to record a response already sent (an S3 outage) before leaving it to redelivery.
+    record_budget_s: float = 300.0
     _active: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def process(self, message: RequestMessage) -> Outcome:
@@ -131,13 +128,15 @@ class RequestProcessor:
         key = message.body.strip()
         if not key or len(key) > MAX_KEY_LENGTH or key.endswith("/"):
             return await self._finish(message, key or "(empty)", _poison("bad_request", "the body is not an input key"))
+        where = {"VersionId": message.version_id} if message.version_id else {}
         try:
-            obj = await asyncio.to_thread(self.s3.get_object, Bucket=self.in_bucket, Key=key)
+            obj = await asyncio.to_thread(self.s3.get_object, Bucket=self.in_bucket, Key=key, **where)
             data = await asyncio.to_thread(obj["Body"].read)
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+            if _code(exc) in ("NoSuchKey", "NoSuchVersion", "404", "NotFound", "InvalidArgument"):
+                version = f" (version {message.version_id})" if message.version_id else ""
                 return await self._finish(
-                    message, key, _poison("missing_input", f"no object {key} in the input bucket")
+                    message, key, _poison("missing_input", f"no object {key}{version} in the input bucket")
                 )
             raise TransientError(f"reading {key}: {exc}") from exc
         except BotoCoreError as exc:
@@ -149,7 +148,7 @@ class RequestProcessor:
         if stored is not None and same_request and stored.get("input-etag") == etag:
             if stored.get("response-sent") != "true":
                 await self._respond(message, output_key(key), stored["answer"])
-                await self._mark_sent(output_key(key), stored)
+                await self._mark_sent(output_key(key), stored, stored["etag"])
             return Outcome.REUSED
 
         try:
@@ -170,7 +169,7 @@ class RequestProcessor:
         }
         if answer.error_reason:
             metadata["error-reason"] = answer.error_reason
-        await self._call(
+        written = await self._call(
             self.s3.put_object,
             Bucket=self.out_bucket,
             Key=stem,
@@ -179,7 +178,7 @@ class RequestProcessor:
             Metadata=metadata,
         )
         await self._respond(message, stem, answer)
-        await self._mark_sent(stem, {**metadata, "answer": answer})
+        await self._mark_sent(stem, {**metadata, "answer": answer}, str(written.get("ETag", "")))
         if answer.error_reason:
             log.warning(
                 "request %s (%s): %s: %s", message.correlation_id, key, answer.error_reason, answer.error_message
@@ -189,7 +188,7 @@ class RequestProcessor:
 
     async def _respond(self, message: RequestMessage, stem: str, answer: Answer) -> None:
         attributes: dict[str, Any] = {
-            "key": {"DataType": "String", "StringValue": message.correlation_id},
+            KEY_ATTRIBUTE: {"DataType": "String", "StringValue": message.correlation_id},
             "status": {"DataType": "String", "StringValue": answer.status},
         }
         if answer.error_reason:
@@ -220,21 +219,47 @@ class RequestProcessor:
         name = (await asyncio.to_thread(body["Body"].read)).decode()
         reason = metadata.get("error-reason")
         metadata["answer"] = Answer(name, reason, reason)
+        metadata["etag"] = str(head.get("ETag", ""))
         return metadata
 
-    async def _mark_sent(self, stem: str, metadata: dict[str, Any]) -> None:
-        # Rewrite the object's metadata in place: the output bucket keeps exactly one object per request.
-        fields = {k: str(v) for k, v in metadata.items() if k != "answer"}
+    async def _mark_sent(self, stem: str, metadata: dict[str, Any], etag: str) -> None:
+        """Record that the response went out (in the output object's metadata), trying until it is recorded.
+
+        The response is out already: giving up here would leave the message to be redelivered and answered a
+        second time. So an outage is waited out (up to ``record_budget_s``); a redelivered copy of the message
+        meanwhile waits for this one (the per-request lock) and then finds the record.
+        """
+        # Rewrite the object's metadata in place: the output bucket keeps exactly one object per request. Only
+        # if it is still the object this request wrote: another request for the same file name may have written
+        # its own answer there since (the legacy contract has one output object per name), and it keeps it.
+        fields = {k: str(v) for k, v in metadata.items() if k not in ("answer", "etag")}
         fields["response-sent"] = "true"
-        await self._call(
-            self.s3.copy_object,
-            Bucket=self.out_bucket,
-            Key=stem,
-            CopySource={"Bucket": self.out_bucket, "Key": stem},
-            Metadata=fields,
-            MetadataDirective="REPLACE",
-            ContentType="text/plain; charset=utf-8",
-        )
+        deadline = time.monotonic() + self.record_budget_s
+        for attempt in itertools.count():
+            try:
+                await asyncio.to_thread(
+                    self.s3.copy_object,
+                    Bucket=self.out_bucket,
+                    Key=stem,
+                    CopySource={"Bucket": self.out_bucket, "Key": stem},
+                    CopySourceIfMatch=etag,
+                    Metadata=fields,
+                    MetadataDirective="REPLACE",
+                    ContentType="text/plain; charset=utf-8",
+                )
+                return
+            except ClientError as exc:
+                if _code(exc) in ("PreconditionFailed", "412"):
+                    log.info("output %s was rewritten by another request for the same name; left as it is", stem)
+                    return
+                error: Exception = exc
+            except BotoCoreError as exc:
+                error = exc
+            pause = min(5.0, 0.5 * 2**attempt)
+            if time.monotonic() + pause > deadline:
+                raise TransientError(f"recording that {stem}'s response was sent: {error}") from error
+            log.warning("recording %s's response failed (%s); trying again in %.1f s", stem, error, pause)
+            await asyncio.sleep(pause)
 
     @staticmethod
     async def _call(function: Callable[..., Any], **kwargs: Any) -> Any:
@@ -246,6 +271,11 @@ class RequestProcessor:
 
 def _poison(reason: str, message: str) -> Answer:
     return Answer(ERROR_NAME, reason, message)
+
+
+def _string_attribute(attributes: dict[str, Any], name: str) -> str | None:
+    value = (attributes.get(name) or {}).get("StringValue")
+    return str(value) if value else None
 
 
 def _code(exc: ClientError) -> str:

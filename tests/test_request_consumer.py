@@ -14,8 +14,9 @@ import pytest
 
 from aws_stack.clients import AwsClients
 from aws_stack.stack import QueueUrls, StackConfig, provision, status
+from serve_app.queue_mode.contract import output_key, response_body, well_formed_response
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer, backoff_seconds
-from sqs_bridge.processor import Answer, RequestProcessor, output_key, response_body
+from sqs_bridge.processor import Answer, RequestProcessor
 from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.aws
@@ -120,3 +121,70 @@ def test_stop_drains_messages_already_received(moto_endpoint: str) -> None:
     report = status(config, clients)
     assert report["request_queue"] == {"visible": 0, "in_flight": 0}
     assert report["out_bucket_objects"] == 5 and report["response_queue"]["visible"] == 5
+
+
+def test_only_answers_of_the_contract_are_well_formed() -> None:
+    assert well_formed_response("('test_000', 'Paul')")
+    assert well_formed_response(response_body("a b", "O'Brien"), stem="a b")
+    assert not well_formed_response("('test_000', 'Paul')", stem="test_001")
+    for junk in ("", "not a tuple", "('a', 'b', 'c')", "('a', 1)", "__import__('os')", "(" * 500, "x" * 10_000):
+        assert not well_formed_response(junk), junk
+
+
+def test_same_name_uploads_are_each_read_at_the_version_their_request_names(moto_endpoint: str) -> None:
+    """Ten uploads all called photo.jpg, each request naming its version: every answer is about its own bytes."""
+    config, clients, urls = make_stack(moto_endpoint, max_receive_count=5)
+    expected: dict[str, str] = {}
+    for i in range(10):
+        put = clients.s3.put_object(Bucket=config.in_bucket, Key="photo.jpg", Body=f"person-{i}".encode())
+        correlation = str(uuid.uuid4())
+        clients.sqs.send_message(
+            QueueUrl=urls.requests,
+            MessageBody="photo.jpg",
+            MessageAttributes={
+                "key": {"DataType": "String", "StringValue": correlation},
+                "version-id": {"DataType": "String", "StringValue": put["VersionId"]},
+            },
+        )
+        expected[correlation] = repr(("photo", f"person-{i}"))
+    # A legacy producer sends no version: it gets the newest upload, as before.
+    clients.sqs.send_message(
+        QueueUrl=urls.requests,
+        MessageBody="photo.jpg",
+        MessageAttributes={"key": {"DataType": "String", "StringValue": "legacy"}},
+    )
+    expected["legacy"] = repr(("photo", "person-9"))
+
+    async def names_the_bytes(data: bytes) -> Answer:
+        return Answer(data.decode())
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        worker = consumer(clients, config, urls, names_the_bytes)
+        loop = asyncio.create_task(worker.run(stop))
+        await wait_until_async(lambda: worker.counts["answered"] == 11, 60, "not every request was answered")
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+
+    asyncio.run(scenario())
+    answers: dict[str, str] = {}
+    while len(answers) < 11:
+        batch = clients.sqs.receive_message(
+            QueueUrl=urls.responses, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+        ).get("Messages", [])
+        assert batch, f"only {len(answers)} responses"
+        for message in batch:
+            answers[message["MessageAttributes"]["key"]["StringValue"]] = message["Body"]
+            clients.sqs.delete_message(QueueUrl=urls.responses, ReceiptHandle=message["ReceiptHandle"])
+    assert answers == expected
+    # The legacy contract: one output object per name, holding one of the answers; nothing dead-lettered.
+    stored = clients.s3.get_object(Bucket=config.out_bucket, Key="photo")["Body"].read().decode()
+    assert stored.startswith("person-")
+    assert status(config, clients)["dead_letter_queue"]["visible"] == 0
+
+
+def test_provisioning_versions_the_input_bucket_and_expires_old_uploads(moto_endpoint: str) -> None:
+    config, clients, _ = make_stack(moto_endpoint, max_receive_count=5)
+    assert clients.s3.get_bucket_versioning(Bucket=config.in_bucket)["Status"] == "Enabled"
+    rules = clients.s3.get_bucket_lifecycle_configuration(Bucket=config.in_bucket)["Rules"]
+    assert rules[0]["NoncurrentVersionExpiration"]["NoncurrentDays"] == 1

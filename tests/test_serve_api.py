@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import socket
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -193,6 +198,22 @@ def test_api_key_guards_gallery_changes(api: str) -> None:
     assert requests.get(f"{api}/v1/people", timeout=30).status_code == 200  # reading needs no key
 
 
+def test_the_api_key_never_reaches_a_log_or_an_answer(api: str) -> None:
+    import ray
+
+    photo = [KNN / "train" / "biden" / "biden.jpg"]
+    refused = enrol(api, "keyleak", photo, key="not-the-key")
+    assert refused.status_code == 401 and API_KEY not in refused.text and "not-the-key" not in refused.text
+    assert enrol(api, "keyleak", photo).status_code == 201
+    assert requests.delete(f"{api}/v1/people/keyleak", headers={"X-API-Key": API_KEY}, timeout=30).ok
+    node = ray._private.worker.global_worker.node
+    assert node is not None
+    logs = Path(node.get_logs_dir_path())
+    files = [path for path in logs.rglob("*") if path.is_file()]
+    assert len(files) > 10  # the replicas' logs are there to be searched
+    assert [path.name for path in files if API_KEY.encode() in path.read_bytes()] == []
+
+
 def test_enrolment_refuses_group_and_faceless_photos(api: str) -> None:
     response = enrol(api, "mixed", [SCENES / "couple.jpg", KNN / "train" / "obama" / "obama.jpg"])
     assert response.status_code == 201
@@ -253,3 +274,156 @@ def test_openapi_docs(api: str) -> None:
         assert content["schema"]["$ref"] == f"#/components/schemas/{model}", (path, method, status)
     recognition = schema["components"]["schemas"]["Recognition"]["properties"]
     assert {"faces", "name", "threshold", "timings_ms", "best_guess"} <= set(recognition)
+
+
+# --- a corpus of bad and unusual input, generated here (nothing binary is committed) -------------------------
+def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _obama() -> Image.Image:
+    return Image.open(KNN / "test" / "obama1.jpg").convert("RGB")
+
+
+def _exif_rotated() -> bytes:
+    """The photo stored turned on its side, with the EXIF orientation (6) that tells viewers to turn it back."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(_obama().transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif.tobytes())
+
+
+def _animated_gif() -> bytes:
+    frames = [_obama().quantize(), Image.new("P", _obama().size, 0), Image.new("P", _obama().size, 80)]
+    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def _sixteen_bit_png() -> bytes:
+    grey = np.asarray(_obama().convert("L"), dtype=np.uint16) * 257
+    return _encode(Image.fromarray(grey), "PNG")  # uint16: Pillow's I;16
+
+
+def _with_alpha() -> bytes:
+    image = _obama().convert("RGBA")
+    image.putalpha(255)
+    return _encode(image, "PNG")
+
+
+BAD_AND_UNUSUAL: list[tuple[str, object, set[int], str | None]] = [
+    # (what, file bytes or a builder, acceptable statuses, the legacy answer's name when 200)
+    ("zero bytes", b"", {400}, None),
+    ("1x1 px", lambda: _encode(Image.new("RGB", (1, 1)), "PNG"), {200}, "Unknown"),
+    ("20000x1 px", lambda: _encode(Image.new("RGB", (20000, 1), (90, 90, 90)), "PNG"), {200}, "Unknown"),
+    ("CMYK JPEG", lambda: _encode(_obama().convert("CMYK"), "JPEG"), {200}, "obama"),
+    ("16-bit PNG", _sixteen_bit_png, {200}, "obama"),
+    ("PNG with alpha", _with_alpha, {200}, "obama"),
+    ("animated GIF", _animated_gif, {200}, "obama"),
+    ("EXIF-rotated JPEG", _exif_rotated, {200}, "obama"),
+    ("WebP", lambda: _encode(_obama(), "WEBP"), {200}, "obama"),
+    ("HEIC header", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 200, {415}, None),
+    ("truncated JPEG", lambda: (KNN / "test" / "obama1.jpg").read_bytes()[:3000], {422}, None),
+    ("JPEG + garbage", lambda: (KNN / "test" / "obama1.jpg").read_bytes() + b"\x00garbage" * 1000, {200}, "obama"),
+    ("decompression bomb", _bomb_png, {422}, None),
+]
+
+
+@pytest.mark.parametrize(("what", "payload", "statuses", "name"), BAD_AND_UNUSUAL, ids=[c[0] for c in BAD_AND_UNUSUAL])
+def test_bad_and_unusual_photos_get_their_documented_answer(
+    enrolled: str, what: str, payload: object, statuses: set[int], name: str | None
+) -> None:
+    data = payload() if callable(payload) else payload
+    assert isinstance(data, bytes)
+    response = legacy(enrolled, "case.jpg", data)
+    assert response.status_code in statuses, (what, response.status_code, response.text)
+    if response.status_code == 200:
+        assert response.text == f"case:{name}", what
+    else:
+        assert response.json()["error"]["code"], what
+    # The service answers the next good request as usual.
+    assert legacy(enrolled, "next.jpg", (KNN / "test" / "obama1.jpg").read_bytes()).text == "next:obama"
+
+
+def test_exif_rotated_photos_are_boxed_as_displayed(api: str) -> None:
+    upright = requests.post(
+        f"{api}/v1/detect", files={"image": ("up.jpg", _encode(_obama(), "JPEG"))}, timeout=120
+    ).json()
+    rotated = requests.post(f"{api}/v1/detect", files={"image": ("r.jpg", _exif_rotated())}, timeout=120).json()
+    assert (rotated["width"], rotated["height"]) == (upright["width"], upright["height"])
+    assert len(rotated["faces"]) == len(upright["faces"]) >= 1
+    assert _iou(rotated["faces"][0]["box"], upright["faces"][0]["box"]) > 0.9  # the same face, not a turned box
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    overlap = width * height
+    return overlap / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap)
+
+
+@pytest.mark.parametrize(
+    ("filename", "stem"),
+    [("../../etc/passwd.jpg", "passwd"), ("a\x00b\x1fc.jpg", "abc"), ("C:\\x\\win.jpg", "win"), ("x" * 300, "x" * 200)],
+)
+def test_the_legacy_stem_is_never_a_path(enrolled: str, filename: str, stem: str) -> None:
+    response = legacy(enrolled, filename, (KNN / "test" / "obama1.jpg").read_bytes())
+    assert (response.status_code, response.text) == (200, f"{stem}:obama")
+
+
+def test_malformed_multipart_bodies_are_4xx(api: str) -> None:
+    photo = (KNN / "test" / "obama1.jpg").read_bytes()
+    no_boundary = requests.post(
+        f"{api}/", data=b"--x\r\n\r\nbody\r\n--x--\r\n", headers={"Content-Type": "multipart/form-data"}, timeout=60
+    )
+    assert no_boundary.status_code == 400, no_boundary.text
+    many = [("inputFile", (f"p{i}.jpg", b"x")) for i in range(1001)]
+    too_many = requests.post(f"{api}/", files=many, timeout=120)
+    assert 400 <= too_many.status_code < 500, too_many.text
+    nothing = requests.post(f"{api}/", data=b"", headers={"Content-Type": "multipart/form-data; boundary=z"})
+    assert 400 <= nothing.status_code < 500
+    assert legacy(api, "after.jpg", photo).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["..", "%2e%2e", "a\x01b", "x" * 10_000, "a/../../b", "%00"])
+def test_hostile_person_names_are_refused(api: str, name: str) -> None:
+    response = enrol(api, name, [KNN / "train" / "obama" / "obama.jpg"])
+    assert 400 <= response.status_code < 500, (name[:20], response.status_code)
+    assert requests.get(f"{api}/v1/people/{name}", timeout=30).status_code in (404, 422)
+
+
+def test_a_slow_upload_holds_no_replica(enrolled: str) -> None:
+    """A client that takes 60 s to send its photo: other requests are answered meanwhile, and so is it."""
+    photo = (KNN / "test" / "obama1.jpg").read_bytes()
+    boundary = "slowboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="inputFile"; filename="slow.jpg"\r\n\r\n'.encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    address = urlparse(enrolled)
+    answer: list[bytes] = []
+
+    def slow_client() -> None:
+        with socket.create_connection((address.hostname, address.port), timeout=180) as connection:
+            head = (
+                f"POST / HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: multipart/form-data; "
+                f"boundary={boundary}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            connection.sendall(head.encode())
+            pieces = [body[i : i + len(body) // 30 + 1] for i in range(0, len(body), len(body) // 30 + 1)]
+            for piece in pieces:
+                connection.sendall(piece)
+                time.sleep(60 / len(pieces))
+            while chunk := connection.recv(65536):
+                answer.append(chunk)
+
+    slow = threading.Thread(target=slow_client)
+    slow.start()
+    answered_meanwhile = 0
+    while slow.is_alive() and answered_meanwhile < 20:
+        assert legacy(enrolled, "quick.jpg", photo).text == "quick:obama"
+        answered_meanwhile += 1
+    slow.join(240)
+    reply = b"".join(answer)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"slow:obama"), reply[-200:]
+    assert answered_meanwhile >= 3

@@ -7,6 +7,7 @@ the bridge answers through the output bucket and the response queue.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ from tests.queue_helpers import (
     pool,
 )
 from tests.serve_fixtures import ServeCluster, healthy
+from tests.tcp_proxy import cuttable_proxy
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.serve, pytest.mark.aws]
@@ -164,6 +166,50 @@ def test_bridge_killed_mid_run_loses_nothing(stack: Stack) -> None:
 
 def test_recognizer_killed_mid_run_loses_nothing(stack: Stack) -> None:
     _kill_mid_run(stack, "facerec#Recognizer#")
+
+
+OUTAGE_S = 20
+
+
+def test_an_s3_and_sqs_outage_mid_run_loses_and_repeats_nothing(recognition: str, moto_endpoint: str) -> None:
+    """The bridge reaches S3/SQS through a proxy that is cut for 20 s in the middle of 1,000 requests."""
+    import ray
+    from ray import serve
+
+    from sqs_bridge.deployment import build_bridge
+
+    direct = StackConfig(
+        prefix=f"o{uuid.uuid4().hex[:8]}", endpoint=moto_endpoint, visibility_timeout_s=10, max_receive_count=10
+    )
+    clients = AwsClients.for_stack(direct)
+    stack = Stack(direct, clients, provision(direct, clients))
+    with cuttable_proxy(int(moto_endpoint.rsplit(":", 1)[1])) as proxy:
+        through_proxy = direct.model_copy(update={"endpoint": proxy.url})
+        serve.run(
+            build_bridge({"stack": through_proxy.model_dump(), "max_in_flight": 32, "wait_time_s": 1}),
+            name="bridge",
+            route_prefix=None,
+        )
+        try:
+            bridges = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#SqsBridge#" in a["name"]]
+            items, answers = numbered(1000)
+            ids = enqueue(stack, items)
+            wait_until(lambda: status(direct, clients)["out_bucket_objects"] >= 250, 600, "no progress before the cut")
+            proxy.cut()
+            time.sleep(OUTAGE_S)
+            proxy.restore()
+            responses = collect_responses(stack, 1000, timeout=900)
+            duplicates = len(responses) - len({r["key"] for r in responses})
+            print(f"\nS3/SQS cut {OUTAGE_S} s: 1000 requests, {len(responses)} responses, {duplicates} duplicates")
+            assert duplicates == 0
+            check_all_answered(stack, ids, answers, responses)  # every answer right, dead-letter queue empty
+            wait_until(lambda: drained(stack), 120, "queues did not drain to 0")
+            # The same bridge replica came through it: healthy, never restarted.
+            after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#SqsBridge#" in a["name"]]
+            assert after == bridges
+            assert serve.status().applications["bridge"].status == "RUNNING"
+        finally:
+            serve.delete("bridge")
 
 
 def test_status_reports_the_stack(stack: Stack) -> None:

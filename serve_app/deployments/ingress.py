@@ -11,7 +11,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Annotated, Any
 
 import numpy as np
@@ -36,12 +35,14 @@ from serve_app.api_models import (
     Verification,
 )
 from serve_app.deployments.http_limits import LimitsAndMetrics
+from serve_app.deployments.replica_calls import REPLICA_LOST, idempotent
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
 from serve_app.model.recognizer import ImageResult
 from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError
 from serve_app.results import detection_to_dict, image_result_to_dict
+from serve_app.upload_names import safe_filename, safe_stem
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -69,6 +70,20 @@ class APIError(Exception):
 @app.exception_handler(APIError)
 async def _problem(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+
+
+async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    # Every retry met a lost or overloaded replica: the client may try again shortly, and it is not a bug (500).
+    log.warning("answering 503: %s", exc)
+    return JSONResponse(
+        {"error": {"code": "unavailable", "message": "no replica could take the request; try again shortly"}},
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )
+
+
+for _lost in REPLICA_LOST:
+    app.add_exception_handler(_lost, _unavailable)
 
 
 def _observe(route: str, status: int, seconds: float) -> None:
@@ -178,7 +193,7 @@ class IngressDeployment(Supervised):
         self, data: bytes, label: str, threshold: float | None = None, top_k: int | None = None
     ) -> ImageResult:
         job = RecognizeJob(data, threshold=threshold, top_k=top_k, min_revision=self._min_revision)
-        result: ImageResult | JobError = await self._recognizer.recognize.remote(job)
+        result: ImageResult | JobError = await idempotent(lambda: self._recognizer.recognize.remote(job), label)
         self._raise_for(result, label)
         assert isinstance(result, ImageResult)
         return result
@@ -187,10 +202,10 @@ class IngressDeployment(Supervised):
     @app.post("/", response_class=PlainTextResponse, summary="Legacy: the main face's name as `<stem>:<Name>`")
     async def legacy(self, input_file: Annotated[UploadFile | None, File(alias="inputFile")] = None) -> Response:
         filename, data = await self._read(input_file, "inputFile")
-        stem = PurePath(filename).stem
+        stem = safe_stem(filename)
         if self._queue is not None:
             try:
-                name = await self._queue.recognize(PurePath(filename).name, data)
+                name = await self._queue.recognize(safe_filename(filename), data)
             except QueueTimeoutError as exc:
                 raise APIError(504, "queue_timeout", str(exc)) from exc
             return PlainTextResponse(f"{stem}:{name}")
@@ -216,7 +231,8 @@ class IngressDeployment(Supervised):
     @app.post("/v1/detect", summary="Faces only: boxes, detection scores and landmarks", responses=UPLOAD_ERRORS)
     async def detect(self, image: FileParam = None) -> Detection:
         filename, data = await self._read(image, "image")
-        result = await self._recognizer.detect.remote(DetectJob(data))
+        job = DetectJob(data)
+        result = await idempotent(lambda: self._recognizer.detect.remote(job), filename)
         self._raise_for(result, filename)
         return Detection.model_validate(
             {
@@ -231,7 +247,8 @@ class IngressDeployment(Supervised):
     async def verify(self, image1: FileParam = None, image2: FileParam = None) -> Verification:
         (name1, data1), (name2, data2) = await self._read(image1, "image1"), await self._read(image2, "image2")
         first, second = await asyncio.gather(
-            self._recognizer.embed.remote(EmbedJob(data1)), self._recognizer.embed.remote(EmbedJob(data2))
+            idempotent(lambda: self._recognizer.embed.remote(EmbedJob(data1)), name1),
+            idempotent(lambda: self._recognizer.embed.remote(EmbedJob(data2)), name2),
         )
         self._raise_for(first, name1)
         self._raise_for(second, name2)
@@ -286,7 +303,9 @@ class IngressDeployment(Supervised):
         if len(images) > self._limits.max_enrol_photos:
             raise APIError(413, "too_many_files", f"at most {self._limits.max_enrol_photos} photos per request")
         photos = tuple([await self._read(upload, "images") for upload in images])
-        outcomes = await self._recognizer.enrol.remote(EnrolJob(photos))
+        job = EnrolJob(photos)
+        outcomes = await idempotent(lambda: self._recognizer.enrol.remote(job), f"enrolment of {name}")
+        self._raise_for(outcomes, name)
         accepted = [o for o in outcomes if o.embedding is not None]
         refused = [{"photo": o.label, "reason": o.refused} for o in outcomes if o.embedding is None]
         if not accepted:

@@ -30,7 +30,7 @@ from serve_app.jobs import (
     JobError,
     JobResult,
     RecognizeJob,
-    run_jobs,
+    run_jobs_isolated,
 )
 from serve_app.metrics import metrics
 from serve_app.model.enrollment import EnrolmentPhoto
@@ -140,7 +140,7 @@ class RecognizerDeployment(Supervised):
         if newest > self._recognizer.gallery.revision:
             await self._refresh(force=True)
         started = time.perf_counter()
-        results = await asyncio.to_thread(run_jobs, self._recognizer, jobs)
+        results = await asyncio.to_thread(run_jobs_isolated, self._recognizer, jobs)
         self._metrics.batch_size.observe(len(jobs))
         self._record_stage_metrics(results, started)
         return results

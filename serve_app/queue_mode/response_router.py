@@ -4,7 +4,13 @@ With several ingress replicas each reading the response queue, a replica would r
 another's waiters. Instead, one ``ResponseRouter`` replica reads the queue; ingress replicas register a
 correlation id (``expect``) before they send the request, then ``wait`` for it through a handle. An answer is
 deleted from the queue only once it is handed to its waiter; one nobody here expects (another client's, or one
-that arrived after its waiter gave up) is left on the queue.
+that arrived after its waiter gave up) is left on the queue for whoever does.
+
+The reader survives anything the queue holds: a message without a correlation id, or whose body is not an
+answer of the contract (``('stem', 'Name')``), can never be claimed by anyone and is logged and deleted; a
+malformed body carrying a waiting request's id is dropped and the request keeps waiting for its real answer.
+If the router replica dies, Serve starts another; the ingress registers its waiters there again, and the
+answers the dead replica had received reappear after ``RECEIVE_VISIBILITY_S``.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, queue_urls
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
+from serve_app.queue_mode.contract import KEY_ATTRIBUTE, well_formed_response
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 #: How long an answer nobody here is waiting for stays hidden before SQS offers it again.
 UNCLAIMED_VISIBILITY_S = 30
+#: How long a received answer stays hidden while it is handed over: if this replica dies holding it, the
+#: replacement sees it again after this long.
+RECEIVE_VISIBILITY_S = 5
 
 
 class ResponseRouterDeployment(Supervised):
@@ -32,22 +42,29 @@ class ResponseRouterDeployment(Supervised):
         self._sqs = clients.sqs
         self._queue_url = queue_urls(stack, clients).responses
         self._waiters: dict[str, asyncio.Future[str]] = {}
+        self._stems: dict[str, str] = {}
         self._background = BackgroundTasks()
         self._background.start("response reader", self._read_forever())
 
-    async def expect(self, correlation_id: str) -> None:
+    async def expect(self, correlation_id: str, stem: str | None = None) -> None:
         """Register interest before the request is sent, so its answer can never arrive unclaimed."""
-        self._waiters.setdefault(correlation_id, asyncio.get_running_loop().create_future())
+        self._register(correlation_id, stem)
 
-    async def wait(self, correlation_id: str, timeout_s: float) -> str | None:
+    async def wait(self, correlation_id: str, timeout_s: float, stem: str | None = None) -> str | None:
         """The response body for ``correlation_id``, or ``None`` after ``timeout_s`` seconds."""
-        future = self._waiters.setdefault(correlation_id, asyncio.get_running_loop().create_future())
+        future = self._register(correlation_id, stem)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
         except TimeoutError:
             return None
         finally:
             self._waiters.pop(correlation_id, None)
+            self._stems.pop(correlation_id, None)
+
+    def _register(self, correlation_id: str, stem: str | None) -> asyncio.Future[str]:
+        if stem is not None:
+            self._stems[correlation_id] = stem
+        return self._waiters.setdefault(correlation_id, asyncio.get_running_loop().create_future())
 
     async def _read_forever(self) -> None:
         while True:
@@ -60,41 +77,62 @@ class ResponseRouterDeployment(Supervised):
                     QueueUrl=self._queue_url,
                     MaxNumberOfMessages=10,
                     WaitTimeSeconds=1,
+                    VisibilityTimeout=RECEIVE_VISIBILITY_S,
                     MessageAttributeNames=["All"],
                 )
+                await self._route(messages.get("Messages", []))
             except (BotoCoreError, ClientError) as exc:
                 log.warning("response queue read failed, retrying: %s", exc)
                 await asyncio.sleep(1.0)
-                continue
-            await self._route(messages.get("Messages", []))
+            except Exception:  # a bug must not stop the answers of every waiting request
+                log.exception("routing responses failed; going on")
+                await asyncio.sleep(1.0)
 
     async def _route(self, messages: list[dict[str, Any]]) -> None:
-        claimed: list[dict[str, Any]] = []
+        finished: list[dict[str, Any]] = []  # handed over, duplicates, and junk nobody can ever claim
         for message in messages:
-            correlation_id = ((message.get("MessageAttributes") or {}).get("key") or {}).get("StringValue")
-            future = self._waiters.get(correlation_id or "")
-            if future is not None and not future.done():
-                future.set_result(message["Body"])
-                claimed.append(message)
-            elif future is not None:
-                claimed.append(message)  # a duplicate answer for a request already answered
-            else:
-                with contextlib.suppress(BotoCoreError, ClientError):
-                    await asyncio.to_thread(
-                        self._sqs.change_message_visibility,
-                        QueueUrl=self._queue_url,
-                        ReceiptHandle=message["ReceiptHandle"],
-                        VisibilityTimeout=UNCLAIMED_VISIBILITY_S,
-                    )
-        if claimed:
-            entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(claimed)]
+            try:
+                if self._route_one(message):
+                    finished.append(message)
+                    continue
+            except Exception:
+                log.exception("response %s could not be routed; dropping it", message.get("MessageId"))
+                finished.append(message)
+                continue
+            with contextlib.suppress(BotoCoreError, ClientError):
+                await asyncio.to_thread(
+                    self._sqs.change_message_visibility,
+                    QueueUrl=self._queue_url,
+                    ReceiptHandle=message["ReceiptHandle"],
+                    VisibilityTimeout=UNCLAIMED_VISIBILITY_S,
+                )
+        if finished:
+            entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(finished)]
             try:
                 await asyncio.to_thread(self._sqs.delete_message_batch, QueueUrl=self._queue_url, Entries=entries)
             except (BotoCoreError, ClientError) as exc:
-                log.warning("could not delete %d routed answers: %s", len(claimed), exc)
+                log.warning("could not delete %d routed answers: %s", len(finished), exc)
 
-
-def parse_response(body: str) -> tuple[str, str]:
-    """``('test_000', 'Paul')`` -> ``("test_000", "Paul")``, the way old web tiers split it."""
-    stem, _, name = body.strip().strip("()").partition(", ")
-    return stem.strip("'\""), name.strip("'\"")
+    def _route_one(self, message: dict[str, Any]) -> bool:
+        """Hand ``message`` to its waiter. True: delete it; False: leave it for someone else."""
+        attribute = (message.get("MessageAttributes") or {}).get(KEY_ATTRIBUTE) or {}
+        correlation_id = attribute.get("StringValue") if attribute.get("DataType") == "String" else None
+        body = message.get("Body")
+        if not correlation_id or not isinstance(body, str) or not well_formed_response(body):
+            log.warning(
+                "dropping a malformed response %s (correlation id %r, body %r)",
+                message.get("MessageId"),
+                correlation_id,
+                body[:80] if isinstance(body, str) else body,
+            )
+            return True
+        future = self._waiters.get(correlation_id)
+        if future is None:
+            return False  # another web tier's answer, or one whose waiter gave up: not ours to delete
+        stem = self._stems.get(correlation_id)
+        if stem is not None and not well_formed_response(body, stem):
+            log.warning("dropping a response for %s that names %r, not %r", correlation_id, body[:80], stem)
+            return True
+        if not future.done():
+            future.set_result(body)
+        return True  # handed over now, or a duplicate of an answer already handed over
