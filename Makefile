@@ -8,7 +8,7 @@ STAMPS := .stamps
 export RAY_USAGE_STATS_ENABLED := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint typecheck unit run stop bench bench-avx2 clean
+.PHONY: install test lint typecheck unit fuzz run stop bench bench-avx2 clean
 
 install: $(STAMPS)/weights
 
@@ -39,6 +39,10 @@ unit: install
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# Schema fuzzing at length: the same test as in `make test`, 1,000 generated cases per operation instead of 50.
+fuzz: install
+	FACEREC_FUZZ_EXAMPLES=1000 $(BIN)/pytest -s tests/test_api_fuzz.py
 
 # The service on this machine: moto (local S3/SQS), a Ray head and the Serve app, all on 127.0.0.1.
 # `make run QUEUE_MODE=1`: POST / goes through the local S3 + SQS and the bridge, as on the cluster.

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 #: Adaptive retries ride out throttling and the moto server's brief stalls; 64 connections serve a replica's
 #: concurrent batches without queueing on the pool.
 CLIENT_CONFIG = Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=64)
+#: For calls a person is waiting on that have a good answer when the store is away (the gallery: recognition
+#: goes on from the snapshot in memory, an enrolment says 503 at once): a few quick tries, not a minute of them.
+QUICK_FAILURE_CONFIG = Config(
+    retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=10, max_pool_connections=16
+)
 
 
 def session_for(region: str | None = None, endpoint: str | None = None) -> boto3.session.Session:
@@ -33,12 +38,14 @@ def session_for(region: str | None = None, endpoint: str | None = None) -> boto3
     return session
 
 
-def aws_client(service: str, *, region: str | None = None, endpoint: str | None = None) -> Any:
+def aws_client(
+    service: str, *, region: str | None = None, endpoint: str | None = None, config: Config = CLIENT_CONFIG
+) -> Any:
     """A boto3 client for ``service``. ``region`` and ``endpoint`` of ``None`` leave them to boto3's own
     resolution (``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, the config file)."""
     # The stubs type client() per literal service name; this factory serves them all, so it hands back Any.
     session: Any = session_for(region, endpoint)
-    return session.client(service, endpoint_url=endpoint, config=CLIENT_CONFIG)
+    return session.client(service, endpoint_url=endpoint, config=config)
 
 
 def _is_loopback(url: str) -> bool:

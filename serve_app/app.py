@@ -98,6 +98,9 @@ class AppArgs(BaseModel):
     """Application arguments (the ``args:`` of an application in ``serve_app/config.yaml``)."""
 
     gallery_uri: str = Field("run/gallery", description="s3://bucket/prefix, or a local directory")
+    gallery_endpoint: str | None = Field(
+        None, description="an S3-compatible endpoint for the gallery bucket (default: boto3's own resolution)"
+    )
     gallery_refresh_s: float = Field(1.0, gt=0, description="how often replicas look for gallery changes")
     recognition: RecognitionConfig = Field(default_factory=RecognitionConfig)
     recognizer: RecognizerScaling = Field(default_factory=RecognizerScaling)
@@ -157,6 +160,7 @@ def build_app(args: AppArgs) -> Application:
     )(RecognizerDeployment).bind(
         config.recognition,
         config.gallery_uri,
+        config.gallery_endpoint,
         config.gallery_refresh_s,
         config.max_batch_size,
         config.batch_wait_timeout_s,
@@ -165,7 +169,7 @@ def build_app(args: AppArgs) -> Application:
     )
     writer = serve.deployment(name="GalleryWriter", num_replicas=1, ray_actor_options={"num_cpus": 0.05})(
         GalleryWriterDeployment
-    ).bind(config.gallery_uri, model_id, checkpoint.dim)
+    ).bind(config.gallery_uri, model_id, checkpoint.dim, config.gallery_endpoint)
     limits = IngressLimits(
         max_upload_bytes=config.max_upload_bytes,
         # multipart framing on top of the largest allowed set of files

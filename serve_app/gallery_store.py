@@ -109,16 +109,20 @@ class S3GalleryStore:
             raise GalleryStoreError(f"cannot reach {self.describe()}: {exc}") from exc
 
 
-def open_gallery_store(uri: str) -> GalleryStore:
-    """``s3://bucket/prefix`` or a local directory (``file:///dir`` or a plain path)."""
+def open_gallery_store(uri: str, endpoint: str | None = None) -> GalleryStore:
+    """``s3://bucket/prefix`` or a local directory (``file:///dir`` or a plain path).
+
+    ``endpoint`` points S3 at an S3-compatible store (MinIO, a VPC endpoint URL); ``None`` leaves it to boto3.
+    """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"gallery URI {uri!r} names no bucket")
-        from aws_stack.clients import aws_client
+        from aws_stack.clients import QUICK_FAILURE_CONFIG, aws_client
 
         # No stack here, only a URI: boto3 finds the region and (for the local moto server) AWS_ENDPOINT_URL.
-        return S3GalleryStore(aws_client("s3"), parsed.netloc, parsed.path.lstrip("/"))
+        client = aws_client("s3", endpoint=endpoint, config=QUICK_FAILURE_CONFIG)
+        return S3GalleryStore(client, parsed.netloc, parsed.path.lstrip("/"))
     if parsed.scheme in ("", "file"):
         return LocalGalleryStore(Path(parsed.path if parsed.scheme == "file" else uri).expanduser())
     raise ValueError(f"unsupported gallery URI {uri!r}: use s3://bucket/prefix or a directory")

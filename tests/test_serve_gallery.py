@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.serve_fixtures import API_KEY, ServeCluster
+from tests.tcp_proxy import cuttable_proxy
 from tests.waiting import wait_until
 
 from .conftest import LFW, SCENES
@@ -194,3 +195,53 @@ def test_metrics_reach_the_metrics_endpoint(serve_cluster: ServeCluster, shared:
         return all(name in text for name in names) and any(float(value) > 0 for value in decode)
 
     wait_until(exported, 90, "facerec metrics (decode time included) never reached the endpoint", interval=2.0)
+
+
+def test_the_gallery_store_unreachable_recognition_goes_on_and_enrolment_says_503(
+    serve_cluster: ServeCluster, shared: str, moto_endpoint: str
+) -> None:
+    """The gallery bucket reached through a proxy that is cut: answers from the snapshot in memory, enrolment
+    refused with a reason, and both back to normal once the store returns."""
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+    from serve_app.settings import RecognitionSettings
+
+    with cuttable_proxy(int(moto_endpoint.rsplit(":", 1)[1])) as proxy:
+        args = {
+            "gallery_uri": f"s3://{BUCKET}/gallery",
+            "gallery_endpoint": proxy.url,
+            "gallery_refresh_s": REFRESH_S,
+            "recognition": RecognitionSettings().model_dump(),
+            "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0},
+        }
+        serve.run(build_app(AppArgs.model_validate(args)), name=APP, route_prefix="/", blocking=False)
+        wait_until(lambda: _health(shared) is not None, 240, "the application did not come back")
+        wait_until(lambda: recognize_name(shared) == "q:obama", 60, "the gallery was not loaded through the proxy")
+        photo = (KNN / "train" / "biden" / "biden.jpg").read_bytes()
+
+        def enrol() -> requests.Response:
+            return requests.post(
+                f"{shared}/v1/people/biden/faces",
+                files={"images": ("biden.jpg", photo)},
+                headers={"X-API-Key": API_KEY},
+                timeout=120,
+            )
+
+        proxy.cut()
+        try:
+            answers = [recognize_name(shared) for _ in range(5)]
+            refused = enrol()
+        finally:
+            proxy.restore()
+        print(f"\ngallery store cut: recognitions {answers}, enrolment {refused.status_code}")
+        assert answers == ["q:obama"] * 5
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "gallery_unavailable"
+        assert "Retry-After" in refused.headers
+        wait_until(lambda: enrol().status_code == 201, 120, "enrolment did not recover with the store")
+        people = {p["name"] for p in requests.get(f"{shared}/v1/people", timeout=30).json()["people"]}
+        assert people == {"obama", "biden"}
+        assert recognize_name(shared) == "q:obama"
+        assert requests.delete(f"{shared}/v1/people/biden", headers={"X-API-Key": API_KEY}, timeout=60).ok
+        serve.run(_build(RecognitionSettings().model_dump()), name=APP, route_prefix="/", blocking=False)
+        wait_until(lambda: _health(shared) is not None, 240, "the application did not come back without the proxy")

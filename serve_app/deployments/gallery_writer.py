@@ -21,8 +21,8 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 
 
 class GalleryWriterDeployment:
-    def __init__(self, gallery_uri: str, model_id: str, dim: int) -> None:
-        self._store: GalleryStore = open_gallery_store(gallery_uri)
+    def __init__(self, gallery_uri: str, model_id: str, dim: int, gallery_endpoint: str | None = None) -> None:
+        self._store: GalleryStore = open_gallery_store(gallery_uri, gallery_endpoint)
         self._model_id = model_id
         self._dim = dim
         self._lock = asyncio.Lock()

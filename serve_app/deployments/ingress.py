@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, Header, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.exceptions import RayError
@@ -37,6 +38,7 @@ from serve_app.api_models import (
 from serve_app.deployments.http_limits import LimitsAndMetrics
 from serve_app.deployments.replica_calls import REPLICA_LOST, idempotent
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
+from serve_app.gallery_store import GalleryStoreError
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
 from serve_app.model.recognizer import ImageResult
@@ -72,6 +74,17 @@ async def _problem(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
 
 
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own parameter checks (a query value out of range, a malformed body) answer in the same shape as
+    # every other error, so clients and the schema see one error format.
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+        for error in exc.errors()
+    )
+    return JSONResponse({"error": {"code": "bad_request", "message": problems or "invalid request"}}, status_code=422)
+
+
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     # Every retry met a lost or overloaded replica: the client may try again shortly, and it is not a bug (500).
     log.warning("answering 503: %s", exc)
@@ -84,6 +97,22 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 for _lost in REPLICA_LOST:
     app.add_exception_handler(_lost, _unavailable)
+
+
+@app.exception_handler(GalleryStoreError)
+async def _gallery_unavailable(_: Request, exc: GalleryStoreError) -> JSONResponse:
+    # The GalleryWriter could not read or write the snapshot (the store is unreachable): nothing was changed.
+    log.warning("answering 503: gallery store unavailable: %s", exc)
+    return JSONResponse(
+        {
+            "error": {
+                "code": "gallery_unavailable",
+                "message": "the gallery store cannot be reached; nothing was changed; try again shortly",
+            }
+        },
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 def _observe(route: str, status: int, seconds: float) -> None:
@@ -110,7 +139,9 @@ class QueueSettings:
 FileParam = Annotated[UploadFile | None, File()]
 
 #: The error answers a route can give, for /docs: every one has the body of :class:`Error`.
-UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422, 503)}
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Error, "content": {"application/json": {}}} for code in (400, 413, 415, 422, 503)
+}
 GALLERY_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (401, 404, 422)}
 
 
@@ -199,7 +230,15 @@ class IngressDeployment(Supervised):
         return result
 
     # --- the legacy contract ------------------------------------------------------------------------------
-    @app.post("/", response_class=PlainTextResponse, summary="Legacy: the main face's name as `<stem>:<Name>`")
+    @app.post(
+        "/",
+        response_class=PlainTextResponse,
+        summary="Legacy: the main face's name as `<stem>:<Name>`",
+        responses={
+            **UPLOAD_ERRORS,
+            504: {"model": Error, "content": {"application/json": {}}, "description": "queue mode: no answer in time"},
+        },
+    )
     async def legacy(self, input_file: Annotated[UploadFile | None, File(alias="inputFile")] = None) -> Response:
         filename, data = await self._read(input_file, "inputFile")
         stem = safe_stem(filename)
@@ -284,7 +323,7 @@ class IngressDeployment(Supervised):
         response_model=Enrolment,
         summary="Enrol one or more photos of one face each",
         responses={
-            422: {"model": Enrolment, "description": "every photo refused (or a bad name)"},
+            422: {"model": Enrolment | Error, "description": "every photo refused (Enrolment), or a bad name (Error)"},
             400: {"model": Error},
             401: {"model": Error},
             413: {"model": Error},

@@ -41,6 +41,9 @@ from serve_app.settings import RecognitionConfig
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
+#: How long a batch waits for a newer gallery it was asked for before answering from the one it has.
+FORCED_REFRESH_TIMEOUT_S = 5.0
+
 
 class RecognizerDeployment(Supervised):
     """Serve wrapper around :class:`serve_app.model.recognizer.Recognizer`. Deployed by :mod:`serve_app.app`."""
@@ -49,6 +52,7 @@ class RecognizerDeployment(Supervised):
         self,
         recognition: RecognitionConfig,
         gallery_uri: str,
+        gallery_endpoint: str | None,
         gallery_refresh_s: float,
         max_batch_size: int,
         batch_wait_timeout_s: float,
@@ -58,7 +62,7 @@ class RecognizerDeployment(Supervised):
         # Size torch to this replica's CPU share: more threads than reserved cores only contend with neighbours.
         torch.set_num_threads(max(1, torch_threads))
         models = recognition.load_models()
-        self._store: GalleryStore = open_gallery_store(gallery_uri)
+        self._store: GalleryStore = open_gallery_store(gallery_uri, gallery_endpoint)
         self._model_id = models.embedder.model_id
         self._token: str | None = None
         gallery = self._read_gallery() or Gallery(models.embedder.model_id, models.embedder.dim)
@@ -138,7 +142,16 @@ class RecognizerDeployment(Supervised):
     async def _run_batch(self, jobs: list[Job]) -> list[JobResult]:
         newest = max((j.min_revision for j in jobs if isinstance(j, RecognizeJob)), default=0)
         if newest > self._recognizer.gallery.revision:
-            await self._refresh(force=True)
+            try:
+                await asyncio.wait_for(self._refresh(force=True), FORCED_REFRESH_TIMEOUT_S)
+            except (TimeoutError, GalleryStoreError, GalleryError) as exc:
+                # The store is unreachable: answer from the snapshot we have rather than not at all.
+                log.warning(
+                    "could not fetch gallery revision %d, answering from %d: %s",
+                    newest,
+                    self._recognizer.gallery.revision,
+                    exc,
+                )
         started = time.perf_counter()
         results = await asyncio.to_thread(run_jobs_isolated, self._recognizer, jobs)
         self._metrics.batch_size.observe(len(jobs))
