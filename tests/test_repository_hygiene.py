@@ -46,6 +46,8 @@ def test_no_credentials_account_ids_or_foreign_addresses_are_committed() -> None
 
 def test_the_scan_would_see_a_leak() -> None:
     # Assembled here, so that this file itself holds no such string.
-    leaked = "key AKIA" + "ABCDEFGHIJKLMNOP, arn:aws:iam::" + "210987654321:role/x, host " + ".".join(["10", "1", "2", "3"])
+    leaked = (
+        "key AKIA" + "ABCDEFGHIJKLMNOP, arn:aws:iam::" + "210987654321:role/x, host " + ".".join(["10", "1", "2", "3"])
+    )
     assert ACCESS_KEY.search(leaked) and ACCOUNT_ARN.search(leaked)
     assert ipaddress.ip_address(IPV4.findall(leaked)[0]).is_private

@@ -185,6 +185,30 @@ def test_body_over_the_limit_is_refused_before_reading(api: str) -> None:
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
 
 
+def test_a_chunked_body_over_the_limit_is_refused_without_a_length(api: str) -> None:
+    """No Content-Length (Transfer-Encoding: chunked): the ingress counts the body as it streams and stops it."""
+    sent = 0
+
+    def endless() -> Iterator[bytes]:
+        nonlocal sent
+        yield b'--zzz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+        while sent < 4 * (MAX_UPLOAD * MAX_PHOTOS):
+            sent += 256 * 1024
+            yield b"\xff" * (256 * 1024)
+
+    try:
+        response = requests.post(
+            f"{api}/v1/recognize",
+            data=endless(),
+            headers={"Content-Type": "multipart/form-data; boundary=zzz"},
+            timeout=120,
+        )
+    except requests.ConnectionError:
+        pytest.fail("the connection was dropped instead of answered with 413")
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert requests.get(f"{api}/healthz", timeout=30).status_code == 200
+
+
 def test_api_key_guards_gallery_changes(api: str) -> None:
     photo = [KNN / "train" / "biden" / "biden.jpg"]
     assert enrol(api, "keytest", photo, key=None).status_code == 401
