@@ -94,8 +94,10 @@ def _create_bucket(s3: Any, name: str, region: str) -> None:
             raise
 
 
-#: How long an overwritten upload stays readable: long enough for any request still queued for it.
-NONCURRENT_UPLOAD_DAYS = 1
+#: How long an overwritten upload stays readable: as long as a request for it can still be redriven from the
+#: dead-letter queue (14 days), and a day more.
+NONCURRENT_UPLOAD_DAYS = 15
+UPLOAD_RULE_ID = "facerec-expire-overwritten-uploads"
 
 
 def _version_uploads(s3: Any, bucket: str) -> None:
@@ -103,22 +105,24 @@ def _version_uploads(s3: Any, bucket: str) -> None:
 
     The legacy contract names the input object after the client's file, so two clients posting ``photo.jpg``
     at once overwrite each other; the queue-mode web tier sends the version it wrote with its request, and the
-    bridge reads exactly that version. Old versions expire after a day, so versioning costs no lasting storage.
+    bridge reads exactly that version. Overwritten versions expire (this project's one lifecycle rule, added
+    beside any rules the bucket already has).
     """
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    s3.put_bucket_lifecycle_configuration(
-        Bucket=bucket,
-        LifecycleConfiguration={
-            "Rules": [
-                {
-                    "ID": "expire-overwritten-uploads",
-                    "Status": "Enabled",
-                    "Filter": {"Prefix": ""},
-                    "NoncurrentVersionExpiration": {"NoncurrentDays": NONCURRENT_UPLOAD_DAYS},
-                }
-            ]
-        },
-    )
+    try:
+        rules = list(s3.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", []))
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "NoSuchLifecycleConfiguration":
+            raise
+        rules = []
+    ours = {
+        "ID": UPLOAD_RULE_ID,
+        "Status": "Enabled",
+        "Filter": {"Prefix": ""},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": NONCURRENT_UPLOAD_DAYS},
+    }
+    rules = [rule for rule in rules if rule.get("ID") != UPLOAD_RULE_ID] + [ours]
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
 
 
 def _ensure_queue(sqs: Any, name: str, attributes: dict[str, str]) -> str:

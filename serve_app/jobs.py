@@ -126,13 +126,25 @@ def run_jobs_isolated(recognizer: Recognizer, jobs: Sequence[Job]) -> list[JobRe
     """:func:`run_jobs`, but a job whose input hits a bug fails alone (``unprocessable``), not its whole batch.
 
     The batch runs as one first; only if that raises are its jobs run one at a time to find the culprit, so the
-    other callers (other users' requests that happened to share the batch) still get their answers.
+    other callers (other users' requests that happened to share the batch) still get their answers. A failure
+    that is not about one input (every job fails on its own too, or the batch was a single job) is raised: it is
+    the service's fault, and the caller must not be told its photo is bad.
     """
     try:
         return run_jobs(recognizer, jobs)
     except Exception:
         if len(jobs) == 1:
-            log.exception("a %s failed", type(jobs[0]).__name__)
-            return [JobError("unprocessable", "the photo could not be processed")]
+            raise
         log.exception("a batch of %d failed; running its jobs one at a time", len(jobs))
-        return [run_jobs_isolated(recognizer, [job])[0] for job in jobs]
+    results: list[JobResult] = []
+    failures: list[Exception] = []
+    for job in jobs:
+        try:
+            results.append(run_jobs(recognizer, [job])[0])
+        except Exception as error:
+            log.exception("a %s failed on its own", type(job).__name__)
+            failures.append(error)
+            results.append(JobError("unprocessable", "the photo could not be processed"))
+    if len(failures) == len(jobs):
+        raise failures[0]
+    return results

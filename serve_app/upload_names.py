@@ -27,9 +27,9 @@ def safe_filename(name: str | None) -> str:
         if len(extension.encode()) > 16:
             stem, extension = base, ""
         budget = MAX_NAME_BYTES - len(extension.encode())
-        stem = stem.encode()[:budget].decode(errors="ignore")
+        stem = stem.encode()[:budget].decode(errors="ignore").rstrip()  # a key never ends in a cut-off space
         base = stem + extension
-    return base
+    return base or FALLBACK_NAME
 
 
 def safe_stem(name: str | None) -> str:

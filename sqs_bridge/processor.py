@@ -108,8 +108,9 @@ class RequestProcessor:
     out_bucket: str
     response_queue_url: str
     recognize: Recognize
-    #: How long to keep trying to record a response already sent (an S3 outage) before leaving it to redelivery.
-    record_budget_s: float = 300.0
+    #: How long to keep trying to record a response already sent (an S3 outage) before leaving it to redelivery;
+    #: under the bridge's graceful-shutdown timeout (90 s), so a replica that is stopping finishes the attempt.
+    record_budget_s: float = 60.0
     _active: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def process(self, message: RequestMessage) -> Outcome:
@@ -227,7 +228,7 @@ class RequestProcessor:
 
         The response is out already: giving up here would leave the message to be redelivered and answered a
         second time. So an outage is waited out (up to ``record_budget_s``); a redelivered copy of the message
-        meanwhile waits for this one (the per-request lock) and then finds the record.
+        meanwhile waits for this one (the per-request lock, within this consumer) and then finds the record.
         """
         # Rewrite the object's metadata in place: the output bucket keeps exactly one object per request. Only
         # if it is still the object this request wrote: another request for the same file name may have written

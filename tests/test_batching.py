@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from serve_app.deployments.batching import Batcher
+from serve_app.deployments.batching import Batcher, BatcherClosedError
 
 
 class Model:
@@ -125,3 +125,22 @@ def test_a_batch_function_that_loses_results_is_an_error() -> None:
 def test_a_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(Model().run, max_batch_size=0, wait_s=0.0)
+
+
+def test_callers_get_an_error_at_once_when_the_loop_has_stopped() -> None:
+    async def scenario() -> None:
+        model = Model()
+        batcher = Batcher(model.run, max_batch_size=4, wait_s=0.0)
+        async with running(batcher):
+            first = asyncio.create_task(batcher.submit(0))
+            await until(lambda: len(model.batches) == 1)
+            waiting = asyncio.create_task(batcher.submit(1))
+            await until(lambda: batcher.waiting == 1)
+        # The loop was cancelled with one batch running and one caller waiting: neither is left hanging.
+        for stranded in (first, waiting):
+            with pytest.raises(BatcherClosedError):
+                await stranded
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit(2)
+
+    asyncio.run(scenario())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
+import pytest
+
 from serve_app.jobs import JobError, RecognizeJob, run_jobs_isolated
 from serve_app.model.recognizer import Recognizer
 
@@ -37,3 +39,11 @@ def test_a_healthy_batch_runs_once() -> None:
     fake = ExplodingRecognizer()
     assert run_jobs_isolated(cast(Recognizer, fake), [RecognizeJob(b"a"), RecognizeJob(b"b")]) == [b"a", b"b"]
     assert fake.batches == [2]
+
+
+def test_a_failure_of_every_job_is_the_service_s_and_is_raised() -> None:
+    fake = ExplodingRecognizer()
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_jobs_isolated(cast(Recognizer, fake), [RecognizeJob(b"boom"), RecognizeJob(b"boom")])
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_jobs_isolated(cast(Recognizer, fake), [RecognizeJob(b"boom")])

@@ -14,7 +14,7 @@ import pytest
 
 from aws_stack.clients import AwsClients
 from aws_stack.stack import QueueUrls, StackConfig, provision, status
-from serve_app.queue_mode.contract import output_key, response_body, well_formed_response
+from serve_app.queue_mode.contract import output_key, parse_response, response_body, well_formed_response
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer, backoff_seconds
 from sqs_bridge.processor import Answer, RequestProcessor
 from tests.waiting import wait_until_async
@@ -69,6 +69,8 @@ def test_contract_formats() -> None:
     assert output_key("photos/a.b.png") == "photos/a.b"
     assert response_body("test_000", "Paul") == "('test_000', 'Paul')"
     assert response_body("test_000", "Paul").strip("()").split(", ") == ["'test_000'", "'Paul'"]
+    assert parse_response(response_body("Smith, John", "O'Brien")) == ("Smith, John", "O'Brien")
+    assert parse_response("(test_000, Paul)") == ("test_000", "Paul")
 
 
 def test_transient_failures_end_in_the_dead_letter_queue(moto_endpoint: str) -> None:
@@ -183,8 +185,16 @@ def test_same_name_uploads_are_each_read_at_the_version_their_request_names(moto
     assert status(config, clients)["dead_letter_queue"]["visible"] == 0
 
 
-def test_provisioning_versions_the_input_bucket_and_expires_old_uploads(moto_endpoint: str) -> None:
+def test_provisioning_versions_the_input_bucket_and_keeps_an_operators_lifecycle_rules(moto_endpoint: str) -> None:
     config, clients, _ = make_stack(moto_endpoint, max_receive_count=5)
     assert clients.s3.get_bucket_versioning(Bucket=config.in_bucket)["Status"] == "Enabled"
+    theirs = {"ID": "operator-rule", "Status": "Enabled", "Filter": {"Prefix": "tmp/"}, "Expiration": {"Days": 3}}
     rules = clients.s3.get_bucket_lifecycle_configuration(Bucket=config.in_bucket)["Rules"]
-    assert rules[0]["NoncurrentVersionExpiration"]["NoncurrentDays"] == 1
+    clients.s3.put_bucket_lifecycle_configuration(
+        Bucket=config.in_bucket, LifecycleConfiguration={"Rules": [*rules, theirs]}
+    )
+    provision(config, clients)  # again: ours replaced in place, theirs kept
+    rules = {r["ID"]: r for r in clients.s3.get_bucket_lifecycle_configuration(Bucket=config.in_bucket)["Rules"]}
+    assert set(rules) == {"operator-rule", "facerec-expire-overwritten-uploads"}
+    # Overwritten uploads outlive a request redriven from the dead-letter queue (14 days).
+    assert rules["facerec-expire-overwritten-uploads"]["NoncurrentVersionExpiration"]["NoncurrentDays"] == 15

@@ -34,3 +34,5 @@ def test_long_names_are_cut_but_keep_their_extension() -> None:
     accented = safe_filename("é" * 300 + ".jpg")  # two bytes each: never cut inside a character
     assert accented.endswith(".jpg") and len(accented.encode()) <= MAX_NAME_BYTES
     accented.encode().decode()
+
+    assert not safe_filename("a" * 199 + " " + "b" * 100).endswith(" ")

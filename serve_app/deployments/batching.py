@@ -20,6 +20,10 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+class BatcherClosedError(RuntimeError):
+    """The batching loop is gone: this replica can answer nothing more (Serve replaces it)."""
+
+
 class Batcher(Generic[Item, Result]):
     """``await submit(item)`` returns ``run([... item ...])``'s result for it; ``run`` sees one batch at a time."""
 
@@ -33,19 +37,38 @@ class Batcher(Generic[Item, Result]):
         self.wait_s = wait_s
         self._waiting: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._arrived = asyncio.Event()
+        self._closed: BatcherClosedError | None = None
+        self._running: list[tuple[Item, asyncio.Future[Result]]] = []  # the batch being run, if any
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     async def submit(self, item: Item) -> Result:
+        if self._closed is not None:
+            raise self._closed
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         self._arrived.set()
         return await future  # cancelling the caller cancels the future: the loop skips it
 
     async def serve_forever(self) -> None:
-        """The batching loop; run it as one background task of the replica."""
+        """The batching loop; run it as one background task of the replica.
+
+        If it ends (cancelled, or a bug), every waiting and later caller gets an error at once instead of
+        waiting for an answer that will never come.
+        """
+        try:
+            await self._loop()
+        finally:
+            self._closed = BatcherClosedError("the batching loop has stopped")
+            stranded = [*self._running, *self._waiting]
+            self._waiting.clear()
+            for _, future in stranded:
+                if not future.done():
+                    future.set_exception(self._closed)
+
+    async def _loop(self) -> None:
         while True:
             await self._arrived.wait()
             if len(self._waiting) < self.max_batch_size and self.wait_s > 0:
@@ -59,6 +82,7 @@ class Batcher(Generic[Item, Result]):
             if not batch:
                 continue
             items = [item for item, _ in batch]
+            self._running = batch
             try:
                 results = await self._run(items)
                 if len(results) != len(items):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
+from serve_app.gallery_store import GalleryStore, open_gallery_store
 from serve_app.metrics import metrics
 from serve_app.model.gallery import Gallery
 
@@ -38,22 +38,25 @@ class GalleryWriterDeployment:
 
     async def _mutate(self, change: Any) -> tuple[Any, int]:
         async with self._lock:
-            # Start from the store's newest snapshot, in case anything else wrote it (an operator restoring a
-            # backup, a previous writer replica): never overwrite a newer revision with an older one.
+            # Apply the change to the store's newest snapshot, freshly read (in case anything else wrote it: an
+            # operator restoring a backup, a previous writer replica), and keep it only once it is stored: the
+            # gallery in memory never holds a change the store does not have.
             stored = await asyncio.to_thread(self._load)
-            if stored.revision > self._gallery.revision:
-                self._gallery = stored
-            before = self._gallery.revision
-            outcome = change(self._gallery)
-            if self._gallery.revision != before:
-                try:
-                    await asyncio.to_thread(self._store.write, self._gallery.to_bytes())
-                except GalleryStoreError:
-                    # Not stored means not done: drop the in-memory change so memory and store agree.
-                    self._gallery = await asyncio.to_thread(self._load)
-                    raise
-                metrics().gallery_faces.set(len(self._gallery))
+            candidate = stored if stored.revision >= self._gallery.revision else self._copy()
+            before = candidate.revision
+            outcome = change(candidate)
+            if candidate.revision != before:
+                await asyncio.to_thread(self._store.write, candidate.to_bytes())
+            self._gallery = candidate
+            metrics().gallery_faces.set(len(self._gallery))
             return outcome, self._gallery.revision
+
+    def _copy(self) -> Gallery:
+        # The store went back to an older revision than this writer wrote (restored by hand): never go back.
+        log.warning(
+            "the store holds an older gallery than this writer wrote; keeping revision %d", self._gallery.revision
+        )
+        return Gallery.from_bytes(self._gallery.to_bytes(), expected_model_id=self._model_id)
 
     async def add_faces(self, name: str, embeddings: np.ndarray, model_id: str) -> tuple[list[str], int]:
         """Enrol embeddings for ``name``; returns the new face ids and the gallery revision that has them."""

@@ -42,7 +42,7 @@ from serve_app.gallery_store import GalleryStoreError
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
 from serve_app.model.recognizer import ImageResult
-from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError
+from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError, QueueUnavailableError
 from serve_app.results import detection_to_dict, image_result_to_dict
 from serve_app.upload_names import safe_filename, safe_stem
 
@@ -101,13 +101,13 @@ for _lost in REPLICA_LOST:
 
 @app.exception_handler(GalleryStoreError)
 async def _gallery_unavailable(_: Request, exc: GalleryStoreError) -> JSONResponse:
-    # The GalleryWriter could not read or write the snapshot (the store is unreachable): nothing was changed.
+    # The GalleryWriter could not read or write the snapshot (the store is unreachable); its memory is unchanged.
     log.warning("answering 503: gallery store unavailable: %s", exc)
     return JSONResponse(
         {
             "error": {
                 "code": "gallery_unavailable",
-                "message": "the gallery store cannot be reached; nothing was changed; try again shortly",
+                "message": "the gallery store cannot be reached; try again shortly",
             }
         },
         status_code=503,
@@ -247,6 +247,9 @@ class IngressDeployment(Supervised):
                 name = await self._queue.recognize(safe_filename(filename), data)
             except QueueTimeoutError as exc:
                 raise APIError(504, "queue_timeout", str(exc)) from exc
+            except QueueUnavailableError as exc:
+                log.warning("queue mode: %s", exc)
+                raise APIError(503, "queue_unavailable", "the request queue cannot be reached; try again") from exc
             return PlainTextResponse(f"{stem}:{name}")
         result = await self._recognize(data, filename)
         return PlainTextResponse(f"{stem}:{result.main_name or 'Unknown'}")

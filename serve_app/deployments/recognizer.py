@@ -65,7 +65,10 @@ class RecognizerDeployment(Supervised):
         self._store: GalleryStore = open_gallery_store(gallery_uri, gallery_endpoint)
         self._model_id = models.embedder.model_id
         self._token: str | None = None
-        gallery = self._read_gallery() or Gallery(models.embedder.model_id, models.embedder.dim)
+        read = self._read_gallery()
+        gallery = Gallery(models.embedder.model_id, models.embedder.dim)
+        if read is not None:
+            self._token, gallery = read
         self._recognizer = Recognizer(
             models.detector,
             models.embedder,
@@ -75,6 +78,7 @@ class RecognizerDeployment(Supervised):
             max_pixels=max_pixels,
         )
         self._refresh_s = gallery_refresh_s
+        self._forced_refresh_failed_at = -1e9
         self._refresh_lock = asyncio.Lock()
         self._batcher: Batcher[Job, JobResult] = Batcher(self._run_batch, max_batch_size, batch_wait_timeout_s)
         self._metrics = metrics()
@@ -85,25 +89,30 @@ class RecognizerDeployment(Supervised):
         log.info("Recognizer ready: %s, gallery %s (%d faces)", self._model_id, self._store.describe(), len(gallery))
 
     # --- gallery following --------------------------------------------------------------------------------
-    def _read_gallery(self) -> Gallery | None:
+    def _read_gallery(self) -> tuple[str, Gallery] | None:
+        """The store's snapshot and the change token it was read under (``None``: no snapshot yet)."""
         token = self._store.token()
         if token is None:
             return None
         data = self._store.read()
         if data is None:
             return None
-        gallery = Gallery.from_bytes(data, expected_model_id=self._model_id)
-        self._token = token
-        return gallery
+        return token, Gallery.from_bytes(data, expected_model_id=self._model_id)
 
     async def _refresh(self, force: bool = False) -> None:
         async with self._refresh_lock:
             token = await asyncio.to_thread(self._store.token)
             if token == self._token and not force:
                 return
-            gallery = await asyncio.to_thread(self._read_gallery)
-            if gallery is not None and gallery.revision >= self._recognizer.gallery.revision:
+            read = await asyncio.to_thread(self._read_gallery)
+            if read is None:
+                return
+            # The token is recorded only with the gallery it belongs to, so a read that is abandoned half-way
+            # (a timed-out forced refresh) is simply done again by the next poll.
+            token, gallery = read
+            if gallery.revision >= self._recognizer.gallery.revision:
                 self._recognizer.gallery = gallery  # one reference swap: a running batch keeps its old copy
+                self._token = token
                 self._publish_gallery_metrics()
                 log.info("gallery refreshed to revision %d (%d faces)", gallery.revision, len(gallery))
 
@@ -141,10 +150,13 @@ class RecognizerDeployment(Supervised):
 
     async def _run_batch(self, jobs: list[Job]) -> list[JobResult]:
         newest = max((j.min_revision for j in jobs if isinstance(j, RecognizeJob)), default=0)
-        if newest > self._recognizer.gallery.revision:
+        store_was_away = time.monotonic() - self._forced_refresh_failed_at < FORCED_REFRESH_TIMEOUT_S * 2
+        if newest > self._recognizer.gallery.revision and not store_was_away:
             try:
                 await asyncio.wait_for(self._refresh(force=True), FORCED_REFRESH_TIMEOUT_S)
             except (TimeoutError, GalleryStoreError, GalleryError) as exc:
+                # Not again for a while: every batch would wait out the same timeout.
+                self._forced_refresh_failed_at = time.monotonic()
                 # The store is unreachable: answer from the snapshot we have rather than not at all.
                 log.warning(
                     "could not fetch gallery revision %d, answering from %d: %s",

@@ -27,7 +27,14 @@ def response_body(stem: str, name: str) -> str:
 
 
 def parse_response(body: str) -> tuple[str, str]:
-    """``('test_000', 'Paul')`` -> ``("test_000", "Paul")``, the way old web tiers split it."""
+    """``('test_000', 'Paul')`` -> ``("test_000", "Paul")``.
+
+    Read as the tuple it is, so a stem with ", " in it (``Smith, John``) parses right; a body that is not one
+    is split the way old web tiers split it.
+    """
+    if well_formed_response(body):
+        stem, name = ast.literal_eval(body)
+        return str(stem), str(name)
     stem, _, name = body.strip().strip("()").partition(", ")
     return stem.strip("'\""), name.strip("'\"")
 

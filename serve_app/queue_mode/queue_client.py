@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
@@ -26,6 +28,10 @@ ROUTER_RETRY_S = 0.5
 
 class QueueTimeoutError(TimeoutError):
     """No answer came back through the response queue in time."""
+
+
+class QueueUnavailableError(RuntimeError):
+    """S3 or SQS refused the request: nothing was enqueued, the client may try again."""
 
 
 @dataclass
@@ -45,9 +51,16 @@ class QueueClient:
         return cls(clients.s3, clients.sqs, stack.in_bucket, queue_urls(stack, clients).requests, router, timeout_s)
 
     async def recognize(self, filename: str, data: bytes) -> str:
-        """The main face's name for ``filename``, answered by the bridge through the queues."""
+        """The main face's name for ``filename``, answered by the bridge through the queues.
+
+        Raises :class:`QueueUnavailableError` when S3 or SQS refuse the request (nothing was enqueued) and
+        :class:`QueueTimeoutError` when no answer came in time.
+        """
         correlation_id = str(uuid.uuid4())
-        put = await asyncio.to_thread(self.s3.put_object, Bucket=self.in_bucket, Key=filename, Body=data)
+        try:
+            put = await asyncio.to_thread(self.s3.put_object, Bucket=self.in_bucket, Key=filename, Body=data)
+        except (BotoCoreError, ClientError) as error:
+            raise QueueUnavailableError(f"could not upload {filename}: {error}") from error
         attributes = {"key": {"DataType": "String", "StringValue": correlation_id}}
         # Another client may upload the same file name a moment later: the bridge reads the version written here.
         version = put.get("VersionId")
@@ -55,9 +68,16 @@ class QueueClient:
             attributes[VERSION_ATTRIBUTE] = {"DataType": "String", "StringValue": str(version)}
         deadline = time.monotonic() + self.timeout_s
         await self._call_router(lambda: self.router.expect.remote(correlation_id, output_key(filename)), deadline)
-        await asyncio.to_thread(
-            self.sqs.send_message, QueueUrl=self.request_queue_url, MessageBody=filename, MessageAttributes=attributes
-        )
+        try:
+            await asyncio.to_thread(
+                self.sqs.send_message,
+                QueueUrl=self.request_queue_url,
+                MessageBody=filename,
+                MessageAttributes=attributes,
+            )
+        except (BotoCoreError, ClientError) as error:
+            await self._forget(correlation_id)
+            raise QueueUnavailableError(f"could not enqueue {filename}: {error}") from error
         body = await self._wait(correlation_id, filename, deadline)
         if body is None:
             raise QueueTimeoutError(f"no answer for {filename} within {self.timeout_s:.0f} s")
@@ -80,6 +100,10 @@ class QueueClient:
                 )
                 await asyncio.sleep(ROUTER_RETRY_S)
         return None
+
+    async def _forget(self, correlation_id: str) -> None:
+        with contextlib.suppress(RayActorError, ActorUnavailableError, RayServeException):
+            await self.router.forget.remote(correlation_id)
 
     async def _call_router(self, call: Callable[[], Awaitable[object]], deadline: float) -> None:
         while True:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -34,6 +35,8 @@ UNCLAIMED_VISIBILITY_S = 30
 #: How long a received answer stays hidden while it is handed over: if this replica dies holding it, the
 #: replacement sees it again after this long.
 RECEIVE_VISIBILITY_S = 5
+#: How long a given-up request's late answer is still recognised (and deleted) as such.
+ABANDONED_MEMORY_S = 3600.0
 
 
 class ResponseRouterDeployment(Supervised):
@@ -43,6 +46,7 @@ class ResponseRouterDeployment(Supervised):
         self._queue_url = queue_urls(stack, clients).responses
         self._waiters: dict[str, asyncio.Future[str]] = {}
         self._stems: dict[str, str] = {}
+        self._abandoned: dict[str, float] = {}  # correlation id -> when its waiter gave up, oldest first
         self._background = BackgroundTasks()
         self._background.start("response reader", self._read_forever())
 
@@ -58,8 +62,23 @@ class ResponseRouterDeployment(Supervised):
         except TimeoutError:
             return None
         finally:
+            if not future.done():  # timed out, or the caller went away: its answer, when it comes, is nobody's
+                self._abandon(correlation_id)
             self._waiters.pop(correlation_id, None)
             self._stems.pop(correlation_id, None)
+
+    async def forget(self, correlation_id: str) -> None:
+        """The request was never sent (or its client gave up): drop its registration."""
+        self._waiters.pop(correlation_id, None)
+        self._stems.pop(correlation_id, None)
+        self._abandon(correlation_id)
+
+    def _abandon(self, correlation_id: str) -> None:
+        # Remembered for a while, so that a late answer is deleted instead of circling on the queue for days.
+        now = time.monotonic()
+        self._abandoned[correlation_id] = now
+        while self._abandoned and next(iter(self._abandoned.values())) < now - ABANDONED_MEMORY_S:
+            self._abandoned.pop(next(iter(self._abandoned)))
 
     def _register(self, correlation_id: str, stem: str | None) -> asyncio.Future[str]:
         if stem is not None:
@@ -90,28 +109,29 @@ class ResponseRouterDeployment(Supervised):
 
     async def _route(self, messages: list[dict[str, Any]]) -> None:
         finished: list[dict[str, Any]] = []  # handed over, duplicates, and junk nobody can ever claim
+        unclaimed: list[dict[str, Any]] = []
         for message in messages:
             try:
-                if self._route_one(message):
-                    finished.append(message)
-                    continue
+                (finished if self._route_one(message) else unclaimed).append(message)
             except Exception:
                 log.exception("response %s could not be routed; dropping it", message.get("MessageId"))
                 finished.append(message)
-                continue
-            with contextlib.suppress(BotoCoreError, ClientError):
-                await asyncio.to_thread(
-                    self._sqs.change_message_visibility,
-                    QueueUrl=self._queue_url,
-                    ReceiptHandle=message["ReceiptHandle"],
-                    VisibilityTimeout=UNCLAIMED_VISIBILITY_S,
-                )
+        # Deletes first: they must happen within RECEIVE_VISIBILITY_S, or a handed-over answer shows up again.
         if finished:
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(finished)]
             try:
                 await asyncio.to_thread(self._sqs.delete_message_batch, QueueUrl=self._queue_url, Entries=entries)
             except (BotoCoreError, ClientError) as exc:
                 log.warning("could not delete %d routed answers: %s", len(finished), exc)
+        if unclaimed:
+            hide = [
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": UNCLAIMED_VISIBILITY_S}
+                for i, m in enumerate(unclaimed)
+            ]
+            with contextlib.suppress(BotoCoreError, ClientError):
+                await asyncio.to_thread(
+                    self._sqs.change_message_visibility_batch, QueueUrl=self._queue_url, Entries=hide
+                )
 
     def _route_one(self, message: dict[str, Any]) -> bool:
         """Hand ``message`` to its waiter. True: delete it; False: leave it for someone else."""
@@ -128,7 +148,10 @@ class ResponseRouterDeployment(Supervised):
             return True
         future = self._waiters.get(correlation_id)
         if future is None:
-            return False  # another web tier's answer, or one whose waiter gave up: not ours to delete
+            if correlation_id in self._abandoned:
+                log.info("dropping a late answer for %s: its request gave up", correlation_id)
+                return True
+            return False  # another web tier's answer (or one from before this replica started): not ours
         stem = self._stems.get(correlation_id)
         if stem is not None and not well_formed_response(body, stem):
             log.warning("dropping a response for %s that names %r, not %r", correlation_id, body[:80], stem)
