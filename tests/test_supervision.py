@@ -131,6 +131,7 @@ def _replica(handle: Any) -> str | None:
     ("app", "deployment", "task"),
     [
         (APP, "Recognizer", "gallery refresh"),
+        (APP, "Recognizer", "batching"),
         (APP, "Ingress", "in-flight reporter"),
         (APP, "ResponseRouter", "response reader"),
         (BRIDGE, "SqsBridge", "consumer"),
