@@ -113,7 +113,7 @@ class ResponseRouterDeployment(Supervised):
         for message in messages:
             try:
                 (finished if self._route_one(message) else unclaimed).append(message)
-            except Exception:
+            except (AttributeError, KeyError, TypeError, ValueError):  # a message of an unexpected structure
                 log.exception("response %s could not be routed; dropping it", message.get("MessageId"))
                 finished.append(message)
         # Deletes first: they must happen within RECEIVE_VISIBILITY_S, or a handed-over answer shows up again.
