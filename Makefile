@@ -46,8 +46,9 @@ fuzz: install
 
 # The service on this machine: moto (local S3/SQS), a Ray head and the Serve app, all on 127.0.0.1.
 # `make run QUEUE_MODE=1`: POST / goes through the local S3 + SQS and the bridge, as on the cluster.
+# `make run INGRESS=in_recognizer`: the HTTP routes in the Recognizer replicas (faster; see the README).
 run: install
-	$(BIN)/python -m facerec.local_run $(if $(filter 1 yes true,$(QUEUE_MODE)),--queue-mode)
+	$(BIN)/python -m facerec.local_run $(if $(filter 1 yes true,$(QUEUE_MODE)),--queue-mode) $(if $(INGRESS),--ingress $(INGRESS))
 
 # Stops what `make run` started (it removes run/facerec.pid when it has stopped).
 stop:

@@ -152,10 +152,15 @@ async def drive(
     }
 
 
-def cpu_seconds_by_process() -> dict[str, float]:
-    """CPU seconds (user + system) used so far by every process on the machine, by a short label."""
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """Every process on the machine: its short label and the CPU seconds (user + system) it has used so far.
+
+    Keyed by pid, not by label: a Ray worker retitles itself with the method it runs (``ray::ServeController``
+    becomes ``ray::ServeController.listen_for_change``), so a label can name a different set of processes in two
+    snapshots, and a difference taken by label would count a process's whole life as one interval.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
-    used: dict[str, float] = {}
+    used: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -165,9 +170,7 @@ def cpu_seconds_by_process() -> dict[str, float]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / ticks
-        label = _label(command, int(entry.name))
-        used[label] = used.get(label, 0.0) + seconds
+        used[int(entry.name)] = (_label(command, int(entry.name)), (int(fields[11]) + int(fields[12])) / ticks)
     return used
 
 
@@ -175,16 +178,23 @@ def _label(command: str, pid: int) -> str:
     if pid == os.getpid():
         return "load generator + model floor (this process)"
     if command.startswith("ray::"):
-        return command.split()[0].removeprefix("ray::")
+        # ray::ServeReplica:facerec:Recognizer.handle_request_with_rejection -> ServeReplica:facerec:Recognizer
+        return command.split()[0].removeprefix("ray::").split(".")[0]
     for name in ("raylet", "gcs_server", "dashboard", "moto_server", "log_monitor", "monitor.py"):
         if name in command:
             return name
     return "other"
 
 
-def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
-    """Cores used by each process group between two snapshots, largest first."""
-    cores = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / seconds for k in after}
+def cpu_share(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float
+) -> dict[str, float]:
+    """Cores used by each process group between two snapshots, largest first (a process started in between
+    counts from zero)."""
+    cores: dict[str, float] = {}
+    for pid, (group, used) in after.items():
+        earlier = before.get(pid, (group, 0.0))[1]
+        cores[group] = cores.get(group, 0.0) + (used - earlier) / seconds
     return {k: round(v, 3) for k, v in sorted(cores.items(), key=lambda kv: -kv[1]) if v >= 0.005}
 
 
@@ -251,6 +261,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 100])
     parser.add_argument("--requests", type=int, nargs="+", default=[48, 160, 300])
     parser.add_argument("--small-requests", type=int, default=1000)
+    parser.add_argument(
+        "--no-in-recognizer",
+        action="store_true",
+        help="skip the second run at concurrency 100 with `make run INGRESS=in_recognizer`",
+    )
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     lfw = [Photo(name, data) for name, data in lfw_photos(200, skip=100)]
@@ -266,15 +281,23 @@ def main() -> None:
             "small": model_floor(small[:256], batch=16, threads=cores),
         }
 
+    def measure(options: Sequence[str], lfw_levels: list[tuple[int, int]]) -> tuple[dict[str, Any], list[str]]:
+        with shipped_service(options=options) as service:
+            refused = enrol(service.url, lfw_enrol + small_enrol)
+            asyncio.run(drive(f"{service.url}/", lfw, 8, 32))  # warm-up: every replica's first batches
+            asyncio.run(drive(f"{service.url}/", small, 8, 32))
+            return {
+                "lfw": run_levels(service.url, lfw, lfw_levels),
+                "small": run_levels(service.url, small, [(100, args.small_requests)]),
+            }, refused
+
     floors_before = floors_now()
-    with shipped_service() as service:
-        refused = enrol(service.url, lfw_enrol + small_enrol)
-        asyncio.run(drive(f"{service.url}/", lfw, 8, 32))  # warm-up: every replica's first batches
-        asyncio.run(drive(f"{service.url}/", small, 8, 32))
-        http = {
-            "lfw": run_levels(service.url, lfw, list(zip(args.concurrency, args.requests, strict=True))),
-            "small": run_levels(service.url, small, [(100, args.small_requests)]),
-        }
+    http, refused = measure((), list(zip(args.concurrency, args.requests, strict=True)))
+    # The same at 100 concurrent clients with the HTTP routes inside the Recognizer replicas: what the separate
+    # ingress (which resends a request whose replica died) costs in throughput.
+    in_recognizer = None
+    if not args.no_in_recognizer:
+        in_recognizer, _ = measure(["--ingress", "in_recognizer"], [(100, args.requests[-1])])
     floors_after = floors_now()
     floors = {name: max(floors_before[name], floors_after[name]) for name in floors_before}
     workloads = {
@@ -286,13 +309,20 @@ def main() -> None:
         }
         for name in ("lfw", "small")
     }
+    if in_recognizer is not None:
+        for name in ("lfw", "small"):
+            workloads[name]["http_in_recognizer"] = in_recognizer[name]
+            workloads[name]["http_in_recognizer_over_floor"] = {
+                str(r["concurrency"]): round(r["images_per_s"] / floors[name], 3) for r in in_recognizer[name]
+            }
     workloads["small"]["description"] = (
         f"LFW View 1 at 64x64 JPEG, 8 people enrolled (2 photos each), {distinct_probes} other photos of them "
         "as probes, answers checked"
     )
     result = {
         "benchmark": "http_load",
-        "configuration": "make run (serve_app/config.yaml, auto-sized Recognizer, access logs on, SQS bridge up)",
+        "configuration": "make run (serve_app/config.yaml, auto-sized Recognizer, access logs on, SQS bridge up); "
+        "http_in_recognizer: make run INGRESS=in_recognizer",
         "workloads": workloads,
         "enrolment_refused": refused,
         "machine": describe(),

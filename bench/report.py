@@ -67,6 +67,16 @@ def http_load(r: dict[str, Any]) -> list[Row]:
                     met(float(ratio) >= HTTP_TARGET) if at_100 else "",
                 )
             )
+        for level in workload.get("http_in_recognizer", []):
+            ratio = workload["http_in_recognizer_over_floor"][str(level["concurrency"])]
+            rows.append(
+                (
+                    f"HTTP POST /, {what}, concurrency {level['concurrency']}, `INGRESS=in_recognizer` (not shipped)",
+                    f"{number(level['images_per_s'], 'img/s')}; p95 {number(level['p95_ms'])} ms",
+                    f"{ratio} of floor",
+                    "",
+                )
+            )
     return rows
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,18 +46,19 @@ class ShippedService:
 
 @contextmanager
 def shipped_service(
-    start_timeout_s: float = 600.0, environment: dict[str, str] | None = None
+    start_timeout_s: float = 600.0, environment: dict[str, str] | None = None, options: Sequence[str] = ()
 ) -> Iterator[ShippedService]:
     """Start ``make run``'s stack, wait until a Recognizer replica answers ``/healthz``, stop it on exit.
 
-    ``environment`` adds variables (for A/B runs of a setting); the default is exactly what ``make run`` gets.
+    ``environment`` adds variables and ``options`` adds ``facerec.local_run`` options (for A/B runs of a
+    setting, e.g. ``["--ingress", "in_recognizer"]``); the default is exactly what ``make run`` starts.
     """
     ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics")}
     with tempfile.TemporaryDirectory(prefix="facerec-bench-") as workdir:
         log = (Path(workdir) / "service.log").open("wb")
         env = {**os.environ, "PYTHONPATH": str(REPO), **(environment or {})}
         process = subprocess.Popen(
-            [sys.executable, "-m", "facerec.local_run", *(f"--{k}-port={v}" for k, v in ports.items())],
+            [sys.executable, "-m", "facerec.local_run", *(f"--{k}-port={v}" for k, v in ports.items()), *options],
             cwd=workdir,
             env=env,
             stdout=log,

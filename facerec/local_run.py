@@ -108,7 +108,14 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int, queue_mode: bool = False) -> int:
+def run(
+    http_port: int,
+    dashboard_port: int,
+    moto_port: int,
+    metrics_port: int,
+    queue_mode: bool = False,
+    ingress: str | None = None,
+) -> int:
     for port in (http_port, dashboard_port, moto_port, metrics_port):
         if _listening(port):
             log.error("127.0.0.1:%d is in use: is the service already running? (`make stop`)", port)
@@ -155,6 +162,8 @@ def run(http_port: int, dashboard_port: int, moto_port: int, metrics_port: int, 
                 args["gallery_uri"] = stack.gallery_uri
                 if queue_mode:  # POST / through the local S3 + SQS and the bridge, as the cluster's web tier
                     args.update(queue_mode=True, stack=stack.model_dump())
+                if ingress is not None:
+                    args["ingress"] = ingress
                 serve.run(build_app(AppArgs.model_validate(args)), name="facerec", route_prefix="/")
                 serve.run(build_bridge({"stack": stack.model_dump()}), name="bridge", route_prefix=None)
                 api = f"http://127.0.0.1:{http_port}"
@@ -193,9 +202,14 @@ def main() -> None:
         action="store_true",
         help="legacy web tier: POST / uploads to the input bucket and waits for the bridge's answer on the queues",
     )
+    parser.add_argument(
+        "--ingress",
+        choices=["separate", "in_recognizer"],
+        help="where the HTTP routes run (default: serve_app/config.yaml's `ingress`; see the README)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(run(args.http_port, args.dashboard_port, args.moto_port, args.metrics_port, args.queue_mode))
+    sys.exit(run(args.http_port, args.dashboard_port, args.moto_port, args.metrics_port, args.queue_mode, args.ingress))
 
 
 if __name__ == "__main__":

@@ -43,13 +43,38 @@ def test_bad_arguments_fail_before_deploying() -> None:
         serve_builds(build_app, {"recognition": {"checkpoint": "no-such-model"}})
     built = serve_builds(build_app, {"max_batch_size": 8})
     assert built._bound_deployment.name == "Ingress"
+    with pytest.raises(ValidationError):
+        serve_builds(build_app, {"ingress": "elsewhere"})
 
 
 def test_replica_threads_follow_the_cpu_share() -> None:
     app = build_app(AppArgs.model_validate({"recognizer": {"num_cpus": 3.0}}))
-    recognizer = app._bound_deployment.init_args[0]  # Ingress(recognizer, writer, ...)
-    assert recognizer._bound_deployment.ray_actor_options["num_cpus"] == 3.0
-    assert recognizer._bound_deployment.init_args[-1] == 3  # torch threads
+    recognizer = app._bound_deployment.init_args[0]._bound_deployment  # Ingress(recognizer, writer, ...)
+    assert recognizer.ray_actor_options["num_cpus"] == 3.0
+    assert recognizer.init_args[0].torch_threads == 3
+    serving = build_app(AppArgs.model_validate({"recognizer": {"num_cpus": 3.0}, "ingress": "in_recognizer"}))
+    recognizer = serving._bound_deployment  # Recognizer(options, writer, ...), serving HTTP itself
+    assert (recognizer.ray_actor_options or {})["num_cpus"] == 3.0
+    assert recognizer.init_args[0].torch_threads == 3
+
+
+def test_the_routes_run_in_the_recognizer_only_where_nothing_needs_the_ingress_apart() -> None:
+    def top(args: dict[str, Any]) -> str:
+        return str(build_app(AppArgs.model_validate(args))._bound_deployment.name)
+
+    stack = {"endpoint": "http://127.0.0.1:1", "region": "us-east-1"}
+    assert top({}) == "Ingress"
+    assert top({"ingress": "in_recognizer"}) == "Recognizer"
+    # Queue mode talks to the queues; the queue-depth controller may scale the Recognizer to zero and reads the
+    # ingress's in-flight count: both need the ingress apart.
+    for apart in (
+        {"queue_mode": True, "stack": stack},
+        {"recognizer": {"external_scaler": True}},
+        {"controller_app": "controller"},
+    ):
+        assert top(apart) == "Ingress"
+        with pytest.raises(ValueError, match="in_recognizer"):
+            top({**apart, "ingress": "in_recognizer"})
 
 
 def test_the_shipped_config_sizes_the_recognizer_from_the_machine() -> None:
@@ -80,4 +105,4 @@ def test_build_app_uses_the_machine_size(monkeypatch: pytest.MonkeyPatch) -> Non
     assert recognizer._deployment_config.num_replicas == 2
     assert recognizer._deployment_config.autoscaling_config is None
     assert recognizer.ray_actor_options["num_cpus"] == pytest.approx((2 - OTHER_DEPLOYMENTS_CPUS) / 2)
-    assert recognizer.init_args[-1] == 1  # torch threads per replica
+    assert recognizer.init_args[0].torch_threads == 1  # per replica

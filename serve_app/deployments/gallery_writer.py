@@ -71,6 +71,10 @@ class GalleryWriterDeployment:
         removed, revision = await self._mutate(lambda g: g.remove_face(name, face_id))
         return bool(removed), revision
 
+    def revision(self) -> int:
+        """The revision of the newest snapshot this writer stored (Recognizer replicas ask before a batch)."""
+        return self._gallery.revision
+
     def people(self) -> tuple[dict[str, int], int]:
         return self._gallery.people(), self._gallery.revision
 

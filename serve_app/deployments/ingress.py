@@ -260,7 +260,7 @@ class IngressDeployment(Supervised):
         summary="Every face in the photo: box, landmarks, name or null, similarity",
         responses=UPLOAD_ERRORS,
     )
-    async def recognize(
+    async def recognize_photo(
         self,
         image: FileParam = None,
         top_k: Annotated[int | None, Query(ge=1, le=100)] = None,
@@ -271,7 +271,7 @@ class IngressDeployment(Supervised):
         return Recognition.model_validate({"filename": filename, **image_result_to_dict(result)})
 
     @app.post("/v1/detect", summary="Faces only: boxes, detection scores and landmarks", responses=UPLOAD_ERRORS)
-    async def detect(self, image: FileParam = None) -> Detection:
+    async def detect_faces(self, image: FileParam = None) -> Detection:
         filename, data = await self._read(image, "image")
         job = DetectJob(data)
         result = await idempotent(lambda: self._recognizer.detect.remote(job), filename)
@@ -332,7 +332,7 @@ class IngressDeployment(Supervised):
             413: {"model": Error},
         },
     )
-    async def enrol(
+    async def enrol_photos(
         self,
         name: str,
         images: Annotated[list[UploadFile] | None, File()] = None,

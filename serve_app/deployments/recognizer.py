@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
 
 from serve_app.deployments.batching import Batcher
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
@@ -43,26 +47,34 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 
 #: How long a batch waits for a newer gallery it was asked for before answering from the one it has.
 FORCED_REFRESH_TIMEOUT_S = 5.0
+#: How long a batch waits for the GalleryWriter to say which revision it last wrote.
+WRITER_REVISION_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class RecognizerOptions:
+    """What a Recognizer replica is built from (the application's settings, resolved for this machine)."""
+
+    recognition: RecognitionConfig
+    gallery_uri: str
+    gallery_endpoint: str | None
+    gallery_refresh_s: float
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_pixels: int
+    torch_threads: int
 
 
 class RecognizerDeployment(Supervised):
     """Serve wrapper around :class:`serve_app.model.recognizer.Recognizer`. Deployed by :mod:`serve_app.app`."""
 
-    def __init__(
-        self,
-        recognition: RecognitionConfig,
-        gallery_uri: str,
-        gallery_endpoint: str | None,
-        gallery_refresh_s: float,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        max_pixels: int,
-        torch_threads: int,
-    ) -> None:
+    def __init__(self, options: RecognizerOptions, writer: DeploymentHandle[Any] | None = None) -> None:
         # Size torch to this replica's CPU share: more threads than reserved cores only contend with neighbours.
-        torch.set_num_threads(max(1, torch_threads))
+        torch.set_num_threads(max(1, options.torch_threads))
+        recognition = options.recognition
         models = recognition.load_models()
-        self._store: GalleryStore = open_gallery_store(gallery_uri, gallery_endpoint)
+        self._store: GalleryStore = open_gallery_store(options.gallery_uri, options.gallery_endpoint)
+        self._writer = writer
         self._model_id = models.embedder.model_id
         self._token: str | None = None
         read = self._read_gallery()
@@ -75,12 +87,15 @@ class RecognizerDeployment(Supervised):
             gallery,
             threshold=models.threshold_rule,
             top_k=recognition.top_k,
-            max_pixels=max_pixels,
+            max_pixels=options.max_pixels,
         )
-        self._refresh_s = gallery_refresh_s
+        self._refresh_s = options.gallery_refresh_s
         self._forced_refresh_failed_at = -1e9
+        self._writer_failed_at = -1e9
         self._refresh_lock = asyncio.Lock()
-        self._batcher: Batcher[Job, JobResult] = Batcher(self._run_batch, max_batch_size, batch_wait_timeout_s)
+        self._batcher: Batcher[Job, JobResult] = Batcher(
+            self._run_batch, options.max_batch_size, options.batch_wait_timeout_s
+        )
         self._metrics = metrics()
         self._publish_gallery_metrics()
         self._background = BackgroundTasks()
@@ -148,8 +163,29 @@ class RecognizerDeployment(Supervised):
         """One embedding per photo, or the reason it is refused."""
         return cast(list[EnrolmentPhoto], await self._batcher.submit(job))
 
+    async def _newest_written_revision(self) -> int:
+        """The gallery revision the GalleryWriter last wrote (0 when it cannot say within a moment).
+
+        Asked once per batch of recognitions, so that a photo sent right after an enrolment answered is matched
+        against a gallery that has it, whichever replica the enrolment went through: an answered enrolment is
+        in the writer before its answer leaves.
+        """
+        if self._writer is None or time.monotonic() - self._writer_failed_at < WRITER_REVISION_TIMEOUT_S * 5:
+            return 0
+        try:
+            return int(await asyncio.wait_for(self._writer.revision.remote(), WRITER_REVISION_TIMEOUT_S))
+        except (TimeoutError, RayError, RayServeException) as exc:
+            # The writer is restarting: the periodic refresh still brings the change within gallery_refresh_s.
+            # Not asked again for a few seconds, so that batches do not each wait out the same timeout.
+            self._writer_failed_at = time.monotonic()
+            log.warning("could not ask the gallery writer for its revision: %s", exc)
+            return 0
+
     async def _run_batch(self, jobs: list[Job]) -> list[JobResult]:
-        newest = max((j.min_revision for j in jobs if isinstance(j, RecognizeJob)), default=0)
+        recognitions = [j for j in jobs if isinstance(j, RecognizeJob)]
+        newest = max((j.min_revision for j in recognitions), default=0)
+        if recognitions:
+            newest = max(newest, await self._newest_written_revision())
         store_was_away = time.monotonic() - self._forced_refresh_failed_at < FORCED_REFRESH_TIMEOUT_S * 2
         if newest > self._recognizer.gallery.revision and not store_was_away:
             try:
