@@ -8,7 +8,7 @@ STAMPS := .stamps
 export RAY_USAGE_STATS_ENABLED := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint typecheck unit fuzz run stop bench bench-avx2 clean
+.PHONY: install test lint typecheck unit fuzz run stop bench bench-avx2 clean browser screenshots
 
 install: $(STAMPS)/weights
 
@@ -37,8 +37,22 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -m unit
 
-test: lint typecheck
+# The console's browser tests drive the system's Chromium through Playwright (its own browser download cannot
+# work here). On Debian (these machines, CI) this installs it; elsewhere install Chromium or Chrome and set
+# FACEREC_CHROMIUM to its path.
+CHROMIUM ?= $(or $(FACEREC_CHROMIUM),/usr/bin/chromium)
+APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+browser:
+	@test -x "$(CHROMIUM)" || { command -v apt-get >/dev/null \
+		&& { $(APT_CHROMIUM) || { apt-get update -q && $(APT_CHROMIUM); }; } \
+		|| { echo "Chromium not found at $(CHROMIUM): install it, or set FACEREC_CHROMIUM" >&2; exit 1; }; }
+
+test: lint typecheck browser
 	$(BIN)/pytest
+
+# The console's screens as PNG (bench/results/ui/), taken by its browser tests; two of them are in the README.
+screenshots: install browser
+	FACEREC_SCREENSHOTS=bench/results/ui $(BIN)/pytest -q tests/test_console.py
 
 # Schema fuzzing at length: the same test as in `make test`, 1,000 generated cases per operation instead of 50.
 fuzz: install

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 class Candidate(BaseModel):
     name: str
     similarity: float = Field(description="cosine similarity to the person's closest enrolled face")
+    face_id: str = Field(description="that closest face (its chip: GET /v1/people/{name}/faces/{face_id}/image)")
 
 
 class Face(BaseModel):
@@ -92,12 +93,18 @@ class People(BaseModel):
     revision: int
 
 
+class EnrolledFace(BaseModel):
+    face_id: str
+    image: str | None = Field(description="the URL path of the face's chip (null: enrolled without one)")
+
+
 class Person(BaseModel):
     """``GET /v1/people/{name}``."""
 
     name: str
     face_ids: list[str]
     faces: int
+    face_list: list[EnrolledFace] = Field(description="each face with the path of its chip")
     revision: int
 
 
@@ -147,6 +154,20 @@ class Health(BaseModel):
     gallery_revision: int | None = None
     gallery_faces: int | None = None
     gallery_people: int | None = None
+
+
+class QueueBacklog(BaseModel):
+    waiting: int = Field(description="requests on the request queue, not yet received")
+    in_flight: int = Field(description="requests received by the bridge and not yet answered")
+    dead_letters: int = Field(description="requests on the dead-letter queue")
+
+
+class ServiceStatus(Health):
+    """``GET /v1/status``: what the console's Status screen shows."""
+
+    replicas_ready: int | None = Field(None, description="Recognizer replicas running (null: Serve did not say)")
+    api_key_required: bool = Field(description="whether gallery changes need X-API-Key")
+    queue: QueueBacklog | None = Field(None, description="the SQS bridge's queues (null: no bridge runs here)")
 
 
 class ErrorDetail(BaseModel):

@@ -4,16 +4,26 @@ A store holds the serialised gallery (see :mod:`serve_app.model.gallery`) and an
 ``token()`` (has it changed since I last read it?) and ``read()``. Writes replace the whole snapshot
 atomically (S3 ``PutObject`` is atomic per object; locally, write-then-rename), so a reader sees the old
 gallery or the new one, never a mixture.
+
+Beside the snapshot, each enrolled face may have a chip: the aligned crop that was embedded, as a JPEG, under
+``chips/<face_id>.jpg`` (``s3://bucket/prefix/chips/...`` or ``<directory>/chips/...``). The GalleryWriter stores
+a face's chip before the snapshot that names it, and deletes it after the snapshot that no longer does, so a
+snapshot never names a chip that is not there (a crash in between leaves at most an unreferenced chip).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from serve_app.model.gallery import GALLERY_FILENAME, write_atomically
+
+#: The folder beside the snapshot that holds the face chips.
+CHIPS_FOLDER = "chips"
+FACE_ID_PATTERN = re.compile(r"[0-9a-f]{1,32}")
 
 
 class GalleryStoreError(RuntimeError):
@@ -35,6 +45,18 @@ class GalleryStore(Protocol):
 
     def write(self, data: bytes) -> None:
         """Replace the snapshot atomically."""
+        ...
+
+    def write_chip(self, face_id: str, data: bytes) -> None:
+        """Store one face's chip (JPEG bytes)."""
+        ...
+
+    def read_chip(self, face_id: str) -> bytes | None:
+        """One face's chip, or ``None`` if it has none."""
+        ...
+
+    def delete_chips(self, face_ids: list[str]) -> None:
+        """Delete these faces' chips (missing ones are not an error)."""
         ...
 
 
@@ -68,6 +90,22 @@ class LocalGalleryStore:
     def write(self, data: bytes) -> None:
         write_atomically(self.path, data)
 
+    def _chip(self, face_id: str) -> Path:
+        return self.directory / CHIPS_FOLDER / f"{_checked(face_id)}.jpg"
+
+    def write_chip(self, face_id: str, data: bytes) -> None:
+        write_atomically(self._chip(face_id), data)
+
+    def read_chip(self, face_id: str) -> bytes | None:
+        try:
+            return self._chip(face_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete_chips(self, face_ids: list[str]) -> None:
+        for face_id in face_ids:
+            self._chip(face_id).unlink(missing_ok=True)
+
 
 @dataclass
 class S3GalleryStore:
@@ -95,6 +133,24 @@ class S3GalleryStore:
     def write(self, data: bytes) -> None:
         self._call(self.client.put_object, Bucket=self.bucket, Key=self.key, Body=data)
 
+    def _chip(self, face_id: str) -> str:
+        folder = f"{self.prefix.strip('/')}/{CHIPS_FOLDER}" if self.prefix.strip("/") else CHIPS_FOLDER
+        return f"{folder}/{_checked(face_id)}.jpg"
+
+    def write_chip(self, face_id: str, data: bytes) -> None:
+        self._call(
+            self.client.put_object, Bucket=self.bucket, Key=self._chip(face_id), Body=data, ContentType="image/jpeg"
+        )
+
+    def read_chip(self, face_id: str) -> bytes | None:
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._chip(face_id))
+        return None if response is None else bytes(response["Body"].read())
+
+    def delete_chips(self, face_ids: list[str]) -> None:
+        for start in range(0, len(face_ids), 1000):  # DeleteObjects takes at most 1,000 keys
+            keys = [{"Key": self._chip(face_id)} for face_id in face_ids[start : start + 1000]]
+            self._call(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+
     def _call(self, operation: Any, **kwargs: Any) -> Any:
         """One S3 call; ``None`` for a missing snapshot, :class:`GalleryStoreError` for any other failure."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -107,6 +163,13 @@ class S3GalleryStore:
             raise GalleryStoreError(f"{self.describe()}: {exc}") from exc
         except BotoCoreError as exc:
             raise GalleryStoreError(f"cannot reach {self.describe()}: {exc}") from exc
+
+
+def _checked(face_id: str) -> str:
+    # Face ids are the gallery's own (12 hex digits); anything else must never become part of a path or key.
+    if not FACE_ID_PATTERN.fullmatch(face_id):
+        raise ValueError(f"not a face id: {face_id!r}")
+    return face_id
 
 
 def open_gallery_store(uri: str, endpoint: str | None = None) -> GalleryStore:

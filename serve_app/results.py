@@ -27,7 +27,9 @@ def face_to_dict(face: RecognizedFace) -> dict[str, Any]:
         "name": face.name,
         "similarity": _round(face.similarity, 4),
         "margin": _round(face.margin, 4),
-        "candidates": [{"name": c.name, "similarity": _round(c.similarity, 4)} for c in face.candidates],
+        "candidates": [
+            {"name": c.name, "similarity": _round(c.similarity, 4), "face_id": c.face_id} for c in face.candidates
+        ],
     }
 
 

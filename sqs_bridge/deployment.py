@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from aws_stack.clients import AwsClients
-from aws_stack.stack import StackConfig, queue_urls
+from aws_stack.stack import StackConfig, queue_counts, queue_urls
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.jobs import JobError, RecognizeJob
 from serve_app.metrics import bridge_metrics
@@ -58,6 +58,7 @@ class SqsBridgeDeployment(Supervised):
                 visibility_timeout_s=args.stack.visibility_timeout_s,
             ),
         )
+        self._sqs, self._urls = clients.sqs, urls
         self._metrics = bridge_metrics()
         self._stop = asyncio.Event()
         self._background = BackgroundTasks()
@@ -70,6 +71,13 @@ class SqsBridgeDeployment(Supervised):
         if isinstance(result, JobError):
             raise UnusableInputError(result.reason, result.message)
         return Answer(result.main_name or UNKNOWN_NAME)
+
+    async def backlog(self) -> dict[str, int]:
+        """The request queue's messages waiting and being worked on, and the dead-letter queue's (the console's
+        Status screen shows them)."""
+        requests = await asyncio.to_thread(queue_counts, self._sqs, self._urls.requests)
+        dead = await asyncio.to_thread(queue_counts, self._sqs, self._urls.dead_letter)
+        return {"waiting": requests["visible"], "in_flight": requests["in_flight"], "dead_letters": dead["visible"]}
 
     async def _report(self) -> None:
         reported: dict[str, int] = {}

@@ -31,7 +31,7 @@ KNN_EXPECTED = {
 
 #: Tiers beside ``unit`` (pyproject.toml lists them). A module declares its tier with ``pytestmark``; a test in
 #: none of them is a unit test: no Ray, no moto, real models and photos allowed, seconds each.
-OTHER_TIERS = frozenset({"serve", "aws", "cluster", "slow"})
+OTHER_TIERS = frozenset({"serve", "aws", "cluster", "slow", "browser"})
 #: Fixtures that start Ray or moto, and the tiers allowed to use them (serve_cluster starts moto too).
 TIERS_OF_FIXTURE = {"serve_cluster": {"serve", "cluster"}, "moto_endpoint": {"aws", "serve", "cluster"}}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from facerec.cli.main import main
 
@@ -37,8 +38,14 @@ def test_enroll_then_recognize(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert isinstance(faces, list)
     assert sorted(f["name"] for f in faces) == ["kit_harington", "rose_leslie"]
 
-    code, (shown,) = run(capsys, "gallery", "show", "--gallery", str(gallery))
+    code, (shown,) = run(capsys, "gallery", "show", "--gallery", str(gallery), "--chips", str(tmp_path / "chips"))
     assert shown["faces"] == 9 and shown["people"]["obama"] == 2  # type: ignore[index]
+    # Every enrolled face keeps the aligned crop it was embedded from; show --chips exports them by person.
+    assert shown["faces_with_chips"] == 9 and "faces_without_chips" not in shown
+    exported = sorted((tmp_path / "chips").glob("*/*.jpg"))
+    assert len(exported) == 9 and len(list((tmp_path / "chips" / "obama").iterdir())) == 2
+    with Image.open(exported[0]) as chip:
+        assert chip.format == "JPEG" and chip.size == (160, 160)
 
 
 def test_recognize_reports_bad_files_and_keeps_going(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,6 +93,11 @@ def test_import_legacy_gallery(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "m",
     )
     assert code == 0 and summary["people"] == {"John": 1, "Paul": 1}
+    assert summary["faces_with_chips"] == 0 and "no chips" in str(summary["note"])
+    code, (shown,) = run(capsys, "gallery", "show", "--gallery", str(tmp_path / "g"))
+    assert code == 0 and shown["faces_with_chips"] == 0
+    without = shown["faces_without_chips"]
+    assert isinstance(without, list) and sorted(f["name"] for f in without) == ["John", "Paul"]
 
 
 def test_console_script_is_installed() -> None:

@@ -158,3 +158,35 @@ def test_match_agrees_with_a_brute_force_per_person_maximum() -> None:
         assert [c.name for c in match.candidates] == [people[i] for i in order]
         assert np.allclose([c.similarity for c in match.candidates], brute[query, order], atol=1e-5)
         assert match.margin == pytest.approx(brute[query, order[0]] - brute[query, order[1]], abs=1e-5)
+
+
+def test_chip_flags_follow_their_faces_through_changes_and_snapshots(gallery: Gallery) -> None:
+    ids = gallery.add("dave", np.stack([unit(1, 1, 0), unit(1, 1, 1)]), MODEL, [True, False])
+    assert gallery.face_records("dave") == [(ids[0], True), (ids[1], False)]
+    assert gallery.has_chip(ids[0]) and not gallery.has_chip(ids[1])
+    gallery.match(unit(1, 1, 0)[None], threshold=0.5)  # matching regroups the rows by person
+    gallery.remove_person("bob")
+    loaded = Gallery.from_bytes(gallery.to_bytes())
+    assert loaded.face_records("dave") == [(ids[0], True), (ids[1], False)]
+    assert [chip for _, _, chip in loaded.faces()].count(True) == 1
+    with pytest.raises(GalleryError, match="chip flags"):
+        gallery.add("eve", unit(0, 1, 1)[None], MODEL, [True, True])
+
+
+def test_a_snapshot_from_before_chips_reads_as_faces_without_chips(gallery: Gallery) -> None:
+    import io
+
+    with np.load(io.BytesIO(gallery.to_bytes())) as archive:
+        old = {key: archive[key] for key in archive.files if key != "has_chip"}
+    buffer = io.BytesIO()
+    np.savez(buffer, **old)
+    loaded = Gallery.from_bytes(buffer.getvalue())
+    assert len(loaded) == 4 and not any(chip for _, _, chip in loaded.faces())
+
+
+def test_each_candidate_names_the_persons_closest_face(gallery: Gallery) -> None:
+    closest_alice = gallery.faces_of("alice")[1]  # unit(1, 0.2, 0)
+    (match,) = gallery.match(unit(1, 0.25, 0)[None], threshold=0.5, top_k=3)
+    by_name = {c.name: c.face_id for c in match.candidates}
+    assert by_name["alice"] == closest_alice
+    assert by_name["bob"] == gallery.faces_of("bob")[0]

@@ -29,10 +29,23 @@ def roundtrip(store: GalleryStore) -> None:
     assert loaded.people() == {"ann": 1, "bob": 1} and loaded.revision == 2
 
 
+def chips_roundtrip(store: GalleryStore) -> None:
+    assert store.read_chip("abc123") is None
+    store.write_chip("abc123", b"jpeg one")
+    store.write_chip("def456", b"jpeg two")
+    assert store.read_chip("abc123") == b"jpeg one" and store.read_chip("def456") == b"jpeg two"
+    store.delete_chips(["abc123", "0000"])  # a missing chip is no error
+    assert store.read_chip("abc123") is None and store.read_chip("def456") == b"jpeg two"
+    with pytest.raises(ValueError, match="not a face id"):
+        store.write_chip("../gallery", b"x")  # never a path or key outside chips/
+
+
 def test_local_directory_store(tmp_path: Path) -> None:
     store = open_gallery_store(str(tmp_path / "gallery"))
     roundtrip(store)
     assert [p.name for p in (tmp_path / "gallery").iterdir()] == ["gallery.npz"]
+    chips_roundtrip(store)
+    assert [p.name for p in (tmp_path / "gallery" / "chips").iterdir()] == ["def456.jpg"]
     assert open_gallery_store(f"file://{tmp_path}/gallery").describe() == store.describe()
 
 
@@ -41,6 +54,9 @@ def test_s3_store(moto_endpoint: str) -> None:
     store = open_gallery_store("s3://store-test/some/prefix")
     assert isinstance(store, S3GalleryStore) and store.describe() == "s3://store-test/some/prefix/gallery.npz"
     roundtrip(store)
+    chips_roundtrip(store)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="store-test")["Contents"]]
+    assert sorted(keys) == ["some/prefix/chips/def456.jpg", "some/prefix/gallery.npz"]
 
 
 def test_s3_store_without_a_bucket_is_a_store_error(moto_endpoint: str) -> None:

@@ -86,3 +86,7 @@ def test_queue_mode_answers_post_through_the_local_queues(
     )
     assert s3.get_object(Bucket=stack.in_bucket, Key="probe_001.jpg")["Body"].read() == probe.read_bytes()
     assert s3.get_object(Bucket=stack.out_bucket, Key="probe_001")["Body"].read().decode() == person
+    # The console's Status screen reads the bridge's queues through the public API.
+    queue = requests.get(f"{url}/v1/status", timeout=60).json()["queue"]
+    assert queue is not None and set(queue) == {"waiting", "in_flight", "dead_letters"}
+    assert all(isinstance(count, int) and count >= 0 for count in queue.values())

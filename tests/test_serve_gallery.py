@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from PIL import Image
 
 from tests.serve_fixtures import API_KEY, ServeCluster
 from tests.tcp_proxy import cuttable_proxy
@@ -95,9 +97,10 @@ def test_both_replicas_follow_an_enrolment(shared: str) -> None:
 
     wait_until(both_current, 10 * REFRESH_S + 10, "a replica did not pick up the enrolment")
     assert all(recognize_name(shared) == "q:obama" for _ in range(6))
-    # The snapshot is in S3, where any later replica will find it.
+    # The snapshot is in S3, where any later replica will find it, beside the chips of its two faces.
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]]
-    assert keys == ["gallery/gallery.npz"]
+    chips = sorted(f"gallery/chips/{face['face_id']}.jpg" for face in response.json()["enrolled"])
+    assert keys == [*chips, "gallery/gallery.npz"]
 
 
 def test_a_replica_killed_under_load_costs_no_request_and_its_successor_loads_the_gallery(shared: str) -> None:
@@ -245,3 +248,45 @@ def test_the_gallery_store_unreachable_recognition_goes_on_and_enrolment_says_50
         assert requests.delete(f"{shared}/v1/people/biden", headers={"X-API-Key": API_KEY}, timeout=60).ok
         serve.run(_build(RecognitionSettings().model_dump()), name=APP, route_prefix="/", blocking=False)
         wait_until(lambda: _health(shared) is not None, 240, "the application did not come back without the proxy")
+
+
+def test_every_enrolled_face_keeps_its_chip_in_the_store_until_it_is_removed(shared: str) -> None:
+    s3 = boto3.client("s3")
+
+    def chip_keys() -> set[str]:
+        listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="gallery/chips/")
+        return {item["Key"] for item in listed.get("Contents", [])}
+
+    before = chip_keys()
+    photos = [("images", (p.name, p.read_bytes())) for p in sorted((KNN / "train" / "biden").iterdir())]
+    enrolled = requests.post(
+        f"{shared}/v1/people/biden/faces", files=photos, headers={"X-API-Key": API_KEY}, timeout=120
+    )
+    assert enrolled.status_code == 201, enrolled.text
+    face_ids = [face["face_id"] for face in enrolled.json()["enrolled"]]
+    assert chip_keys() - before == {f"gallery/chips/{face_id}.jpg" for face_id in face_ids}
+
+    person = requests.get(f"{shared}/v1/people/biden", timeout=30).json()
+    assert [face["face_id"] for face in person["face_list"]] == face_ids
+    for face in person["face_list"]:
+        image = requests.get(f"{shared}{face['image']}", timeout=30)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        assert "immutable" in image.headers["cache-control"]
+        with Image.open(io.BytesIO(image.content)) as chip:
+            assert chip.size == (160, 160)
+    # A recognition names each candidate's closest face, whose chip the console shows beside it.
+    recognized = requests.post(
+        f"{shared}/v1/recognize", files={"image": ("b.jpg", photos[0][1][1])}, timeout=120
+    ).json()
+    best = recognized["faces"][0]["candidates"][0]
+    assert best["name"] == "biden" and best["face_id"] in face_ids
+
+    missing = requests.get(f"{shared}/v1/people/biden/faces/0123456789ab/image", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "no_face_image"
+    removed = requests.delete(
+        f"{shared}/v1/people/biden/faces/{face_ids[0]}", headers={"X-API-Key": API_KEY}, timeout=60
+    )
+    assert removed.ok
+    assert requests.get(f"{shared}/v1/people/biden/faces/{face_ids[0]}/image", timeout=30).status_code == 404
+    assert requests.delete(f"{shared}/v1/people/biden", headers={"X-API-Key": API_KEY}, timeout=60).ok
+    assert chip_keys() == before

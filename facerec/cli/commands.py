@@ -25,6 +25,7 @@ from serve_app.evaluation.identify import (
     wilson_interval,
 )
 from serve_app.evaluation.lfw import EmbeddedImages, embed_lfw_images, evaluate, plot_roc, read_pairs
+from serve_app.gallery_store import LocalGalleryStore
 from serve_app.model.detector import centre_face
 from serve_app.model.enrollment import embed_for_enrolment
 from serve_app.model.gallery import Gallery, GalleryError
@@ -80,17 +81,27 @@ def enroll(settings: RecognitionSettings, gallery_dir: Path, photos_dir: Path) -
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     enrolled = refused = 0
+    chips = LocalGalleryStore(gallery_dir)
     for person in tqdm(people, desc="enrolling", unit="person"):
         photos = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         outcomes = embed_for_enrolment(models.detector, models.embedder, [(p.name, p.read_bytes()) for p in photos])
-        vectors = [o.embedding for o in outcomes if o.embedding is not None]
+        accepted = [o for o in outcomes if o.embedding is not None]
         for outcome in outcomes:
             if outcome.refused:
                 refused += 1
                 log.warning("%s/%s refused: %s", person.name, outcome.label, outcome.refused)
-        if vectors:
-            gallery.add(person.name, np.stack(vectors), models.embedder.model_id)
-            enrolled += len(vectors)
+        if accepted:
+            ids = gallery.add(
+                person.name,
+                np.stack([o.embedding for o in accepted if o.embedding is not None]),
+                models.embedder.model_id,
+                [o.chip is not None for o in accepted],
+            )
+            # Chips first, the snapshot that names them last (as the service's GalleryWriter does).
+            for face_id, outcome in zip(ids, accepted, strict=True):
+                if outcome.chip is not None:
+                    chips.write_chip(face_id, outcome.chip)
+            enrolled += len(accepted)
     gallery.save(gallery_dir)
     emit(
         {"gallery": str(gallery_dir), "enrolled_faces": enrolled, "refused_photos": refused, "people": gallery.people()}
@@ -147,14 +158,51 @@ def verify(settings: RecognitionSettings, image_a: Path, image_b: Path) -> int:
     return 0
 
 
-def show_gallery(gallery_dir: Path) -> int:
+def show_gallery(gallery: str, chips_dir: Path | None = None) -> int:
+    """People and face counts of a gallery (a directory or ``s3://bucket/prefix``); with ``chips_dir``, every
+    face's chip written to ``chips_dir/<person>/<face id>.jpg``."""
+    from serve_app.gallery_store import GalleryStoreError, open_gallery_store
+
     try:
-        gallery = Gallery.load(gallery_dir)
-    except GalleryError as exc:
+        store = open_gallery_store(gallery)
+        data = store.read()
+        if data is None:
+            raise GalleryError(f"no gallery at {store.describe()}")
+        loaded = Gallery.from_bytes(data)
+    except (GalleryError, GalleryStoreError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    emit({"model_id": gallery.model_id, "dim": gallery.dim, "faces": len(gallery), "people": gallery.people()})
+    faces = loaded.faces()
+    without = [{"name": name, "face_id": face_id} for name, face_id, chip in faces if not chip]
+    document: dict[str, object] = {
+        "model_id": loaded.model_id,
+        "dim": loaded.dim,
+        "revision": loaded.revision,
+        "faces": len(loaded),
+        "faces_with_chips": len(faces) - len(without),
+        "people": loaded.people(),
+    }
+    if without:
+        document["faces_without_chips"] = without
+    if chips_dir is not None:
+        written = 0
+        for name, face_id, _ in tqdm([f for f in faces if f[2]], desc="exporting chips", unit="face"):
+            data = store.read_chip(face_id)
+            if data is None:
+                log.warning("%s: the chip of face %s is missing from the store", name, face_id)
+                continue
+            target = chips_dir / safe_folder(name) / f"{face_id}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            written += 1
+        document["chips_written"] = {"directory": str(chips_dir), "count": written}
+    emit(document)
     return 0
+
+
+def safe_folder(name: str) -> str:
+    """A person's name as a folder name (names may hold spaces and apostrophes, never a path separator)."""
+    return name.replace("/", "_").replace("\\", "_").strip(". ") or "_"
 
 
 def import_legacy(data_pt: Path, gallery_dir: Path, model_id: str) -> int:
@@ -164,7 +212,18 @@ def import_legacy(data_pt: Path, gallery_dir: Path, model_id: str) -> int:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     gallery.save(gallery_dir)
-    emit({"gallery": str(gallery_dir), "model_id": model_id, "faces": len(gallery), "people": gallery.people()})
+    emit(
+        {
+            "gallery": str(gallery_dir),
+            "model_id": model_id,
+            "faces": len(gallery),
+            "people": gallery.people(),
+            # The legacy file holds embeddings only: nothing to show in the console or to embed again with
+            # another checkpoint.
+            "faces_with_chips": 0,
+            "note": "legacy faces have no chips (the legacy file holds embeddings only); enrol photos to add some",
+        }
+    )
     return 0
 
 

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gallery = commands.add_parser("gallery", help="inspect or convert galleries")
     gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
-    show = gallery_commands.add_parser("show", help="people and face counts")
-    show.add_argument("--gallery", type=Path, required=True)
+    show = gallery_commands.add_parser("show", help="people and face counts; --chips exports the face chips")
+    show.add_argument("--gallery", required=True, help="a gallery directory, or s3://bucket/prefix")
+    show.add_argument("--chips", type=Path, help="write each face's chip to DIR/<person>/<face id>.jpg")
     legacy = gallery_commands.add_parser("import-legacy", help="import the legacy app tier's data.pt")
     legacy.add_argument("data_pt", type=Path)
     legacy.add_argument("--gallery", type=Path, required=True)
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "verify":
         return commands.verify(_settings(args), args.image_a, args.image_b)
     if args.command == "gallery" and args.gallery_command == "show":
-        return commands.show_gallery(args.gallery)
+        return commands.show_gallery(args.gallery, args.chips)
     if args.command == "gallery" and args.gallery_command == "import-legacy":
         return commands.import_legacy(args.data_pt, args.gallery, args.model_id)
     if args.command == "eval" and args.eval_command == "identify":

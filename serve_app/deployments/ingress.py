@@ -11,12 +11,15 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, File, Header, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
@@ -33,6 +36,7 @@ from serve_app.api_models import (
     Person,
     PersonForgotten,
     Recognition,
+    ServiceStatus,
     Verification,
 )
 from serve_app.deployments.http_limits import LimitsAndMetrics
@@ -115,6 +119,27 @@ async def _gallery_unavailable(_: Request, exc: GalleryStoreError) -> JSONRespon
     )
 
 
+def _recognizers_running() -> int | None:
+    """How many Recognizer replicas of this application Serve reports running (``None`` if it cannot say)."""
+    try:
+        application = serve.status().applications[serve.get_replica_context().app_name]
+        deployment = application.deployments["Recognizer"]
+    except (RayServeException, RayError, KeyError) as exc:
+        log.warning("could not read the Recognizer's replicas from Serve: %s", exc)
+        return None
+    return sum(count for state, count in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+#: The console's static files (plain HTML, CSS and JavaScript modules; no build step).
+CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"
+app.mount("/ui", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")
+
+
+def chip_path(name: str, face_id: str) -> str:
+    """The URL path of a face's chip."""
+    return f"/v1/people/{quote(name, safe='')}/faces/{face_id}/image"
+
+
 def _observe(route: str, status: int, seconds: float) -> None:
     metrics().requests.inc(tags={"route": route, "status": str(status)})
     metrics().request_latency_ms.observe(seconds * 1000.0, tags={"route": route})
@@ -159,6 +184,7 @@ class IngressDeployment(Supervised):
         queue: QueueSettings | None = None,
         router: DeploymentHandle[Any] | None = None,
         controller_app: str | None = None,
+        bridge_app: str | None = None,
     ) -> None:
         self._recognizer = recognizer
         self._writer = writer
@@ -169,6 +195,7 @@ class IngressDeployment(Supervised):
         self._min_revision = 0
         # Read here, in the replica, not at bind time: the key arrives through the runtime environment.
         self._api_key = os.environ.get(API_KEY_ENV) or None
+        self._bridge_app = bridge_app
         app.state.max_body_bytes = limits.max_body_bytes
         self._queue: QueueClient | None = None
         if queue is not None and router is not None:
@@ -318,7 +345,37 @@ class IngressDeployment(Supervised):
         faces, revision = await self._writer.person.remote(name)
         if not faces:
             raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
-        return Person(name=name, face_ids=faces, faces=len(faces), revision=revision)
+        return Person.model_validate(
+            {
+                "name": name,
+                "face_ids": [face_id for face_id, _ in faces],
+                "faces": len(faces),
+                "face_list": [
+                    {"face_id": face_id, "image": chip_path(name, face_id) if chip else None} for face_id, chip in faces
+                ],
+                "revision": revision,
+            }
+        )
+
+    @app.get(
+        "/v1/people/{name}/faces/{face_id}/image",
+        summary="The face's chip: the aligned crop it was enrolled from (JPEG)",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}, "description": "the chip"},
+            404: {"model": Error, "description": "no such face, or a face enrolled without a chip"},
+        },
+    )
+    async def face_image(self, name: str, face_id: str) -> Response:
+        chip = await self._writer.chip.remote(name, face_id)
+        if chip is None:
+            raise APIError(404, "no_face_image", f"{name!r} has no face {face_id!r} with a stored image")
+        # A face id names one enrolment forever (a new enrolment gets a new id), so its chip never changes.
+        return Response(
+            chip,
+            media_type="image/jpeg",
+            headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{face_id}"'},
+        )
 
     @app.post(
         "/v1/people/{name}/faces",
@@ -354,7 +411,7 @@ class IngressDeployment(Supervised):
             body = Enrolment.model_validate({"name": name, "enrolled": [], "refused": refused, "revision": None})
             return JSONResponse(body.model_dump(), status_code=422)
         face_ids, revision = await self._writer.add_faces.remote(
-            name, np.stack([o.embedding for o in accepted]), self._model_id
+            name, np.stack([o.embedding for o in accepted]), self._model_id, [o.chip for o in accepted]
         )
         self._min_revision = max(self._min_revision, revision)
         enrolled = [{"photo": o.label, "face_id": f} for o, f in zip(accepted, face_ids, strict=True)]
@@ -381,6 +438,38 @@ class IngressDeployment(Supervised):
         self._min_revision = max(self._min_revision, revision)
         return FaceForgotten(name=name, removed_face=face_id, revision=revision)
 
+    # --- the console ----------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def root(self, request: Request) -> Response:
+        # A browser opening the service's address gets the console; the legacy contract is POST / only.
+        if "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse("/ui/", status_code=307)
+        raise APIError(405, "method_not_allowed", "POST a photo to / as multipart `inputFile`; the console is at /ui/")
+
+    @app.get("/v1/status", summary="The service at a glance: health, replicas, gallery, whether changes need a key")
+    async def status(self) -> ServiceStatus:
+        health = await self._health()
+        replicas = await asyncio.to_thread(_recognizers_running)
+        return ServiceStatus.model_validate(
+            {
+                **health.model_dump(),
+                "replicas_ready": replicas,
+                "api_key_required": self._api_key is not None,
+                "queue": await self._queue_backlog(),
+            }
+        )
+
+    async def _queue_backlog(self) -> dict[str, int] | None:
+        """The SQS bridge's queues, when a bridge application runs beside this one (else ``None``)."""
+        if self._bridge_app is None:
+            return None
+        try:
+            bridge = serve.get_app_handle(self._bridge_app)
+            return dict(await asyncio.wait_for(bridge.backlog.remote(), timeout=5.0))
+        except (RayServeException, RayError, TimeoutError, AttributeError) as exc:
+            log.info("no queue backlog from the %r application: %s", self._bridge_app, exc)
+            return None
+
     # --- operations ---------------------------------------------------------------------------------------
     @app.get(
         "/healthz",
@@ -389,9 +478,12 @@ class IngressDeployment(Supervised):
         responses={503: {"model": Health, "description": "no Recognizer replica answered yet"}},
     )
     async def healthz(self) -> JSONResponse:
+        health = await self._health()
+        return JSONResponse(health.model_dump(exclude_none=True), status_code=200 if health.status == "ok" else 503)
+
+    async def _health(self) -> Health:
         try:
             info = await asyncio.wait_for(self._recognizer.info.remote(), timeout=5.0)
         except TimeoutError:
-            starting = Health(status="starting", detail="no Recognizer replica answered")
-            return JSONResponse(starting.model_dump(exclude_none=True), status_code=503)
-        return JSONResponse(Health.model_validate({"status": "ok", **info}).model_dump(exclude_none=True))
+            return Health(status="starting", detail="no Recognizer replica answered")
+        return Health.model_validate({"status": "ok", **info})

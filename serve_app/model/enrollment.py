@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve_app.model.chips import chip_jpeg
 from serve_app.model.detector import FaceDetector
 from serve_app.model.embedder import Embedder
 from serve_app.model.images import DEFAULT_MAX_PIXELS, DecodedImage, InvalidImageError, decode_image
@@ -14,11 +15,14 @@ from serve_app.model.images import DEFAULT_MAX_PIXELS, DecodedImage, InvalidImag
 
 @dataclass(frozen=True)
 class EnrolmentPhoto:
-    """One photo's outcome: an embedding to enrol, or the reason it was refused."""
+    """One photo's outcome: an embedding to enrol (with the chip it was embedded from), or the reason it was
+    refused."""
 
     label: str
     embedding: np.ndarray | None
     refused: str | None
+    #: The aligned face crop that was embedded, as JPEG (see :mod:`serve_app.model.chips`).
+    chip: bytes | None = None
 
 
 def embed_for_enrolment(
@@ -55,7 +59,8 @@ def embed_for_enrolment(
     if accepted:
         import torch
 
-        vectors = embedder.embed(torch.cat([crop for _, crop in accepted]))
-        for (position, _), vector in zip(accepted, vectors, strict=True):
-            outcomes[position] = EnrolmentPhoto(photos[position][0], vector, None)
+        crops = torch.cat([crop for _, crop in accepted])
+        vectors = embedder.embed(crops)
+        for (position, _), vector, crop in zip(accepted, vectors, crops, strict=True):
+            outcomes[position] = EnrolmentPhoto(photos[position][0], vector, None, chip_jpeg(crop))
     return [outcomes[i] for i in range(len(photos))]

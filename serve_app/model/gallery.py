@@ -14,7 +14,10 @@ pickles, holding
   "revision": ...}`` (``revision`` counts the changes made to the gallery since it was created);
 * ``embeddings``: ``(N, dim)`` float32, L2-normalised rows;
 * ``names``: ``(N,)`` unicode, the person each row belongs to;
-* ``face_ids``: ``(N,)`` unicode, a stable id per enrolled face (for removing one face).
+* ``face_ids``: ``(N,)`` unicode, a stable id per enrolled face (for removing one face);
+* ``has_chip``: ``(N,)`` bool, whether the face's chip (the aligned crop that was embedded, a JPEG stored beside
+  the snapshot as ``chips/<face_id>.jpg``, see :mod:`serve_app.gallery_store`) exists. Optional: a snapshot
+  written before chips existed, or imported from the legacy app tier, has none, and reads as all ``False``.
 
 Embeddings from different checkpoints are not comparable, so a gallery records its ``model_id`` and refuses
 embeddings or files made by another model.
@@ -29,7 +32,7 @@ import pickle
 import struct
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +56,8 @@ class ModelMismatchError(GalleryError):
 class Candidate:
     name: str
     similarity: float
+    #: The person's closest enrolled face (the one whose chip shows why they are a candidate).
+    face_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Gallery:
         self._embeddings = np.empty((0, dim), dtype=np.float32)
         self._names: list[str] = []
         self._face_ids: list[str] = []
+        self._has_chip: list[bool] = []
         self._index: _PersonIndex | None = None
         #: Increases with every change; shared copies compare revisions to know which is newer.
         self.revision = 0
@@ -98,6 +104,20 @@ class Gallery:
         """The face ids enrolled for ``name`` (empty if unknown)."""
         return [fid for n, fid in zip(self._names, self._face_ids, strict=True) if n == name]
 
+    def has_chip(self, face_id: str) -> bool:
+        """Whether ``face_id`` is enrolled with a stored chip."""
+        return any(f == face_id and chip for f, chip in zip(self._face_ids, self._has_chip, strict=True))
+
+    def face_records(self, name: str) -> list[tuple[str, bool]]:
+        """``(face id, has a chip)`` for each face of ``name`` (empty if unknown)."""
+        return [
+            (fid, chip) for n, fid, chip in zip(self._names, self._face_ids, self._has_chip, strict=True) if n == name
+        ]
+
+    def faces(self) -> list[tuple[str, str, bool]]:
+        """``(name, face id, has a chip)`` for every enrolled face."""
+        return list(zip(self._names, self._face_ids, self._has_chip, strict=True))
+
     @property
     def embeddings(self) -> np.ndarray:
         """A read-only view of all enrolled embeddings, row ``i`` belonging to ``names[i]``."""
@@ -110,8 +130,11 @@ class Gallery:
         return list(self._names)
 
     # --- mutation -------------------------------------------------------------------------------------------
-    def add(self, name: str, embeddings: np.ndarray, model_id: str) -> list[str]:
-        """Enrol ``embeddings`` (``(k, dim)``) for ``name``; returns the new face ids."""
+    def add(
+        self, name: str, embeddings: np.ndarray, model_id: str, has_chip: Sequence[bool] | None = None
+    ) -> list[str]:
+        """Enrol ``embeddings`` (``(k, dim)``) for ``name``; returns the new face ids. ``has_chip`` says which of
+        them get a chip stored under their new id (the caller stores it before this snapshot is written)."""
         if model_id != self.model_id:
             raise ModelMismatchError(f"embeddings from {model_id!r} cannot join a gallery of {self.model_id!r}")
         name = name.strip()
@@ -125,10 +148,14 @@ class Gallery:
         if not np.all(np.isfinite(vectors)):
             raise GalleryError("embeddings must be finite")
         vectors = _normalise(vectors)
+        chips = [False] * len(vectors) if has_chip is None else [bool(c) for c in has_chip]
+        if len(chips) != len(vectors):
+            raise GalleryError(f"{len(chips)} chip flags for {len(vectors)} embeddings")
         ids = [uuid.uuid4().hex[:12] for _ in range(len(vectors))]
         self._embeddings = np.concatenate([self._embeddings, vectors])
         self._names.extend([name] * len(vectors))
         self._face_ids.extend(ids)
+        self._has_chip.extend(chips)
         self._index = None
         self.revision += 1
         return ids
@@ -149,6 +176,7 @@ class Gallery:
             self._embeddings = self._embeddings[mask]
             self._names = [n for n, k in zip(self._names, keep, strict=True) if k]
             self._face_ids = [f for f, k in zip(self._face_ids, keep, strict=True) if k]
+            self._has_chip = [c for c, k in zip(self._has_chip, keep, strict=True) if k]
             self._index = None
             self.revision += 1
         return removed
@@ -176,15 +204,18 @@ class Gallery:
         matches = []
         for row in range(len(queries)):
             order = np.argsort(-exact[row], kind="stable")
-            best_of: dict[int, float] = {}
+            best_of: dict[int, tuple[float, int]] = {}
             for face, score in zip(faces[row, order].tolist(), exact[row, order].tolist(), strict=True):
-                best_of.setdefault(int(index.row_person[face]), score)  # first seen is the person's best
+                best_of.setdefault(int(index.row_person[face]), (score, face))  # first seen is the person's best
                 if len(best_of) == k:
                     break
-            ranked = list(best_of.items())
+            ranked = [(person, score) for person, (score, _) in best_of.items()]
             best = ranked[0][1]
             second = ranked[1][1] if len(ranked) > 1 else -1.0
-            candidates = tuple(Candidate(index.people[p], float(s)) for p, s in ranked[:top_k])
+            candidates = tuple(
+                Candidate(index.people[p], float(score), self._face_ids[face])
+                for p, (score, face) in list(best_of.items())[:top_k]
+            )
             name = index.people[ranked[0][0]] if best >= threshold and best - second >= min_margin else None
             matches.append(Match(name, float(best), float(best - second), candidates))
         return matches
@@ -197,6 +228,7 @@ class Gallery:
             self._embeddings = np.ascontiguousarray(self._embeddings[order])
             self._names = [self._names[i] for i in order]
             self._face_ids = [self._face_ids[i] for i in order]
+            self._has_chip = [self._has_chip[i] for i in order]
             self._index = _PersonIndex.build(labels[order], self._embeddings)
         return self._index
 
@@ -217,6 +249,7 @@ class Gallery:
             embeddings=self._embeddings,
             names=np.array(self._names, dtype=np.str_),
             face_ids=np.array(self._face_ids, dtype=np.str_),
+            has_chip=np.array(self._has_chip, dtype=bool),
         )
         return buffer.getvalue()
 
@@ -229,6 +262,7 @@ class Gallery:
                 embeddings = np.asarray(archive["embeddings"], dtype=np.float32)
                 names = [str(n) for n in archive["names"]]
                 face_ids = [str(f) for f in archive["face_ids"]]
+                has_chip = [bool(c) for c in archive["has_chip"]] if "has_chip" in archive.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise GalleryError(f"not a facerec gallery file: {exc}") from exc
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
@@ -240,7 +274,10 @@ class Gallery:
         gallery = cls(str(meta["model_id"]), int(meta["dim"]))
         if embeddings.shape != (len(names), gallery.dim) or len(face_ids) != len(names):
             raise GalleryError("gallery file is inconsistent: embeddings, names and face ids differ in length")
+        if has_chip is not None and len(has_chip) != len(names):
+            raise GalleryError("gallery file is inconsistent: chip flags and names differ in length")
         gallery._embeddings, gallery._names, gallery._face_ids = embeddings, names, face_ids
+        gallery._has_chip = has_chip if has_chip is not None else [False] * len(names)
         gallery.revision = int(meta.get("revision", 0))
         return gallery
 

@@ -1,0 +1,75 @@
+// The public JSON API, as the console uses it: every error becomes an ApiError carrying the API's own message.
+
+const KEY_STORAGE = "facerec-api-key";
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+let keyRequired = false;
+let askForKey = async () => null;
+
+/** Whether changes need X-API-Key (told by /healthz), and how to ask the person for it. */
+export function configureKey(required, ask) {
+  keyRequired = required;
+  askForKey = ask;
+}
+
+export function keyIsRequired() {
+  return keyRequired;
+}
+
+export function forgetKey() {
+  sessionStorage.removeItem(KEY_STORAGE);
+}
+
+export function rememberKey(value) {
+  sessionStorage.setItem(KEY_STORAGE, value);
+}
+
+async function key() {
+  if (!keyRequired) return null;
+  const stored = sessionStorage.getItem(KEY_STORAGE);
+  if (stored) return stored;
+  const entered = await askForKey();
+  if (!entered) throw new ApiError(0, "cancelled", "No API key was given, so nothing was changed.");
+  rememberKey(entered);
+  return entered;
+}
+
+/**
+ * fetch() a route of the API. `change: true` sends the API key (asking for it first when needed); statuses in
+ * `accept` are returned instead of thrown (an enrolment whose every photo was refused answers 422 with details).
+ */
+export async function api(path, { method = "GET", body, change = false, accept = [] } = {}) {
+  const headers = new Headers();
+  if (change) {
+    const value = await key();
+    if (value) headers.set("X-API-Key", value);
+  }
+  let response;
+  try {
+    response = await fetch(path, { method, body, headers });
+  } catch (error) {
+    throw new ApiError(0, "network", `The service could not be reached (${error.message}).`);
+  }
+  const type = response.headers.get("content-type") || "";
+  const payload = type.includes("application/json") ? await response.json() : await response.text();
+  if (response.ok || accept.includes(response.status)) return { status: response.status, body: payload };
+  if (response.status === 401) {
+    forgetKey();
+    keyRequired = true;
+    throw new ApiError(401, "unauthorized", "The API key was refused. Enter the right key and try again.");
+  }
+  const error = payload && payload.error ? payload.error : {};
+  const message = error.message || (payload && payload.detail) || `${response.status} ${response.statusText}`;
+  throw new ApiError(response.status, error.code || String(response.status), String(message));
+}
+
+export function chipUrl(name, faceId) {
+  return `/v1/people/${encodeURIComponent(name)}/faces/${encodeURIComponent(faceId)}/image`;
+}
