@@ -170,6 +170,7 @@ def run(
                 legacy = "legacy POST / through S3 + SQS" if queue_mode else "legacy POST /"
                 print(
                     "\nfacerec is running (Ctrl-C or `make stop` to stop):\n"
+                    f"  console    {api}/   (open it in a browser)\n"
                     f"  API        {api}/   ({legacy}, JSON API under /v1)\n"
                     f"  API docs   {api}/docs\n"
                     f"  health     {api}/healthz\n"
