@@ -8,10 +8,11 @@ into that replica's batch queue; the proxy already spreads requests over the rep
 Measured on 2 cores with 100 concurrent clients (``bench/http_load.py``): 46.8 against 33.4 photos per second
 at 64x64, 30.2 against 26.8 on LFW photos.
 
-:mod:`serve_app.app` uses this wherever the Recognizer always has a replica. It keeps the ingress apart where the
-queue-depth controller scales the Recognizer to zero (an HTTP route needs a replica that is always up, and the
-controller learns HTTP demand from the ingress) and in queue mode (the ingress talks to the queues, not to a
-model).
+:mod:`serve_app.app` uses this with ``ingress: in_recognizer`` only. It is not the default: a replica that dies
+takes the HTTP requests it holds with it (Serve's proxy does not send them again), where a separate ingress
+resends them to another replica. It is refused where the queue-depth controller may scale the Recognizer to zero
+(an HTTP route needs a replica that is always up, and the controller learns HTTP demand from the ingress) and in
+queue mode (the ingress talks to the queues, not to a model).
 
 The replica keeps the Recognizer's handle API (``recognize``, ``detect``, ``embed``, ``enrol``, ``info``), so the
 SQS bridge and the tests call it by the same deployment name either way.
