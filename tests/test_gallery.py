@@ -163,7 +163,6 @@ def test_match_agrees_with_a_brute_force_per_person_maximum() -> None:
 def test_chip_flags_follow_their_faces_through_changes_and_snapshots(gallery: Gallery) -> None:
     ids = gallery.add("dave", np.stack([unit(1, 1, 0), unit(1, 1, 1)]), MODEL, [True, False])
     assert gallery.face_records("dave") == [(ids[0], True), (ids[1], False)]
-    assert gallery.has_chip(ids[0]) and not gallery.has_chip(ids[1])
     gallery.match(unit(1, 1, 0)[None], threshold=0.5)  # matching regroups the rows by person
     gallery.remove_person("bob")
     loaded = Gallery.from_bytes(gallery.to_bytes())

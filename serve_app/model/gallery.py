@@ -104,10 +104,6 @@ class Gallery:
         """The face ids enrolled for ``name`` (empty if unknown)."""
         return [fid for n, fid in zip(self._names, self._face_ids, strict=True) if n == name]
 
-    def has_chip(self, face_id: str) -> bool:
-        """Whether ``face_id`` is enrolled with a stored chip."""
-        return any(f == face_id and chip for f, chip in zip(self._face_ids, self._has_chip, strict=True))
-
     def face_records(self, name: str) -> list[tuple[str, bool]]:
         """``(face id, has a chip)`` for each face of ``name`` (empty if unknown)."""
         return [
