@@ -56,6 +56,10 @@ class BridgeMetrics:
             "facerec_bridge_messages", description="Request messages finished, by outcome.", tag_keys=("outcome",)
         )
         self.in_flight = Gauge("facerec_bridge_in_flight", description="Request messages held by a consumer.")
+        self.uncertain_sends = Gauge(
+            "facerec_bridge_uncertain_sends",
+            description="Responses whose SendMessage failed after it may have reached SQS (each may arrive twice).",
+        )
 
 
 #: The queue-depth controller's view and decisions, one gauge each.

@@ -40,7 +40,7 @@ class SqsBridgeDeployment(Supervised):
         clients = AwsClients.for_stack(args.stack)
         urls = queue_urls(args.stack, clients)
         self._recognizer = serve.get_deployment_handle("Recognizer", app_name=args.recognition_app)
-        processor = RequestProcessor(
+        self._processor = processor = RequestProcessor(
             s3=clients.s3,
             sqs=clients.sqs,
             in_bucket=args.stack.in_bucket,
@@ -79,11 +79,20 @@ class SqsBridgeDeployment(Supervised):
         dead = await asyncio.to_thread(queue_counts, self._sqs, self._urls.dead_letter)
         return {"waiting": requests["visible"], "in_flight": requests["in_flight"], "dead_letters": dead["visible"]}
 
+    async def stats(self) -> dict[str, int]:
+        """This replica's message outcomes, messages held, and uncertain response sends (a duplicate's only cause)."""
+        return {
+            **self._consumer.counts,
+            "in_flight": self._consumer.in_flight,
+            "uncertain_sends": self._processor.uncertain_sends,
+        }
+
     async def _report(self) -> None:
         reported: dict[str, int] = {}
         while True:
             await asyncio.sleep(2.0)
             self._metrics.in_flight.set(self._consumer.in_flight)
+            self._metrics.uncertain_sends.set(self._processor.uncertain_sends)
             for outcome, count in self._consumer.counts.items():
                 if count > reported.get(outcome, 0):
                     self._metrics.messages.inc(count - reported.get(outcome, 0), tags={"outcome": outcome})

@@ -12,6 +12,13 @@ correlation id:
    object records that it was already sent; then record it;
 5. only then is the request deleted (by the caller).
 
+One duplicate no queue client can rule out: a ``SendMessage`` that SQS carries out but whose reply is lost (the
+connection reset mid-call) looks failed, so it is sent again (by botocore's retries or by the redelivery) and the
+response arrives twice, identical. A standard queue cannot deduplicate; consumers match responses by correlation
+id (the web tier's router hands only the first to its request). The processor counts such uncertain sends
+(:attr:`RequestProcessor.uncertain_sends`, the ``facerec_bridge_uncertain_sends`` metric): every duplicate response
+comes from one of them.
+
 A poison message (missing object, not an image, ...) gets an error result (``Error`` in the output object, a
 response with attribute ``status`` = ``error`` and the reason) and is deleted. Anything else is transient: the
 caller leaves the message on the queue with a growing visibility timeout, and after ``maxReceiveCount``
@@ -23,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ReadTimeoutError
 
 from serve_app.queue_mode.contract import KEY_ATTRIBUTE, VERSION_ATTRIBUTE, output_key, response_body
 
@@ -38,6 +46,9 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 ERROR_NAME = "Error"
 UNKNOWN_NAME = "Unknown"
 MAX_KEY_LENGTH = 512
+#: Failures after which a request may have been carried out although no reply came back (a refused connection,
+#: by contrast, never reached SQS).
+UNCERTAIN_FAILURES = (ConnectionClosedError, ReadTimeoutError)
 
 
 class TransientError(RuntimeError):
@@ -112,6 +123,23 @@ class RequestProcessor:
     #: under the bridge's graceful-shutdown timeout (90 s), so a replica that is stopping finishes the attempt.
     record_budget_s: float = 60.0
     _active: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _uncertain_sends: int = 0
+    _uncertain_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        # botocore retries a failed call inside send_message; its retry event is the only place that sees each
+        # attempt's failure (the calls run on worker threads, hence the lock).
+        self.sqs.meta.events.register("needs-retry.sqs.SendMessage", self._note_send_attempt)
+
+    @property
+    def uncertain_sends(self) -> int:
+        """Responses sent whose outcome was unknown (see the module docstring): the bound on duplicate responses."""
+        return self._uncertain_sends
+
+    def _note_send_attempt(self, caught_exception: Exception | None = None, **_: Any) -> None:
+        if isinstance(caught_exception, UNCERTAIN_FAILURES):
+            with self._uncertain_lock:
+                self._uncertain_sends += 1
 
     async def process(self, message: RequestMessage) -> Outcome:
         """Handle one message up to (not including) its deletion. Raises :class:`TransientError` to retry."""

@@ -67,29 +67,46 @@ def collect_responses(stack: Stack, expected: int, timeout: float) -> list[dict[
     while len({m["key"] for m in seen}) < expected:
         if time.monotonic() > deadline:
             pytest.fail(f"only {len({m['key'] for m in seen})} of {expected} responses after {timeout:.0f}s")
-        batch = stack.clients.sqs.receive_message(
-            QueueUrl=stack.urls.responses, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
-        ).get("Messages", [])
-        for message in batch:
-            attributes = message["MessageAttributes"]
-            seen.append(
-                {
-                    "body": message["Body"],
-                    "key": attributes["key"]["StringValue"],
-                    "status": attributes["status"]["StringValue"],
-                    "error": attributes.get("error", {}).get("StringValue"),
-                }
-            )
-        if batch:
-            stack.clients.sqs.delete_message_batch(
-                QueueUrl=stack.urls.responses,
-                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)],
-            )
+        seen += receive_responses(stack)
     return seen
+
+
+def receive_responses(stack: Stack) -> list[dict[str, Any]]:
+    """One receive (up to 10 response messages, 1 s long poll); what it gets is deleted."""
+    batch = stack.clients.sqs.receive_message(
+        QueueUrl=stack.urls.responses, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+    ).get("Messages", [])
+    if batch:
+        stack.clients.sqs.delete_message_batch(
+            QueueUrl=stack.urls.responses,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)],
+        )
+    return [
+        {
+            "body": message["Body"],
+            "key": message["MessageAttributes"]["key"]["StringValue"],
+            "status": message["MessageAttributes"]["status"]["StringValue"],
+            "error": message["MessageAttributes"].get("error", {}).get("StringValue"),
+        }
+        for message in batch
+    ]
 
 
 def output(stack: Stack, stem: str) -> str:
     return str(stack.clients.s3.get_object(Bucket=stack.config.out_bucket, Key=stem)["Body"].read().decode())
+
+
+def request_queue_empty(stack: Stack) -> bool:
+    requests = status(stack.config, stack.clients)["request_queue"]
+    return bool(requests["visible"] == 0 and requests["in_flight"] == 0)
+
+
+def sweep_responses(stack: Stack) -> list[dict[str, Any]]:
+    """Whatever responses are left on the queue (read and deleted): late copies after every request is done."""
+    left: list[dict[str, Any]] = []
+    while batch := receive_responses(stack):
+        left += batch
+    return left
 
 
 def drained(stack: Stack) -> bool:

@@ -8,15 +8,20 @@ real path end to end).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
+import threading
 import uuid
 
 import pytest
+from botocore.config import Config
 
-from aws_stack.clients import AwsClients
+from aws_stack.clients import AwsClients, aws_client
 from aws_stack.stack import QueueUrls, StackConfig, provision, status
 from serve_app.queue_mode.contract import output_key, parse_response, response_body, well_formed_response
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer, backoff_seconds
-from sqs_bridge.processor import Answer, RequestProcessor
+from sqs_bridge.processor import Answer, RequestMessage, RequestProcessor, TransientError
 from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.aws
@@ -198,3 +203,65 @@ def test_provisioning_versions_the_input_bucket_and_keeps_an_operators_lifecycle
     assert set(rules) == {"operator-rule", "facerec-expire-overwritten-uploads"}
     # Overwritten uploads outlive a request redriven from the dead-letter queue (14 days).
     assert rules["facerec-expire-overwritten-uploads"]["NoncurrentVersionExpiration"]["NoncurrentDays"] == 15
+
+
+def _endpoint_that_swallows_requests() -> tuple[socket.socket, threading.Thread]:
+    """A server that reads each request and resets the connection: the call may have been carried out, no reply."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+
+    def swallow() -> None:
+        while server.fileno() != -1:
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            connection.settimeout(5)
+            with contextlib.suppress(OSError):
+                connection.recv(65536)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            connection.close()
+
+    thread = threading.Thread(target=swallow, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_a_response_send_that_may_have_reached_sqs_is_counted_a_refused_one_is_not(moto_endpoint: str) -> None:
+    """Every duplicate response comes from a send whose outcome is unknown: the processor counts exactly those."""
+    config, clients, _ = make_stack(moto_endpoint, max_receive_count=5)
+    server, thread = _endpoint_that_swallows_requests()
+    refused = socket.create_server(("127.0.0.1", 0))
+    refused_port = int(refused.getsockname()[1])
+    refused.close()  # nothing listens there now
+    quick = Config(retries={"total_max_attempts": 3, "mode": "standard"}, connect_timeout=2, read_timeout=5)
+
+    async def answer(_: bytes) -> Answer:
+        return Answer("Paul")
+
+    def attempt(sqs_endpoint: str) -> RequestProcessor:
+        sqs = aws_client("sqs", region=config.region, endpoint=sqs_endpoint, config=quick)
+        processor = RequestProcessor(
+            s3=clients.s3,
+            sqs=sqs,
+            in_bucket=config.in_bucket,
+            out_bucket=config.out_bucket,
+            response_queue_url=f"{sqs_endpoint}/123456789012/responses",
+            recognize=answer,
+        )
+        key = f"{uuid.uuid4().hex}.jpg"
+        clients.s3.put_object(Bucket=config.in_bucket, Key=key, Body=b"photo")
+        message = RequestMessage("m-1", "receipt", key, str(uuid.uuid4()), 1)
+        with pytest.raises(TransientError):  # not answered: the message stays for redelivery
+            asyncio.run(processor.process(message))
+        return processor
+
+    try:
+        swallowed = attempt(f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert swallowed.uncertain_sends == 3  # every attempt reached the endpoint and lost its reply
+        assert attempt(f"http://127.0.0.1:{refused_port}").uncertain_sends == 0
+    finally:
+        server.close()
+        thread.join(5)

@@ -26,6 +26,8 @@ from tests.queue_helpers import (
     numbered,
     output,
     pool,
+    request_queue_empty,
+    sweep_responses,
 )
 from tests.serve_fixtures import ServeCluster, healthy
 from tests.tcp_proxy import cuttable_proxy
@@ -199,10 +201,22 @@ def test_an_s3_and_sqs_outage_mid_run_loses_and_repeats_nothing(recognition: str
             time.sleep(OUTAGE_S)
             proxy.restore()
             responses = collect_responses(stack, 1000, timeout=900)
+            # A late second copy of a response would still be on its way: wait for the requests to be done.
+            wait_until(lambda: request_queue_empty(stack), 120, "requests were not all deleted")
+            responses += sweep_responses(stack)
             duplicates = len(responses) - len({r["key"] for r in responses})
-            print(f"\nS3/SQS cut {OUTAGE_S} s: 1000 requests, {len(responses)} responses, {duplicates} duplicates")
-            assert duplicates == 0
-            check_all_answered(stack, ids, answers, responses)  # every answer right, dead-letter queue empty
+            stats = serve.get_deployment_handle("SqsBridge", app_name="bridge").stats.remote().result()
+            print(
+                f"\nS3/SQS cut {OUTAGE_S} s: 1000 requests, {len(responses)} responses, {duplicates} duplicates, "
+                f"{stats['uncertain_sends']} uncertain sends (SendMessage reset after it may have reached SQS)"
+            )
+            # A response is sent twice only where SQS may have carried out a send whose reply the cut reset: the
+            # bridge counts those. Anything else (a recorded send forgotten, a redelivery answered again) is a bug.
+            assert duplicates <= stats["uncertain_sends"]
+            first = {r["key"]: r for r in reversed(responses)}
+            assert all(r == first[r["key"]] for r in responses)  # a second copy is the same answer, byte for byte
+            unique = list(first.values())
+            check_all_answered(stack, ids, answers, unique)  # every answer right, dead-letter queue empty
             wait_until(lambda: drained(stack), 120, "queues did not drain to 0")
             # The same bridge replica came through it: healthy, never restarted.
             after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#SqsBridge#" in a["name"]]
