@@ -6,7 +6,7 @@ turns a result into the same plain JSON the command line prints). Field names an
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -86,11 +86,50 @@ class PersonFaces(BaseModel):
     faces: int
 
 
+class Snapshot(BaseModel):
+    """One model's gallery snapshot in the store (a store keeps one per embedding model)."""
+
+    model_id: str
+    faces: int
+    people: int
+    revision: int
+    active: bool = Field(description="the snapshot enrolments go to (the GalleryWriter's model)")
+
+
 class People(BaseModel):
     """``GET /v1/people``."""
 
     people: list[PersonFaces]
     revision: int
+    model_id: str = Field(description="the model of the snapshot listed (the one enrolments go to)")
+    snapshots: list[Snapshot] = Field(description="every model's snapshot the writer has seen, the active first")
+
+
+class ReembedRequest(BaseModel):
+    """``POST /v1/gallery/reembed``: embed every face again with another checkpoint, beside the current snapshot."""
+
+    checkpoint: str = Field(min_length=1, max_length=512, description="a registry name, e.g. casia-webface-512")
+    flip: bool = False
+
+
+class Reembedding(BaseModel):
+    """A re-embedding's progress."""
+
+    target_model: str
+    total: int = Field(description="faces to embed")
+    done: int
+    state: Literal["running", "done", "failed"]
+    report: dict[str, Any] | None = Field(None, description="what it did, once done (faces without chips listed)")
+    error: str | None = None
+    started_at: float
+
+
+class GalleryInfo(BaseModel):
+    """``GET /v1/gallery``: the snapshots, and the last re-embedding started."""
+
+    model_id: str
+    snapshots: list[Snapshot]
+    reembedding: Reembedding | None = None
 
 
 class EnrolledFace(BaseModel):

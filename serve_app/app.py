@@ -146,7 +146,7 @@ def ingress_in_recognizer(config: AppArgs) -> bool:
 def build_app(args: AppArgs) -> Application:
     """Wire the deployments together (Serve has validated the config's ``args`` into :class:`AppArgs`)."""
     config = args
-    checkpoint = config.recognition.resolved_checkpoint()  # an unknown checkpoint fails here, before deploying
+    config.recognition.resolved_checkpoint()  # an unknown checkpoint fails here, before deploying
     model_id, threshold = config.recognition.model_id, config.recognition.verification_threshold
     scaling = config.recognizer
     size = size_recognizer(scaling, config.recognition.torch_threads, machine_cores())
@@ -188,7 +188,7 @@ def build_app(args: AppArgs) -> Application:
     )
     writer = serve.deployment(name="GalleryWriter", num_replicas=1, ray_actor_options={"num_cpus": 0.05})(
         GalleryWriterDeployment
-    ).bind(config.gallery_uri, model_id, checkpoint.dim, config.gallery_endpoint)
+    ).bind(config.gallery_uri, config.recognition, config.gallery_endpoint)
     limits = IngressLimits(
         max_upload_bytes=config.max_upload_bytes,
         # multipart framing on top of the largest allowed set of files

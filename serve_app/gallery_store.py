@@ -1,158 +1,279 @@
-"""Where the shared gallery lives: an S3 object or a local file, read by every replica, written by one.
+"""Where the shared gallery lives: an S3 prefix or a local directory, read by every replica, written by one.
 
-A store holds the serialised gallery (see :mod:`serve_app.model.gallery`) and answers two cheap questions:
-``token()`` (has it changed since I last read it?) and ``read()``. Writes replace the whole snapshot
-atomically (S3 ``PutObject`` is atomic per object; locally, write-then-rename), so a reader sees the old
-gallery or the new one, never a mixture.
+A store holds one snapshot per embedding model (see :mod:`serve_app.model.gallery`: embeddings of different
+checkpoints cannot be mixed), and the face chips they share:
 
-Beside the snapshot, each enrolled face may have a chip: the aligned crop that was embedded, as a JPEG, under
-``chips/<face_id>.jpg`` (``s3://bucket/prefix/chips/...`` or ``<directory>/chips/...``). The GalleryWriter stores
-a face's chip before the snapshot that names it, and deletes it after the snapshot that no longer does, so a
-snapshot never names a chip that is not there (a crash in between leaves at most an unreferenced chip).
+* ``models/<model id>.npz``: the snapshot of that model;
+* ``gallery.npz``: the snapshot of the model it records (where a store began before snapshots were kept per
+  model, and what the command-line tools write to a directory of their own); a model's own
+  ``models/<model id>.npz``, once it exists, comes first;
+* ``models/<model id>.partial.npz``: a re-embedding in progress (never served; see ``facerec gallery reembed``);
+* ``chips/<face id>.jpg``: the aligned crop each enrolled face was embedded from. Face ids are kept across models,
+  so every model's snapshot refers to the same chips.
+
+A store object is bound to one model (:meth:`GalleryStore.for_model`), and ``token()`` (has it changed since I last
+read it?), ``read()`` and ``write()`` address that model's snapshot; an unbound store addresses ``gallery.npz``.
+Writes replace a whole snapshot atomically (S3 ``PutObject`` is atomic per object; locally, write-then-rename), so
+a reader sees the old snapshot or the new one, never a mixture.
+
+The GalleryWriter stores a face's chip before the snapshot that names it, and deletes it after the last snapshot
+that names it no longer does, so a snapshot never names a chip that is not there.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlparse
 
-from serve_app.model.gallery import GALLERY_FILENAME, write_atomically
+from serve_app.model.gallery import GALLERY_FILENAME, GalleryError, snapshot_meta, write_atomically
 
 #: The folder beside the snapshot that holds the face chips.
 CHIPS_FOLDER = "chips"
+#: The folder of per-model snapshots.
+MODELS_FOLDER = "models"
 FACE_ID_PATTERN = re.compile(r"[0-9a-f]{1,32}")
+#: Model ids as the checkpoint registry makes them (``facenet-keras-ms-celeb-128-v1+flip``, ``pt-<hash>``).
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+PARTIAL_SUFFIX = ".partial.npz"
 
 
 class GalleryStoreError(RuntimeError):
     """The gallery store cannot be read or written (permissions, missing bucket, network)."""
 
 
-class GalleryStore(Protocol):
-    """Whole-snapshot storage for one gallery."""
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot in a store, as listed by :meth:`GalleryStore.snapshots`."""
 
-    def describe(self) -> str: ...
+    model_id: str
+    #: Where it is, relative to the store (``gallery.npz`` or ``models/<model id>.npz``).
+    key: str
 
+
+class GalleryStore(ABC):
+    """Snapshots (one per model) and face chips. Subclasses provide five object operations on relative keys."""
+
+    #: The model whose snapshot ``token``/``read``/``write`` address; ``None``: ``gallery.npz``.
+    model_id: str | None = None
+    _root_owner: tuple[str, str | None] | None = None  # (root token, the model it records)
+
+    # --- storage primitives ---------------------------------------------------------------------------------
+    @abstractmethod
+    def _where(self, key: str) -> str: ...
+
+    @abstractmethod
+    def _token(self, key: str) -> str | None:
+        """A value that changes whenever the object changes; ``None`` while it does not exist."""
+
+    @abstractmethod
+    def _get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    @abstractmethod
+    def _delete(self, keys: list[str]) -> None: ...
+
+    @abstractmethod
+    def _list(self, folder: str) -> list[str]:
+        """The keys directly in ``folder``."""
+
+    # --- binding --------------------------------------------------------------------------------------------
+    def for_model(self, model_id: str) -> GalleryStore:
+        """The same store, addressing ``model_id``'s snapshot."""
+        bound = copy.copy(self)
+        bound.model_id = _checked_model(model_id)
+        bound._root_owner = None
+        return bound
+
+    def describe(self) -> str:
+        return self._where(self.snapshot_key())
+
+    def snapshot_key(self) -> str:
+        """Where this store's model's snapshot is (or will be written)."""
+        if self.model_id is None:
+            return GALLERY_FILENAME
+        own = f"{MODELS_FOLDER}/{self.model_id}.npz"
+        if self._token(own) is None and self._root_model() == self.model_id:
+            return GALLERY_FILENAME
+        return own
+
+    def _root_model(self) -> str | None:
+        """The model ``gallery.npz`` records (``None`` if there is none), read again only when it changes."""
+        token = self._token(GALLERY_FILENAME)
+        if token is None:
+            return None
+        if self._root_owner is None or self._root_owner[0] != token:
+            data = self._get(GALLERY_FILENAME)
+            try:
+                owner = None if data is None else str(snapshot_meta(data)["model_id"])
+            except GalleryError:
+                owner = None  # not a gallery: nobody's snapshot
+            self._root_owner = (token, owner)
+        return self._root_owner[1]
+
+    # --- the bound model's snapshot --------------------------------------------------------------------------
     def token(self) -> str | None:
         """A value that changes whenever the snapshot changes; ``None`` while there is no snapshot."""
-        ...
+        key = self.snapshot_key()
+        token = self._token(key)
+        return None if token is None else f"{key}:{token}"
 
     def read(self) -> bytes | None:
         """The snapshot bytes, or ``None`` while there is none."""
-        ...
+        return self._get(self.snapshot_key())
 
     def write(self, data: bytes) -> None:
         """Replace the snapshot atomically."""
-        ...
+        self._put(self.snapshot_key(), data, "application/octet-stream")
 
+    # --- every model's snapshots ------------------------------------------------------------------------------
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Every model's snapshot in the store (a model's own file before ``gallery.npz``), by model id."""
+        found: dict[str, SnapshotInfo] = {}
+        for key in sorted(self._list(MODELS_FOLDER)):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(".npz") and not name.endswith(PARTIAL_SUFFIX):
+                model_id = name.removesuffix(".npz")
+                if MODEL_ID_PATTERN.fullmatch(model_id):
+                    found[model_id] = SnapshotInfo(model_id, key)
+        root = self._root_model()
+        if root is not None and root not in found:
+            found[root] = SnapshotInfo(root, GALLERY_FILENAME)
+        return [found[model] for model in sorted(found)]
+
+    def read_snapshot(self, info: SnapshotInfo) -> bytes | None:
+        return self._get(info.key)
+
+    def snapshot_token(self, info: SnapshotInfo) -> str | None:
+        return self._token(info.key)
+
+    def drop_snapshot(self) -> None:
+        """Delete the bound model's snapshot (after a model change is confirmed; chips stay)."""
+        self._delete([self.snapshot_key()])
+
+    # --- a re-embedding in progress (the bound model's) --------------------------------------------------------
+    def _partial_key(self) -> str:
+        if self.model_id is None:
+            raise ValueError("a partial snapshot belongs to a model: bind the store with for_model()")
+        return f"{MODELS_FOLDER}/{self.model_id}{PARTIAL_SUFFIX}"
+
+    def read_partial(self) -> bytes | None:
+        return self._get(self._partial_key())
+
+    def write_partial(self, data: bytes) -> None:
+        self._put(self._partial_key(), data, "application/octet-stream")
+
+    def delete_partial(self) -> None:
+        self._delete([self._partial_key()])
+
+    # --- chips ------------------------------------------------------------------------------------------------
     def write_chip(self, face_id: str, data: bytes) -> None:
         """Store one face's chip (JPEG bytes)."""
-        ...
+        self._put(_chip_key(face_id), data, "image/jpeg")
 
     def read_chip(self, face_id: str) -> bytes | None:
         """One face's chip, or ``None`` if it has none."""
-        ...
+        return self._get(_chip_key(face_id))
 
     def delete_chips(self, face_ids: list[str]) -> None:
         """Delete these faces' chips (missing ones are not an error)."""
-        ...
+        self._delete([_chip_key(face_id) for face_id in face_ids])
 
 
 @dataclass
-class LocalGalleryStore:
-    """``<directory>/gallery.npz`` on a local (or shared) file system."""
+class LocalGalleryStore(GalleryStore):
+    """A directory on a local (or shared) file system."""
 
     directory: Path
+    model_id: str | None = None
+    _root_owner: tuple[str, str | None] | None = field(default=None, repr=False)
 
     @property
     def path(self) -> Path:
-        return self.directory / GALLERY_FILENAME
+        return self.directory / self.snapshot_key()
 
-    def describe(self) -> str:
-        return str(self.path)
+    def _where(self, key: str) -> str:
+        return str(self.directory / key)
 
-    def token(self) -> str | None:
+    def _token(self, key: str) -> str | None:
         try:
-            stat = self.path.stat()
+            stat = (self.directory / key).stat()
         except FileNotFoundError:
             return None
         # A rename-into-place gives a new inode even when size and mtime happen to match.
         return f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}"
 
-    def read(self) -> bytes | None:
+    def _get(self, key: str) -> bytes | None:
         try:
-            return self.path.read_bytes()
+            return (self.directory / key).read_bytes()
         except FileNotFoundError:
             return None
 
-    def write(self, data: bytes) -> None:
-        write_atomically(self.path, data)
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        write_atomically(self.directory / key, data)
 
-    def _chip(self, face_id: str) -> Path:
-        return self.directory / CHIPS_FOLDER / f"{_checked(face_id)}.jpg"
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
+            (self.directory / key).unlink(missing_ok=True)
 
-    def write_chip(self, face_id: str, data: bytes) -> None:
-        write_atomically(self._chip(face_id), data)
-
-    def read_chip(self, face_id: str) -> bytes | None:
-        try:
-            return self._chip(face_id).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete_chips(self, face_ids: list[str]) -> None:
-        for face_id in face_ids:
-            self._chip(face_id).unlink(missing_ok=True)
+    def _list(self, folder: str) -> list[str]:
+        where = self.directory / folder
+        return [f"{folder}/{p.name}" for p in where.iterdir() if p.is_file()] if where.is_dir() else []
 
 
 @dataclass
-class S3GalleryStore:
-    """``s3://<bucket>/<prefix>gallery.npz``. The boto3 client is passed in (credentials: the standard chain)."""
+class S3GalleryStore(GalleryStore):
+    """``s3://<bucket>/<prefix>``. The boto3 client is passed in (credentials: the standard chain)."""
 
     client: Any
     bucket: str
     prefix: str
+    model_id: str | None = None
+    _root_owner: tuple[str, str | None] | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
-        return f"{self.prefix.rstrip('/')}/{GALLERY_FILENAME}" if self.prefix.strip("/") else GALLERY_FILENAME
+        return self._full(self.snapshot_key())
 
-    def describe(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
+    def _full(self, key: str) -> str:
+        return f"{self.prefix.strip('/')}/{key}" if self.prefix.strip("/") else key
 
-    def token(self) -> str | None:
-        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key)
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def _token(self, key: str) -> str | None:
+        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self._full(key))
         return None if head is None else str(head["ETag"])
 
-    def read(self) -> bytes | None:
-        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key)
+    def _get(self, key: str) -> bytes | None:
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._full(key))
         return None if response is None else bytes(response["Body"].read())
 
-    def write(self, data: bytes) -> None:
-        self._call(self.client.put_object, Bucket=self.bucket, Key=self.key, Body=data)
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        self._call(self.client.put_object, Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
 
-    def _chip(self, face_id: str) -> str:
-        folder = f"{self.prefix.strip('/')}/{CHIPS_FOLDER}" if self.prefix.strip("/") else CHIPS_FOLDER
-        return f"{folder}/{_checked(face_id)}.jpg"
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+            objects = [{"Key": self._full(key)} for key in keys[start : start + 1000]]
+            self._call(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
 
-    def write_chip(self, face_id: str, data: bytes) -> None:
-        self._call(
-            self.client.put_object, Bucket=self.bucket, Key=self._chip(face_id), Body=data, ContentType="image/jpeg"
-        )
-
-    def read_chip(self, face_id: str) -> bytes | None:
-        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._chip(face_id))
-        return None if response is None else bytes(response["Body"].read())
-
-    def delete_chips(self, face_ids: list[str]) -> None:
-        for start in range(0, len(face_ids), 1000):  # DeleteObjects takes at most 1,000 keys
-            keys = [{"Key": self._chip(face_id)} for face_id in face_ids[start : start + 1000]]
-            self._call(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+    def _list(self, folder: str) -> list[str]:
+        keys: list[str] = []
+        start = self._full(folder) + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/")))
+        for page in pages or []:
+            keys += [f"{folder}/{item['Key'][len(start) :]}" for item in page.get("Contents", [])]
+        return keys
 
     def _call(self, operation: Any, **kwargs: Any) -> Any:
-        """One S3 call; ``None`` for a missing snapshot, :class:`GalleryStoreError` for any other failure."""
+        """One S3 call; ``None`` for a missing object, :class:`GalleryStoreError` for any other failure."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -160,24 +281,32 @@ class S3GalleryStore:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise GalleryStoreError(f"{self.describe()}: {exc}") from exc
+            raise GalleryStoreError(f"s3://{self.bucket}/{self.prefix}: {exc}") from exc
         except BotoCoreError as exc:
-            raise GalleryStoreError(f"cannot reach {self.describe()}: {exc}") from exc
+            raise GalleryStoreError(f"cannot reach s3://{self.bucket}/{self.prefix}: {exc}") from exc
 
 
-def _checked(face_id: str) -> str:
+def _chip_key(face_id: str) -> str:
     # Face ids are the gallery's own (12 hex digits); anything else must never become part of a path or key.
     if not FACE_ID_PATTERN.fullmatch(face_id):
         raise ValueError(f"not a face id: {face_id!r}")
-    return face_id
+    return f"{CHIPS_FOLDER}/{face_id}.jpg"
 
 
-def open_gallery_store(uri: str, endpoint: str | None = None) -> GalleryStore:
-    """``s3://bucket/prefix`` or a local directory (``file:///dir`` or a plain path).
+def _checked_model(model_id: str) -> str:
+    if not MODEL_ID_PATTERN.fullmatch(model_id):
+        raise ValueError(f"not a model id: {model_id!r}")
+    return model_id
+
+
+def open_gallery_store(uri: str, endpoint: str | None = None, model_id: str | None = None) -> GalleryStore:
+    """``s3://bucket/prefix`` or a local directory (``file:///dir`` or a plain path), bound to ``model_id``'s
+    snapshot when given.
 
     ``endpoint`` points S3 at an S3-compatible store (MinIO, a VPC endpoint URL); ``None`` leaves it to boto3.
     """
     parsed = urlparse(uri)
+    store: GalleryStore
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"gallery URI {uri!r} names no bucket")
@@ -185,7 +314,9 @@ def open_gallery_store(uri: str, endpoint: str | None = None) -> GalleryStore:
 
         # No stack here, only a URI: boto3 finds the region and (for the local moto server) AWS_ENDPOINT_URL.
         client = aws_client("s3", endpoint=endpoint, config=QUICK_FAILURE_CONFIG)
-        return S3GalleryStore(client, parsed.netloc, parsed.path.lstrip("/"))
-    if parsed.scheme in ("", "file"):
-        return LocalGalleryStore(Path(parsed.path if parsed.scheme == "file" else uri).expanduser())
-    raise ValueError(f"unsupported gallery URI {uri!r}: use s3://bucket/prefix or a directory")
+        store = S3GalleryStore(client, parsed.netloc, parsed.path.lstrip("/"))
+    elif parsed.scheme in ("", "file"):
+        store = LocalGalleryStore(Path(parsed.path if parsed.scheme == "file" else uri).expanduser())
+    else:
+        raise ValueError(f"unsupported gallery URI {uri!r}: use s3://bucket/prefix or a directory")
+    return store if model_id is None else store.for_model(model_id)

@@ -31,8 +31,6 @@ class RecognizeJob:
     image: bytes
     threshold: float | None = None
     top_k: int | None = None
-    #: Read-your-writes: the replica refreshes its gallery first if it is older than this revision.
-    min_revision: int = 0
 
 
 @dataclass(frozen=True)

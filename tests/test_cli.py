@@ -28,7 +28,8 @@ def test_enroll_then_recognize(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, (summary,) = run(capsys, "enroll", "--gallery", str(gallery), str(SCENES / "knn" / "train"))
     assert code == 0
     assert summary["enrolled_faces"] == 9 and summary["refused_photos"] == 0
-    assert (gallery / "gallery.npz").is_file()
+    # One snapshot per model, named by the model's id (the store the service uses has the same layout).
+    assert [p.name for p in (gallery / "models").iterdir()] == [f"{KERAS}.npz"]
 
     images = [SCENES / "knn" / "test" / "obama1.jpg", SCENES / "knn" / "test" / "kit_with_rose.jpg"]
     code, results = run(capsys, "recognize", "--gallery", str(gallery), *map(str, images))
@@ -46,6 +47,38 @@ def test_enroll_then_recognize(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert len(exported) == 9 and len(list((tmp_path / "chips" / "obama").iterdir())) == 2
     with Image.open(exported[0]) as chip:
         assert chip.format == "JPEG" and chip.size == (160, 160)
+
+
+KERAS = "facenet-keras-ms-celeb-128-v1"
+CASIA = "facenet-casia-webface-512-20180408"
+
+
+def test_reembed_switches_the_model_keeping_every_face_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gallery = tmp_path / "gallery"
+    assert run(capsys, "enroll", "--gallery", str(gallery), str(SCENES / "knn" / "train"))[0] == 0
+    _, (before,) = run(capsys, "gallery", "show", "--gallery", str(gallery))
+
+    code, (report,) = run(capsys, "gallery", "reembed", "--gallery", str(gallery), "--checkpoint", "casia-webface-512")
+    assert code == 0
+    assert report["source_model"] == KERAS and report["target_model"] == CASIA
+    assert report["embedded"] == 9 and report["without_chip"] == [] and report["target_threshold"] == 0.35
+    # Resumable and idempotent: a second run finds every face embedded already.
+    code, (again,) = run(capsys, "gallery", "reembed", "--gallery", str(gallery), "--checkpoint", "casia-webface-512")
+    assert code == 0 and again["embedded"] == 0 and again["already"] == 9
+
+    assert run(capsys, "gallery", "show", "--gallery", str(gallery))[0] == 2  # two snapshots: which one?
+    _, (after,) = run(capsys, "gallery", "show", "--gallery", str(gallery), "--model", CASIA)
+    assert after["model_id"] == CASIA and after["dim"] == 512 and after["people"] == before["people"]
+    assert sorted(s["model_id"] for s in after["snapshots"]) == [CASIA, KERAS]  # type: ignore[attr-defined]
+
+    photo = str(SCENES / "knn" / "test" / "obama1.jpg")
+    for checkpoint in ("facenet-keras-128", "casia-webface-512"):
+        code, (result,) = run(capsys, "recognize", "--gallery", str(gallery), "--checkpoint", checkpoint, photo)
+        assert code == 0 and result["name"] == "obama" and result["model_id"] in (KERAS, CASIA)
+
+    assert run(capsys, "gallery", "drop", "--gallery", str(gallery), "--model", KERAS)[0] == 0
+    _, (only,) = run(capsys, "gallery", "show", "--gallery", str(gallery))
+    assert only["model_id"] == CASIA and only["faces"] == 9
 
 
 def test_recognize_reports_bad_files_and_keeps_going(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,6 +131,12 @@ def test_import_legacy_gallery(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 0 and shown["faces_with_chips"] == 0
     without = shown["faces_without_chips"]
     assert isinstance(without, list) and sorted(f["name"] for f in without) == ["John", "Paul"]
+    # Legacy faces cannot be embedded again (no chip): a re-embedding lists them and leaves them out.
+    code, (report,) = run(
+        capsys, "gallery", "reembed", "--gallery", str(tmp_path / "g"), "--checkpoint", "casia-webface-512"
+    )
+    assert code == 0 and report["embedded"] == 0
+    assert sorted(f["name"] for f in report["without_chip"]) == ["John", "Paul"]  # type: ignore[attr-defined]
 
 
 def test_console_script_is_installed() -> None:

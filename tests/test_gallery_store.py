@@ -59,6 +59,49 @@ def test_s3_store(moto_endpoint: str) -> None:
     assert sorted(keys) == ["some/prefix/chips/def456.jpg", "some/prefix/gallery.npz"]
 
 
+def per_model_snapshots(store: GalleryStore) -> None:
+    """Each model has its own snapshot; ``gallery.npz`` counts as the snapshot of the model it records."""
+    first, second = Gallery("m-one", 2), Gallery("m-two", 2)
+    first.add("ann", np.array([[1.0, 0.0]], dtype=np.float32), "m-one")
+    store.write(first.to_bytes())  # unbound: gallery.npz (how stores began, and the command line's own)
+    bound_first, bound_second = store.for_model("m-one"), store.for_model("m-two")
+    assert bound_first.snapshot_key() == "gallery.npz" and Gallery.from_bytes(bound_first.read() or b"").people()
+    assert bound_second.read() is None and bound_second.snapshot_key() == "models/m-two.npz"
+    second.add("bob", np.array([[0.0, 1.0]], dtype=np.float32), "m-two")
+    bound_second.write(second.to_bytes())
+    assert [(s.model_id, s.key) for s in store.snapshots()] == [
+        ("m-one", "gallery.npz"),
+        ("m-two", "models/m-two.npz"),
+    ]
+    # A re-embedding in progress is not a snapshot, and is never what a replica reads.
+    bound_second.write_partial(b"half")
+    assert bound_second.read_partial() == b"half" and len(store.snapshots()) == 2
+    bound_second.delete_partial()
+    assert bound_second.read_partial() is None
+    # A model's own file wins over gallery.npz once it exists.
+    first.add("cy", np.array([[0.6, 0.8]], dtype=np.float32), "m-one")
+    bound_first.write(first.to_bytes())
+    assert bound_first.snapshot_key() == "gallery.npz"  # still: it writes where its snapshot is
+    bound_second.drop_snapshot()
+    assert [s.model_id for s in store.snapshots()] == ["m-one"]
+    with pytest.raises(ValueError, match="not a model id"):
+        store.for_model("../escape")
+
+
+def test_local_store_keeps_one_snapshot_per_model(tmp_path: Path) -> None:
+    per_model_snapshots(open_gallery_store(str(tmp_path / "gallery")))
+    fresh = open_gallery_store(str(tmp_path / "fresh"), model_id="m-one")
+    fresh.write(Gallery("m-one", 2).to_bytes())
+    assert [p.relative_to(tmp_path / "fresh").as_posix() for p in (tmp_path / "fresh").rglob("*.npz")] == [
+        "models/m-one.npz"
+    ]
+
+
+def test_s3_store_keeps_one_snapshot_per_model(moto_endpoint: str) -> None:
+    boto3.client("s3").create_bucket(Bucket="store-models")
+    per_model_snapshots(open_gallery_store("s3://store-models/p"))
+
+
 def test_s3_store_without_a_bucket_is_a_store_error(moto_endpoint: str) -> None:
     with pytest.raises(GalleryStoreError):
         open_gallery_store("s3://no-such-bucket-here/x").write(b"data")

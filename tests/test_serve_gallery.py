@@ -100,7 +100,10 @@ def test_both_replicas_follow_an_enrolment(shared: str) -> None:
     # The snapshot is in S3, where any later replica will find it, beside the chips of its two faces.
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]]
     chips = sorted(f"gallery/chips/{face['face_id']}.jpg" for face in response.json()["enrolled"])
-    assert keys == [*chips, "gallery/gallery.npz"]
+    from serve_app.settings import RecognitionSettings
+
+    model_id = RecognitionSettings().model_id
+    assert keys == [*chips, f"gallery/models/{model_id}.npz"]  # one snapshot per model (README, Changing the model)
 
 
 def test_a_replica_killed_under_load_costs_no_request_and_its_successor_loads_the_gallery(shared: str) -> None:

@@ -43,6 +43,7 @@ from serve_app.model.pipeline import Models
 from serve_app.model.recognizer import Recognizer, embed_main_faces
 from serve_app.results import image_result_to_dict
 from serve_app.settings import RecognitionSettings
+from serve_app.snapshot_reembed import load_snapshot
 
 log = logging.getLogger("facerec")
 
@@ -75,13 +76,16 @@ def enroll(settings: RecognitionSettings, gallery_dir: Path, photos_dir: Path) -
         log.error("%s has no <person>/ sub-folders", photos_dir)
         return EXIT_BAD_INPUT
     models = _models(settings)
+    # The directory keeps one snapshot per model, like the service's store: enrolling with another checkpoint
+    # starts that model's snapshot beside the others.
+    store = LocalGalleryStore(gallery_dir).for_model(models.embedder.model_id)
     try:
-        gallery = Gallery.load_or_create(gallery_dir, models.embedder.model_id, models.embedder.dim)
+        gallery = load_snapshot(store) or Gallery(models.embedder.model_id, models.embedder.dim)
     except GalleryError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     enrolled = refused = 0
-    chips = LocalGalleryStore(gallery_dir)
+    chips = store
     for person in tqdm(people, desc="enrolling", unit="person"):
         photos = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         outcomes = embed_for_enrolment(models.detector, models.embedder, [(p.name, p.read_bytes()) for p in photos])
@@ -102,7 +106,7 @@ def enroll(settings: RecognitionSettings, gallery_dir: Path, photos_dir: Path) -
                 if outcome.chip is not None:
                     chips.write_chip(face_id, outcome.chip)
             enrolled += len(accepted)
-    gallery.save(gallery_dir)
+    store.write(gallery.to_bytes())
     emit(
         {"gallery": str(gallery_dir), "enrolled_faces": enrolled, "refused_photos": refused, "people": gallery.people()}
     )
@@ -112,7 +116,9 @@ def enroll(settings: RecognitionSettings, gallery_dir: Path, photos_dir: Path) -
 def recognize(settings: RecognitionSettings, gallery_dir: Path, images: list[Path], top_k: int) -> int:
     models = _models(settings)
     try:
-        gallery = Gallery.load(gallery_dir, expected_model_id=models.embedder.model_id)
+        gallery = load_snapshot(LocalGalleryStore(gallery_dir).for_model(models.embedder.model_id))
+        if gallery is None:
+            raise GalleryError(f"no gallery of {models.embedder.model_id} in {gallery_dir}")
     except GalleryError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -158,60 +164,13 @@ def verify(settings: RecognitionSettings, image_a: Path, image_b: Path) -> int:
     return 0
 
 
-def show_gallery(gallery: str, chips_dir: Path | None = None) -> int:
-    """People and face counts of a gallery (a directory or ``s3://bucket/prefix``); with ``chips_dir``, every
-    face's chip written to ``chips_dir/<person>/<face id>.jpg``."""
-    from serve_app.gallery_store import GalleryStoreError, open_gallery_store
-
-    try:
-        store = open_gallery_store(gallery)
-        data = store.read()
-        if data is None:
-            raise GalleryError(f"no gallery at {store.describe()}")
-        loaded = Gallery.from_bytes(data)
-    except (GalleryError, GalleryStoreError, ValueError) as exc:
-        log.error("%s", exc)
-        return EXIT_BAD_INPUT
-    faces = loaded.faces()
-    without = [{"name": name, "face_id": face_id} for name, face_id, chip in faces if not chip]
-    document: dict[str, object] = {
-        "model_id": loaded.model_id,
-        "dim": loaded.dim,
-        "revision": loaded.revision,
-        "faces": len(loaded),
-        "faces_with_chips": len(faces) - len(without),
-        "people": loaded.people(),
-    }
-    if without:
-        document["faces_without_chips"] = without
-    if chips_dir is not None:
-        written = 0
-        for name, face_id, _ in tqdm([f for f in faces if f[2]], desc="exporting chips", unit="face"):
-            data = store.read_chip(face_id)
-            if data is None:
-                log.warning("%s: the chip of face %s is missing from the store", name, face_id)
-                continue
-            target = chips_dir / safe_folder(name) / f"{face_id}.jpg"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            written += 1
-        document["chips_written"] = {"directory": str(chips_dir), "count": written}
-    emit(document)
-    return 0
-
-
-def safe_folder(name: str) -> str:
-    """A person's name as a folder name (names may hold spaces and apostrophes, never a path separator)."""
-    return name.replace("/", "_").replace("\\", "_").strip(". ") or "_"
-
-
 def import_legacy(data_pt: Path, gallery_dir: Path, model_id: str) -> int:
     try:
         gallery = Gallery.import_legacy(data_pt, model_id)
-    except GalleryError as exc:
+        LocalGalleryStore(gallery_dir).for_model(model_id).write(gallery.to_bytes())
+    except (GalleryError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    gallery.save(gallery_dir)
     emit(
         {
             "gallery": str(gallery_dir),

@@ -58,9 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     gallery = commands.add_parser("gallery", help="inspect or convert galleries")
     gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
-    show = gallery_commands.add_parser("show", help="people and face counts; --chips exports the face chips")
+    show = gallery_commands.add_parser(
+        "show", help="the snapshots (one per model), people and face counts; --chips exports the face chips"
+    )
     show.add_argument("--gallery", required=True, help="a gallery directory, or s3://bucket/prefix")
+    show.add_argument("--model", help="the snapshot to detail (needed when the store has several)")
     show.add_argument("--chips", type=Path, help="write each face's chip to DIR/<person>/<face id>.jpg")
+    reembed = gallery_commands.add_parser(
+        "reembed", help="embed every face again with --checkpoint (same face ids), beside the current snapshot"
+    )
+    reembed.add_argument("--gallery", required=True, help="a gallery directory, or s3://bucket/prefix")
+    reembed.add_argument("--from", dest="source", help="the model id to re-embed from (needed if several)")
+    _add_model_options(reembed)
+    drop = gallery_commands.add_parser("drop", help="delete one model's snapshot once a model change is confirmed")
+    drop.add_argument("--gallery", required=True, help="a gallery directory, or s3://bucket/prefix")
+    drop.add_argument("--model", required=True, help="the model id whose snapshot to delete")
     legacy = gallery_commands.add_parser("import-legacy", help="import the legacy app tier's data.pt")
     legacy.add_argument("data_pt", type=Path)
     legacy.add_argument("--gallery", type=Path, required=True)
@@ -186,8 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands.recognize(_settings(args), args.gallery, args.images, args.top_k)
     if args.command == "verify":
         return commands.verify(_settings(args), args.image_a, args.image_b)
-    if args.command == "gallery" and args.gallery_command == "show":
-        return commands.show_gallery(args.gallery, args.chips)
+    if args.command == "gallery" and args.gallery_command in ("show", "reembed", "drop"):
+        from facerec.cli import gallery_commands
+
+        if args.gallery_command == "show":
+            return gallery_commands.show(args.gallery, args.model, args.chips)
+        if args.gallery_command == "reembed":
+            if args.checkpoint is None:
+                log.error("reembed needs --checkpoint: the checkpoint to embed the faces with")
+                return 2
+            return gallery_commands.reembed(_settings(args), args.gallery, args.source)
+        return gallery_commands.drop(args.gallery, args.model)
     if args.command == "gallery" and args.gallery_command == "import-legacy":
         return commands.import_legacy(args.data_pt, args.gallery, args.model_id)
     if args.command == "eval" and args.eval_command == "identify":

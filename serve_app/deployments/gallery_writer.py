@@ -3,35 +3,100 @@
 Every change (enrol, remove) goes through this one replica, which applies it under a lock to the newest
 snapshot in the store and writes the result back. Serialising writers here is what makes two concurrent
 enrolments keep each other's faces; Recognizer replicas only ever read the store.
+
+The writer owns its model's snapshot (a store keeps one per model, see :mod:`serve_app.gallery_store`). A model
+change (``recognition.checkpoint`` in the config, then ``serve deploy``) starts a writer of the new model while the
+old one still runs, and Recognizer replicas of both models serve for a while. So a writer also:
+
+* follows every other model's snapshot (each ``sync_period_s``) and carries what changed there over to its own
+  (enrolments embedded again from their chips, removals), so an enrolment made through the old model during the
+  switch reaches the new one, and a rollback's snapshot catches up with what happened since the switch;
+* accepts an enrolment embedded by a replica of another model when it comes with its chips, by embedding the
+  chips with its own model; without chips it refuses it (``ModelMismatchError``: the ingress answers 503
+  ``model_switching``), never storing embeddings of one model in another's snapshot;
+* re-embeds its snapshot into another model's on request (:meth:`reembed`, ``POST /v1/gallery/reembed``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
+import torch
 
+from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.metrics import metrics
-from serve_app.model.gallery import Gallery
+from serve_app.model.embedder import Embedder
+from serve_app.model.gallery import Gallery, GalleryError, ModelMismatchError
+from serve_app.model.reembedding import CarryOverReport, carry_over, chip_embedder, plan_carry_over
+from serve_app.settings import RecognitionConfig
+from serve_app.snapshot_reembed import reembed_snapshot
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 T = TypeVar("T")
 
+#: Faces carried over per turn of the lock: enrolments wait at most a few seconds behind a long catch-up.
+CARRY_OVER_CHUNK = 128
 
-class GalleryWriterDeployment:
-    def __init__(self, gallery_uri: str, model_id: str, dim: int, gallery_endpoint: str | None = None) -> None:
-        self._store: GalleryStore = open_gallery_store(gallery_uri, gallery_endpoint)
-        self._model_id = model_id
-        self._dim = dim
+
+@dataclass
+class SnapshotStatus:
+    """What the writer knows of one model's snapshot."""
+
+    model_id: str
+    faces: int
+    people: int
+    revision: int
+    #: This writer's own model (the one enrolments go to).
+    active: bool = False
+
+
+@dataclass
+class ReembedProgress:
+    target_model: str
+    total: int
+    done: int = 0
+    state: str = "running"  # running, done, failed
+    report: dict[str, object] | None = None
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+class GalleryWriterDeployment(Supervised):
+    def __init__(
+        self,
+        gallery_uri: str,
+        recognition: RecognitionConfig,
+        gallery_endpoint: str | None = None,
+        sync_period_s: float = 5.0,
+    ) -> None:
+        torch.set_num_threads(1)  # a background helper: it must not take the Recognizers' cores
+        self._recognition = recognition
+        checkpoint = recognition.resolved_checkpoint()
+        self._model_id = recognition.model_id
+        self._dim = checkpoint.dim
+        self._uri, self._endpoint = gallery_uri, gallery_endpoint
+        self._store: GalleryStore = open_gallery_store(gallery_uri, gallery_endpoint, model_id=self._model_id)
         self._lock = asyncio.Lock()
         self._gallery = self._load()
+        self._embedder: Embedder | None = None
+        self._followed: dict[str, str] = {}  # other model -> the snapshot token last carried over
+        self._others: dict[str, SnapshotStatus] = {}
+        self._reembedding: ReembedProgress | None = None
+        self._sync_period_s = sync_period_s
         metrics().gallery_faces.set(len(self._gallery))
-        log.info("GalleryWriter on %s: revision %d", self._store.describe(), self._gallery.revision)
+        self._background = BackgroundTasks()
+        self._background.start("other models' snapshots", self._follow_other_models())
+        log.info(
+            "GalleryWriter of %s on %s: revision %d", self._model_id, self._store.describe(), self._gallery.revision
+        )
 
     def _load(self) -> Gallery:
         data = self._store.read()
@@ -45,9 +110,9 @@ class GalleryWriterDeployment:
         before_store: Callable[[T], None] | None = None,
         after_store: Callable[[T], None] | None = None,
     ) -> tuple[T, int]:
-        """Apply ``change`` and store the result; ``before_store`` / ``after_store`` run (in a thread) around the
-        snapshot's write when the change changed anything: chips are stored before the snapshot that names them
-        and deleted after the one that no longer does."""
+        """Apply ``change`` (in a thread: a carry-over embeds chips) and store the result; ``before_store`` /
+        ``after_store`` run (in a thread) around the snapshot's write when the change changed anything: chips
+        are stored before the snapshot that names them and deleted after the one that no longer does."""
         async with self._lock:
             # Apply the change to the store's newest snapshot, freshly read (in case anything else wrote it: an
             # operator restoring a backup, a previous writer replica), and keep it only once it is stored: the
@@ -55,7 +120,7 @@ class GalleryWriterDeployment:
             stored = await asyncio.to_thread(self._load)
             candidate = stored if stored.revision >= self._gallery.revision else self._copy()
             before = candidate.revision
-            outcome = change(candidate)
+            outcome = await asyncio.to_thread(change, candidate)
             if candidate.revision != before:
                 if before_store is not None:
                     await asyncio.to_thread(before_store, outcome)
@@ -76,11 +141,38 @@ class GalleryWriterDeployment:
         )
         return Gallery.from_bytes(self._gallery.to_bytes(), expected_model_id=self._model_id)
 
+    async def _own_embedder(self) -> Embedder:
+        """This writer's model, loaded the first time a chip must be embedded (most writers never need it)."""
+        if self._embedder is None:
+            recognition = self._recognition
+            self._embedder = await asyncio.to_thread(
+                lambda: Embedder(
+                    recognition.resolved_checkpoint(),
+                    flip=recognition.flip,
+                    max_batch=recognition.max_embed_batch,
+                    precision=recognition.embed_precision,
+                )
+            )
+        return self._embedder
+
+    # --- changes --------------------------------------------------------------------------------------------
     async def add_faces(
         self, name: str, embeddings: np.ndarray, model_id: str, chips: list[bytes | None] | None = None
     ) -> tuple[list[str], int]:
         """Enrol embeddings for ``name`` (with each face's chip where given); returns the new face ids and the
-        gallery revision that has them."""
+        gallery revision that has them. Embeddings of another model (a replica of the model being switched from
+        or to) are replaced by this model's embeddings of their chips; without chips they are refused."""
+        if model_id != self._model_id:
+            if not chips or any(chip is None for chip in chips):
+                raise ModelMismatchError(
+                    f"embeddings from {model_id!r} without their chips cannot join the {self._model_id!r} gallery "
+                    "(the model is being switched)"
+                )
+            embed = chip_embedder(await self._own_embedder())
+            embeddings = await asyncio.to_thread(embed, [chip for chip in chips if chip is not None])
+            log.info(
+                "enrolment of %s embedded by %s: embedded again from its chips with %s", name, model_id, self._model_id
+            )
         flags = None if chips is None else [chip is not None for chip in chips]
 
         def store_chips(ids: list[str]) -> None:
@@ -88,7 +180,9 @@ class GalleryWriterDeployment:
                 if chip is not None:
                     self._store.write_chip(face_id, chip)
 
-        ids, revision = await self._mutate(lambda g: g.add(name, embeddings, model_id, flags), before_store=store_chips)
+        ids, revision = await self._mutate(
+            lambda g: g.add(name, embeddings, self._model_id, flags), before_store=store_chips
+        )
         return list(ids), revision
 
     async def remove_person(self, name: str) -> tuple[int, int]:
@@ -106,15 +200,116 @@ class GalleryWriterDeployment:
         )
         return bool(removed), revision
 
+    # --- other models' snapshots ------------------------------------------------------------------------------
+    async def _follow_other_models(self) -> None:
+        while True:
+            try:
+                await self.follow_other_models()
+            except (GalleryStoreError, GalleryError) as exc:
+                log.warning("could not follow the other models' snapshots: %s", exc)
+            await asyncio.sleep(self._sync_period_s)
+
+    async def follow_other_models(self) -> list[CarryOverReport]:
+        """Carry what changed in other models' snapshots since the last look over to this model's (see the
+        module docstring); returns what each carry-over did."""
+        reports = []
+        for info in await asyncio.to_thread(self._store.snapshots):
+            if info.model_id == self._model_id:
+                continue
+            token = await asyncio.to_thread(self._store.snapshot_token, info)
+            if token is None or self._followed.get(info.model_id) == token:
+                continue
+            data = await asyncio.to_thread(self._store.read_snapshot, info)
+            if data is None:
+                continue
+            source = Gallery.from_bytes(data)
+            self._others[info.model_id] = SnapshotStatus(
+                info.model_id, len(source), len(source.people()), source.revision
+            )
+            if not plan_carry_over(source, self._gallery).changes_nothing:
+                reports.append(await self._carry_over(source))
+            self._followed[info.model_id] = token
+        return reports
+
+    async def _carry_over(self, source: Gallery) -> CarryOverReport:
+        embed = chip_embedder(await self._own_embedder())
+        total: CarryOverReport | None = None
+        while True:
+            report, _ = await self._mutate(
+                lambda g: carry_over(source, g, self._store.read_chip, embed, limit=CARRY_OVER_CHUNK)
+            )
+            if total is None:
+                total = report
+            else:
+                total.embedded += report.embedded
+                total.removed += report.removed
+                total.missing_chip += report.missing_chip
+                total.left = report.left
+            if report.left == 0 or report.embedded == 0:
+                break
+        log.info(
+            "carried %s's snapshot over: %d embedded from chips, %d removed, %d without chips left out",
+            source.model_id,
+            total.embedded,
+            total.removed,
+            len(total.without_chip),
+        )
+        return total
+
+    # --- re-embedding into another model -------------------------------------------------------------------
+    async def reembed(self, checkpoint: str, flip: bool = False) -> dict[str, object]:
+        """Start re-embedding this model's snapshot with ``checkpoint`` (in the background); returns its progress
+        (``reembed_progress`` follows it). The target model's snapshot is written beside this one."""
+        if self._reembedding is not None and self._reembedding.state == "running":
+            raise GalleryError(f"a re-embedding into {self._reembedding.target_model} is already running")
+        settings = self._recognition.model_copy(update={"checkpoint": checkpoint, "flip": flip})
+        target = settings.resolved_checkpoint()  # UnknownCheckpointError (a ValueError) for a bad name
+        if settings.model_id == self._model_id:
+            raise GalleryError(f"the gallery is already embedded with {self._model_id}")
+        source = self._gallery
+        progress = ReembedProgress(
+            settings.model_id, total=len(plan_carry_over(source, Gallery(settings.model_id, target.dim)).to_embed)
+        )
+        self._reembedding = progress
+
+        def run() -> None:
+            embedder = Embedder(
+                target, flip=flip, max_batch=settings.max_embed_batch, precision=settings.embed_precision
+            )
+
+            def advance(count: int) -> None:
+                progress.done += count
+
+            report = reembed_snapshot(open_gallery_store(self._uri, self._endpoint), source, embedder, progress=advance)
+            progress.report = report.as_dict()
+
+        async def background() -> None:
+            try:
+                await asyncio.to_thread(run)
+                progress.state = "done"
+            except (GalleryStoreError, GalleryError, ValueError, OSError) as exc:
+                progress.state, progress.error = "failed", str(exc)
+                log.warning("re-embedding into %s failed: %s", progress.target_model, exc)
+
+        self._reembed_task = asyncio.get_running_loop().create_task(background())
+        return self.reembed_progress() or {}
+
+    def reembed_progress(self) -> dict[str, object] | None:
+        """The last re-embedding started here: target model, faces done of total, state, report."""
+        progress = self._reembedding
+        return None if progress is None else dict(progress.__dict__)
+
+    # --- reading ---------------------------------------------------------------------------------------------
     async def chip(self, name: str, face_id: str) -> bytes | None:
         """``face_id``'s chip, if it is a face of ``name`` that has one (``None`` otherwise)."""
         if (face_id, True) not in self._gallery.face_records(name):
             return None
         return await asyncio.to_thread(self._store.read_chip, face_id)
 
-    def revision(self) -> int:
-        """The revision of the newest snapshot this writer stored (Recognizer replicas ask before a batch)."""
-        return self._gallery.revision
+    def revision(self, model_id: str | None = None) -> int:
+        """The revision of the newest snapshot this writer stored (Recognizer replicas ask before a batch); 0 for
+        another model's replica (revisions count each model's snapshot on its own)."""
+        return self._gallery.revision if model_id in (None, self._model_id) else 0
 
     def people(self) -> tuple[dict[str, int], int]:
         return self._gallery.people(), self._gallery.revision
@@ -122,3 +317,10 @@ class GalleryWriterDeployment:
     def person(self, name: str) -> tuple[list[tuple[str, bool]], int]:
         """``(face id, has a chip)`` for each face of ``name``, and the revision."""
         return self._gallery.face_records(name), self._gallery.revision
+
+    def snapshots(self) -> list[SnapshotStatus]:
+        """This model's snapshot (active) and the others this writer has seen in the store."""
+        own = SnapshotStatus(
+            self._model_id, len(self._gallery), len(self._gallery.people()), self._gallery.revision, active=True
+        )
+        return [own, *sorted(self._others.values(), key=lambda s: s.model_id)]

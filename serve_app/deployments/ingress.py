@@ -31,11 +31,14 @@ from serve_app.api_models import (
     Enrolment,
     Error,
     FaceForgotten,
+    GalleryInfo,
     Health,
     People,
     Person,
     PersonForgotten,
     Recognition,
+    Reembedding,
+    ReembedRequest,
     ServiceStatus,
     Verification,
 )
@@ -45,6 +48,7 @@ from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.gallery_store import GalleryStoreError
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
+from serve_app.model.gallery import GalleryError, ModelMismatchError
 from serve_app.model.recognizer import ImageResult
 from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError, QueueUnavailableError
 from serve_app.results import detection_to_dict, image_result_to_dict
@@ -114,6 +118,17 @@ async def _gallery_unavailable(_: Request, exc: GalleryStoreError) -> JSONRespon
                 "message": "the gallery store cannot be reached; try again shortly",
             }
         },
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+@app.exception_handler(ModelMismatchError)
+async def _model_switching(_: Request, exc: ModelMismatchError) -> JSONResponse:
+    # An enrolment embedded by a replica of the model being switched from (or to), without chips to embed again.
+    log.warning("answering 503: %s", exc)
+    return JSONResponse(
+        {"error": {"code": "model_switching", "message": f"the model is being switched; try again shortly ({exc})"}},
         status_code=503,
         headers={"Retry-After": "5"},
     )
@@ -191,8 +206,6 @@ class IngressDeployment(Supervised):
         self._limits = limits
         self._model_id = model_id
         self._threshold = threshold
-        # The newest gallery revision this replica has written: recognitions it sends ask for at least this.
-        self._min_revision = 0
         # Read here, in the replica, not at bind time: the key arrives through the runtime environment.
         self._api_key = os.environ.get(API_KEY_ENV) or None
         self._bridge_app = bridge_app
@@ -250,7 +263,7 @@ class IngressDeployment(Supervised):
     async def _recognize(
         self, data: bytes, label: str, threshold: float | None = None, top_k: int | None = None
     ) -> ImageResult:
-        job = RecognizeJob(data, threshold=threshold, top_k=top_k, min_revision=self._min_revision)
+        job = RecognizeJob(data, threshold=threshold, top_k=top_k)
         result: ImageResult | JobError = await idempotent(lambda: self._recognizer.recognize.remote(job), label)
         self._raise_for(result, label)
         assert isinstance(result, ImageResult)
@@ -335,10 +348,46 @@ class IngressDeployment(Supervised):
     # --- the gallery --------------------------------------------------------------------------------------
     @app.get("/v1/people", summary="Enrolled people and how many faces each has")
     async def people(self) -> People:
-        people, revision = await self._writer.people.remote()
-        return People.model_validate(
-            {"people": [{"name": n, "faces": c} for n, c in people.items()], "revision": revision}
+        (people, revision), snapshots = await asyncio.gather(
+            self._writer.people.remote(), self._writer.snapshots.remote()
         )
+        return People.model_validate(
+            {
+                "people": [{"name": n, "faces": c} for n, c in people.items()],
+                "revision": revision,
+                "model_id": snapshots[0].model_id,
+                "snapshots": [s.__dict__ for s in snapshots],
+            }
+        )
+
+    @app.get("/v1/gallery", summary="The gallery's snapshots (one per model) and the last re-embedding")
+    async def gallery(self) -> GalleryInfo:
+        snapshots, progress = await asyncio.gather(
+            self._writer.snapshots.remote(), self._writer.reembed_progress.remote()
+        )
+        return GalleryInfo.model_validate(
+            {
+                "model_id": snapshots[0].model_id,
+                "snapshots": [s.__dict__ for s in snapshots],
+                "reembedding": progress,
+            }
+        )
+
+    @app.post(
+        "/v1/gallery/reembed",
+        status_code=202,
+        summary="Embed every enrolled face again with another checkpoint (beside the current snapshot)",
+        responses={code: {"model": Error} for code in (400, 401, 409)},
+    )
+    async def reembed(self, request: ReembedRequest, x_api_key: Annotated[str | None, Header()] = None) -> Reembedding:
+        self._authorize(x_api_key)
+        try:
+            progress = await self._writer.reembed.remote(request.checkpoint, request.flip)
+        except GalleryError as exc:
+            raise APIError(409, "conflict", str(exc)) from exc
+        except ValueError as exc:
+            raise APIError(400, "unknown_checkpoint", str(exc)) from exc
+        return Reembedding.model_validate(progress)
 
     @app.get("/v1/people/{name}", summary="One enrolled person and their face ids", responses=GALLERY_ERRORS)
     async def person(self, name: str) -> Person:
@@ -410,10 +459,11 @@ class IngressDeployment(Supervised):
         if not accepted:
             body = Enrolment.model_validate({"name": name, "enrolled": [], "refused": refused, "revision": None})
             return JSONResponse(body.model_dump(), status_code=422)
+        # The model that embedded them: while the model is switched, it may not be this ingress's.
+        model_id = accepted[0].model_id or self._model_id
         face_ids, revision = await self._writer.add_faces.remote(
-            name, np.stack([o.embedding for o in accepted]), self._model_id, [o.chip for o in accepted]
+            name, np.stack([o.embedding for o in accepted]), model_id, [o.chip for o in accepted]
         )
-        self._min_revision = max(self._min_revision, revision)
         enrolled = [{"photo": o.label, "face_id": f} for o, f in zip(accepted, face_ids, strict=True)]
         body = Enrolment.model_validate({"name": name, "enrolled": enrolled, "refused": refused, "revision": revision})
         return JSONResponse(body.model_dump(), status_code=201)
@@ -424,7 +474,6 @@ class IngressDeployment(Supervised):
         removed, revision = await self._writer.remove_person.remote(name)
         if not removed:
             raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
-        self._min_revision = max(self._min_revision, revision)
         return PersonForgotten(name=name, removed_faces=removed, revision=revision)
 
     @app.delete("/v1/people/{name}/faces/{face_id}", summary="Forget one enrolled face", responses=GALLERY_ERRORS)
@@ -435,7 +484,6 @@ class IngressDeployment(Supervised):
         removed, revision = await self._writer.remove_face.remote(name, face_id)
         if not removed:
             raise APIError(404, "unknown_face", f"{name!r} has no face {face_id!r}")
-        self._min_revision = max(self._min_revision, revision)
         return FaceForgotten(name=name, removed_face=face_id, revision=revision)
 
     # --- the console ----------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Concurrent requests (HTTP and queue alike) are gathered by a :class:`~serve_app.deployments.batching.Batcher`
 and run as one batch on a worker thread, so the event loop keeps accepting requests while torch computes.
-The gallery copy follows the store: a background task polls the store's change token every
-``gallery_refresh_s`` seconds, and a request that carries a newer ``min_revision`` (read-your-writes after an
-enrolment) refreshes it first.
+The gallery copy follows the store (this model's snapshot): a background task polls the store's change token
+every ``gallery_refresh_s`` seconds, and each batch of recognitions first asks the GalleryWriter which revision it
+last wrote and refreshes if that is newer (read-your-writes after an enrolment, whichever replica made it).
 """
 
 from __future__ import annotations
@@ -73,9 +73,13 @@ class RecognizerDeployment(Supervised):
         torch.set_num_threads(max(1, options.torch_threads))
         recognition = options.recognition
         models = recognition.load_models()
-        self._store: GalleryStore = open_gallery_store(options.gallery_uri, options.gallery_endpoint)
-        self._writer = writer
         self._model_id = models.embedder.model_id
+        # This model's snapshot only: during a model change replicas of two models serve side by side, each
+        # matching against the gallery its own model embedded.
+        self._store: GalleryStore = open_gallery_store(
+            options.gallery_uri, options.gallery_endpoint, model_id=self._model_id
+        )
+        self._writer = writer
         self._token: str | None = None
         read = self._read_gallery()
         gallery = Gallery(models.embedder.model_id, models.embedder.dim)
@@ -173,7 +177,8 @@ class RecognizerDeployment(Supervised):
         if self._writer is None or time.monotonic() - self._writer_failed_at < WRITER_REVISION_TIMEOUT_S * 5:
             return 0
         try:
-            return int(await asyncio.wait_for(self._writer.revision.remote(), WRITER_REVISION_TIMEOUT_S))
+            revision = self._writer.revision.remote(self._model_id)
+            return int(await asyncio.wait_for(revision, WRITER_REVISION_TIMEOUT_S))
         except (TimeoutError, RayError, RayServeException) as exc:
             # The writer is restarting: the periodic refresh still brings the change within gallery_refresh_s.
             # Not asked again for a few seconds, so that batches do not each wait out the same timeout.
@@ -183,9 +188,7 @@ class RecognizerDeployment(Supervised):
 
     async def _run_batch(self, jobs: list[Job]) -> list[JobResult]:
         recognitions = [j for j in jobs if isinstance(j, RecognizeJob)]
-        newest = max((j.min_revision for j in recognitions), default=0)
-        if recognitions:
-            newest = max(newest, await self._newest_written_revision())
+        newest = await self._newest_written_revision() if recognitions else 0
         store_was_away = time.monotonic() - self._forced_refresh_failed_at < FORCED_REFRESH_TIMEOUT_S * 2
         if newest > self._recognizer.gallery.revision and not store_was_away:
             try:

@@ -23,6 +23,8 @@ class EnrolmentPhoto:
     refused: str | None
     #: The aligned face crop that was embedded, as JPEG (see :mod:`serve_app.model.chips`).
     chip: bytes | None = None
+    #: The embedding's model (a model change rolls replicas over one by one: the writer must know which).
+    model_id: str = ""
 
 
 def embed_for_enrolment(
@@ -62,5 +64,7 @@ def embed_for_enrolment(
         crops = torch.cat([crop for _, crop in accepted])
         vectors = embedder.embed(crops)
         for (position, _), vector, crop in zip(accepted, vectors, crops, strict=True):
-            outcomes[position] = EnrolmentPhoto(photos[position][0], vector, None, chip_jpeg(crop))
+            outcomes[position] = EnrolmentPhoto(
+                photos[position][0], vector, None, chip_jpeg(crop), model_id=embedder.model_id
+            )
     return [outcomes[i] for i in range(len(photos))]

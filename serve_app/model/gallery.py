@@ -17,7 +17,10 @@ pickles, holding
 * ``face_ids``: ``(N,)`` unicode, a stable id per enrolled face (for removing one face);
 * ``has_chip``: ``(N,)`` bool, whether the face's chip (the aligned crop that was embedded, a JPEG stored beside
   the snapshot as ``chips/<face_id>.jpg``, see :mod:`serve_app.gallery_store`) exists. Optional: a snapshot
-  written before chips existed, or imported from the legacy app tier, has none, and reads as all ``False``.
+  written before chips existed, or imported from the legacy app tier, has none, and reads as all ``False``;
+* ``removed_ids``: ``(R,)`` unicode, the ids of faces removed from this gallery (tombstones). Optional. A model
+  change carries faces from one model's snapshot to another's by face id (:mod:`serve_app.model.reembedding`):
+  a removed face must stay removed there too, and never come back from a snapshot that still has it.
 
 Embeddings from different checkpoints are not comparable, so a gallery records its ``model_id`` and refuses
 embeddings or files made by another model.
@@ -84,6 +87,7 @@ class Gallery:
         self._names: list[str] = []
         self._face_ids: list[str] = []
         self._has_chip: list[bool] = []
+        self._removed: set[str] = set()
         self._index: _PersonIndex | None = None
         #: Increases with every change; shared copies compare revisions to know which is newer.
         self.revision = 0
@@ -114,6 +118,15 @@ class Gallery:
         """``(name, face id, has a chip)`` for every enrolled face."""
         return list(zip(self._names, self._face_ids, self._has_chip, strict=True))
 
+    def face_ids(self) -> set[str]:
+        """Every enrolled face's id."""
+        return set(self._face_ids)
+
+    @property
+    def removed_ids(self) -> frozenset[str]:
+        """The ids of every face ever removed from this gallery (they never return under the same id)."""
+        return frozenset(self._removed)
+
     @property
     def embeddings(self) -> np.ndarray:
         """A read-only view of all enrolled embeddings, row ``i`` belonging to ``names[i]``."""
@@ -127,29 +140,57 @@ class Gallery:
 
     # --- mutation -------------------------------------------------------------------------------------------
     def add(
-        self, name: str, embeddings: np.ndarray, model_id: str, has_chip: Sequence[bool] | None = None
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        has_chip: Sequence[bool] | None = None,
+        face_ids: Sequence[str] | None = None,
     ) -> list[str]:
         """Enrol ``embeddings`` (``(k, dim)``) for ``name``; returns the new face ids. ``has_chip`` says which of
-        them get a chip stored under their new id (the caller stores it before this snapshot is written)."""
+        them get a chip stored under their new id (the caller stores it before this snapshot is written).
+        ``face_ids`` keeps the ids the faces already have in another model's snapshot (re-embedding)."""
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        count = 1 if vectors.ndim == 1 else len(vectors)
+        return self.add_faces([name] * count, vectors, model_id, has_chip, face_ids)
+
+    def add_faces(
+        self,
+        names: Sequence[str],
+        embeddings: np.ndarray,
+        model_id: str,
+        has_chip: Sequence[bool] | None = None,
+        face_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """:meth:`add` for faces of several people at once (``names[i]`` owns row ``i``): one change, one copy of
+        the embeddings however many people (a re-embedding adds thousands)."""
         if model_id != self.model_id:
             raise ModelMismatchError(f"embeddings from {model_id!r} cannot join a gallery of {self.model_id!r}")
-        name = name.strip()
-        if not name:
+        names = [name.strip() for name in names]
+        if not all(names):
             raise GalleryError("a person's name must not be empty")
         vectors = np.asarray(embeddings, dtype=np.float32)
         if vectors.ndim == 1:
             vectors = vectors[None]
         if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] != self.dim:
             raise GalleryError(f"expected embeddings of shape (k, {self.dim}), got {vectors.shape}")
+        if len(names) != len(vectors):
+            raise GalleryError(f"{len(names)} names for {len(vectors)} embeddings")
         if not np.all(np.isfinite(vectors)):
             raise GalleryError("embeddings must be finite")
         vectors = _normalise(vectors)
         chips = [False] * len(vectors) if has_chip is None else [bool(c) for c in has_chip]
         if len(chips) != len(vectors):
             raise GalleryError(f"{len(chips)} chip flags for {len(vectors)} embeddings")
-        ids = [uuid.uuid4().hex[:12] for _ in range(len(vectors))]
+        if face_ids is None:
+            ids = [uuid.uuid4().hex[:12] for _ in range(len(vectors))]
+        else:
+            ids = [str(f) for f in face_ids]
+            taken = (set(ids) & (set(self._face_ids) | self._removed)) or (len(set(ids)) != len(ids))
+            if len(ids) != len(vectors) or taken:
+                raise GalleryError(f"face ids must be {len(vectors)} new, distinct ids")
         self._embeddings = np.concatenate([self._embeddings, vectors])
-        self._names.extend([name] * len(vectors))
+        self._names.extend(names)
         self._face_ids.extend(ids)
         self._has_chip.extend(chips)
         self._index = None
@@ -164,10 +205,21 @@ class Gallery:
         """Forget one face of ``name``; ``True`` if it existed."""
         return self._remove(lambda n, fid: n == name and fid == face_id) == 1
 
+    def forget(self, face_ids: set[str] | frozenset[str]) -> int:
+        """Remove these faces wherever they are, and remember every one of these ids as removed (also ids this
+        gallery never had: another model's snapshot removed them); returns how many faces were removed."""
+        before = self.revision
+        removed = self._remove(lambda _n, fid: fid in face_ids)
+        if not self._removed.issuperset(face_ids):
+            self._removed.update(face_ids)
+            self.revision = before + 1
+        return removed
+
     def _remove(self, doomed: Callable[[str, str], bool]) -> int:
         keep = [not doomed(n, f) for n, f in zip(self._names, self._face_ids, strict=True)]
         removed = len(keep) - sum(keep)
         if removed:
+            self._removed.update(f for f, k in zip(self._face_ids, keep, strict=True) if not k)
             mask = np.asarray(keep, dtype=bool)
             self._embeddings = self._embeddings[mask]
             self._names = [n for n, k in zip(self._names, keep, strict=True) if k]
@@ -246,6 +298,7 @@ class Gallery:
             names=np.array(self._names, dtype=np.str_),
             face_ids=np.array(self._face_ids, dtype=np.str_),
             has_chip=np.array(self._has_chip, dtype=bool),
+            removed_ids=np.array(sorted(self._removed), dtype=np.str_),
         )
         return buffer.getvalue()
 
@@ -259,6 +312,7 @@ class Gallery:
                 names = [str(n) for n in archive["names"]]
                 face_ids = [str(f) for f in archive["face_ids"]]
                 has_chip = [bool(c) for c in archive["has_chip"]] if "has_chip" in archive.files else None
+                removed = {str(f) for f in archive["removed_ids"]} if "removed_ids" in archive.files else set()
         except (OSError, ValueError, KeyError) as exc:
             raise GalleryError(f"not a facerec gallery file: {exc}") from exc
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
@@ -274,6 +328,7 @@ class Gallery:
             raise GalleryError("gallery file is inconsistent: chip flags and names differ in length")
         gallery._embeddings, gallery._names, gallery._face_ids = embeddings, names, face_ids
         gallery._has_chip = has_chip if has_chip is not None else [False] * len(names)
+        gallery._removed = removed
         gallery.revision = int(meta.get("revision", 0))
         return gallery
 
@@ -344,6 +399,18 @@ class _PersonIndex:
             most_faces=int(counts.max()),
             rows_half=torch.from_numpy(rows).to(torch.float16),
         )
+
+
+def snapshot_meta(source: bytes | Path) -> dict[str, object]:
+    """A snapshot's ``meta`` (model id, dim, revision) without reading its embeddings."""
+    try:
+        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise GalleryError(f"not a facerec gallery file: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise GalleryError("not a facerec gallery file: no facerec meta")
+    return meta
 
 
 def write_atomically(target: Path, data: bytes) -> None:

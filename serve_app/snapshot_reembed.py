@@ -1,0 +1,81 @@
+"""Re-embedding a store's snapshot with another checkpoint: the target model's snapshot, beside the source's.
+
+Used by ``facerec gallery reembed`` and by the GalleryWriter's ``reembed`` operation alike. Progress is saved to
+the target's partial snapshot (``models/<model id>.partial.npz``, never served) every ``save_every`` faces, so a
+run that crashes resumes where it stopped; the finished snapshot replaces the target's in one write, and the
+source's stays as it was (for a rollback) until an operator drops it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from serve_app.gallery_store import GalleryStore
+from serve_app.model.embedder import Embedder
+from serve_app.model.gallery import Gallery, GalleryError
+from serve_app.model.reembedding import CarryOverReport, carry_over, chip_embedder, plan_carry_over
+
+
+def load_snapshot(store: GalleryStore) -> Gallery | None:
+    """The bound model's snapshot (``None`` while it has none)."""
+    data = store.read()
+    return None if data is None else Gallery.from_bytes(data, expected_model_id=store.model_id)
+
+
+def source_model(store: GalleryStore, target_model: str, named: str | None = None) -> str:
+    """The snapshot to re-embed from: ``named``, or the store's only snapshot of another model."""
+    others = [info.model_id for info in store.snapshots() if info.model_id != target_model]
+    if named is not None:
+        if named == target_model:
+            raise GalleryError(f"{named} is the target model itself")
+        if named not in others:
+            raise GalleryError(f"no snapshot of {named} in the store (it has: {', '.join(others) or 'none'})")
+        return named
+    if len(others) != 1:
+        raise GalleryError(
+            f"the store has {len(others)} snapshots of other models ({', '.join(others) or 'none'}): "
+            "name the one to re-embed from"
+        )
+    return others[0]
+
+
+def faces_to_embed(store: GalleryStore, source: Gallery, target_model: str, dim: int) -> int:
+    """How many faces a re-embedding would embed now (for a progress bar's total)."""
+    return len(plan_carry_over(source, _start(store.for_model(target_model), target_model, dim)).to_embed)
+
+
+def reembed_snapshot(
+    store: GalleryStore,
+    source: Gallery,
+    embedder: Embedder,
+    *,
+    progress: Callable[[int], None] | None = None,
+    save_every: int = 1024,
+    batch_size: int = 64,
+) -> CarryOverReport:
+    """Carry ``source`` (a snapshot of ``store``) over to ``embedder``'s model and store the result."""
+    if source.model_id == embedder.model_id:
+        raise GalleryError(f"the snapshot is already of {embedder.model_id}")
+    target_store = store.for_model(embedder.model_id)
+    target = _start(target_store, embedder.model_id, embedder.dim)
+    report = carry_over(
+        source,
+        target,
+        store.read_chip,
+        chip_embedder(embedder),
+        batch_size=batch_size,
+        progress=progress,
+        save=lambda partial: target_store.write_partial(partial.to_bytes()),
+        save_every=save_every,
+    )
+    target_store.write(target.to_bytes())
+    target_store.delete_partial()
+    return report
+
+
+def _start(target_store: GalleryStore, model_id: str, dim: int) -> Gallery:
+    # Where an interrupted run left off, else the target's snapshot (a rollback target catching up), else empty.
+    for data in (target_store.read_partial(), target_store.read()):
+        if data is not None:
+            return Gallery.from_bytes(data, expected_model_id=model_id)
+    return Gallery(model_id, dim)
