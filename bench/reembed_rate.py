@@ -5,9 +5,10 @@
 The chips are the main-face crops of LFW View 1 photos (cut once by the detector, stored as JPEG the way an
 enrolment stores them) in a local gallery store, under ``--faces`` face ids (photos repeat when there are fewer).
 Timed in one run on one machine: (a) the target embedder alone at batch 32 on the same crops (what
-``bench/embedding_peak.py`` measures for ``make bench``), then (b) ``reembed_snapshot`` over the whole store, as
-``facerec gallery reembed`` runs it (chip reads, JPEG decoding, embedding, partial saves, the final snapshot).
-The figure is (b) / (a). Writes ``bench/results/reembed_rate.json`` and prints it.
+``bench/embedding_peak.py`` measures for ``make bench``), before and after (b), the higher of the two kept (a
+neighbour's burst during one of them would flatter the ratio), and (b) ``reembed_snapshot`` over the whole store,
+as ``facerec gallery reembed`` runs it (chip reads, JPEG decoding, embedding, partial saves, the final
+snapshot). The figure is (b) / (a). Writes ``bench/results/reembed_rate.json`` and prints it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     chips = [chip_jpeg(crop) for crop in crops]
     target = load_models(RecognitionConfig(checkpoint=args.checkpoint, false_accept_rate=None)).embedder
     decoded = torch.stack([chip_tensor(chip) for chip in chips[:512]])
-    alone = embed_images_per_s(target, decoded, 32)
+    alone_before = embed_images_per_s(target, decoded, 32)
     with tempfile.TemporaryDirectory() as directory:
         store = LocalGalleryStore(Path(directory))
         source_id = source_models.embedder.model_id
@@ -75,6 +76,8 @@ def main() -> None:
         with tqdm(total=args.faces, desc=f"re-embedding into {target.model_id}", unit="face") as bar:
             report = reembed_snapshot(store, source, target, progress=bar.update)
         seconds = time.perf_counter() - started
+    alone_after = embed_images_per_s(target, decoded, 32)
+    alone = max(alone_before, alone_after)
     rate = report.embedded / seconds
     result = {
         "benchmark": "reembed_rate",
@@ -84,6 +87,7 @@ def main() -> None:
         "target_model": target.model_id,
         "threads": args.threads,
         "embedder_alone_batch32_faces_per_s": round(alone, 2),
+        "embedder_alone_before_after": [round(alone_before, 2), round(alone_after, 2)],
         "reembed_faces_per_s": round(rate, 2),
         "reembed_seconds": round(seconds, 1),
         "reembed_over_embedder": round(rate / alone, 3),

@@ -21,6 +21,7 @@ silently.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,8 @@ from serve_app.model.chips import chip_tensor
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Gallery
 
+#: Chips read at once (a chip read from S3 is a round trip; 16 is the gallery store's connection pool).
+CHIP_READERS = 16
 #: Reads one face's chip (JPEG bytes; ``None`` when it is not there).
 ReadChip = Callable[[str], bytes | None]
 #: Embeds chips (JPEG bytes) with the target checkpoint: ``(n, dim)`` L2-normalised rows.
@@ -120,27 +123,39 @@ def carry_over(
     if plan.to_forget:
         report.removed = target.forget(plan.to_forget)
     unsaved = 0
-    for start in range(0, len(plan.to_embed), batch_size):
-        faces = plan.to_embed[start : start + batch_size]
-        chips = [(name, face_id, read_chip(face_id)) for name, face_id in faces]
-        readable = [(name, face_id, chip) for name, face_id, chip in chips if chip is not None]
-        report.missing_chip += [(name, face_id) for name, face_id, chip in chips if chip is None]
-        if readable:
-            vectors = embed_chips([chip for _, _, chip in readable])
-            target.add_faces(
-                [name for name, _, _ in readable],
-                vectors,
-                target.model_id,
-                has_chip=[True] * len(readable),
-                face_ids=[face_id for _, face_id, _ in readable],
-            )
-            report.embedded += len(readable)
-            unsaved += len(readable)
-        if progress is not None:
-            progress(len(faces))
-        if save is not None and unsaved >= save_every:
-            save(target)
-            unsaved = 0
+    batches = [plan.to_embed[start : start + batch_size] for start in range(0, len(plan.to_embed), batch_size)]
+    # Chips are read (many at once: from S3 each read is a round trip) for the next batch while this one embeds.
+    with ThreadPoolExecutor(CHIP_READERS) as readers, ThreadPoolExecutor(1) as prefetch:
+
+        def fetch(faces: list[tuple[str, str]]) -> list[tuple[str, str, bytes | None]]:
+            return [
+                (name, face_id, chip)
+                for (name, face_id), chip in zip(faces, readers.map(read_chip, [f for _, f in faces]), strict=True)
+            ]
+
+        upcoming = prefetch.submit(fetch, batches[0]) if batches else None
+        for index in range(len(batches)):
+            assert upcoming is not None
+            chips = upcoming.result()
+            upcoming = prefetch.submit(fetch, batches[index + 1]) if index + 1 < len(batches) else None
+            readable = [(name, face_id, chip) for name, face_id, chip in chips if chip is not None]
+            report.missing_chip += [(name, face_id) for name, face_id, chip in chips if chip is None]
+            if readable:
+                vectors = embed_chips([chip for _, _, chip in readable])
+                target.add_faces(
+                    [name for name, _, _ in readable],
+                    vectors,
+                    target.model_id,
+                    has_chip=[True] * len(readable),
+                    face_ids=[face_id for _, face_id, _ in readable],
+                )
+                report.embedded += len(readable)
+                unsaved += len(readable)
+            if progress is not None:
+                progress(len(chips))
+            if save is not None and unsaved >= save_every:
+                save(target)
+                unsaved = 0
     return report
 
 
