@@ -90,6 +90,7 @@ class Clients:
         self.wrong: list[str] = []
         self.first_seen: dict[str, float] = {}
         self.last_seen: dict[str, float] = {}
+        self.slowest_s = 0.0
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
 
     def __enter__(self) -> Clients:
@@ -106,9 +107,11 @@ class Clients:
         legacy = index % 2 == 0
         while not self.stop.is_set():
             legacy = not legacy
+            sent = time.monotonic()
             outcome, model = self._one(legacy)
             now = time.monotonic()
             with self.lock:
+                self.slowest_s = max(self.slowest_s, now - sent)
                 self.counts["sent"] += 1
                 self.counts[outcome] += 1
                 if model:
@@ -194,7 +197,7 @@ def test_switching_the_model_and_back_under_load_fails_no_request(switching: tup
         f"\nmodel switch under {CLIENTS} clients: {dict(clients.counts)}; "
         f"JSON answers by model {dict(clients.by_model)}; "
         f"switch {switch_s:.1f} s (both models answering for {max(0.0, overlap_first_to_last):.1f} s), "
-        f"rollback {rollback_s:.1f} s"
+        f"rollback {rollback_s:.1f} s; slowest answer {clients.slowest_s:.1f} s"
     )
     assert clients.counts["failed"] == 0 and clients.counts["wrong"] == 0, clients.wrong[:5]
     assert clients.by_model[KERAS] > 0 and clients.by_model[CASIA] > 0

@@ -377,11 +377,15 @@ function setUpVerify() {
 async function loadStatus() {
   const list = $("#status-list");
   try {
-    const { body } = await api("/v1/status");
+    const [{ body }, gallery] = await Promise.all([api("/v1/status"), api("/v1/gallery").catch(() => null)]);
+    const snapshots = gallery ? gallery.body.snapshots.map((s) => `${s.model_id}${s.active ? " (active)" : ""}: ${s.faces} faces`).join("; ") : "";
+    const change = gallery && gallery.body.reembedding;
     const rows = [
       ["Health", body.status],
       ["Model", body.model_id],
       ["Gallery", body.gallery_revision === undefined ? "" : `revision ${body.gallery_revision}: ${body.gallery_people} people, ${body.gallery_faces} faces`],
+      ["Snapshots (one per model)", snapshots],
+      ["Re-embedding", change ? `into ${change.target_model}: ${change.done} of ${change.total} faces, ${change.state}` : ""],
       ["Threshold", body.threshold ? `${body.threshold.value} (${body.threshold.source})` : ""],
       ["Recognizer replicas ready", body.replicas_ready === undefined ? "" : String(body.replicas_ready)],
       ["Request queue", body.queue ? `${body.queue.waiting} waiting, ${body.queue.in_flight} in flight, ${body.queue.dead_letters} dead letters` : "no SQS bridge here"],
