@@ -22,8 +22,10 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from aws_stack.stack import StackConfig
 from cluster.deploy import render_serve_config, stack_from_bootstrap
 from cluster.iam import ensure_instance_profiles, render_policy
+from tests.stand_in_ssh import stand_in_ssh
 
 pytestmark = pytest.mark.cluster
+__all__ = ["stand_in_ssh"]  # the fixture, used by name
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -97,22 +99,6 @@ def _ray_cli(args: list[str], env: dict[str, str]) -> None:
     """The `ray` cluster launcher from the repository root; fails the test with its output if it fails."""
     run = subprocess.run([str(RAY), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-
-@pytest.fixture
-def stand_in_ssh(tmp_path: Path) -> tuple[Path, Path]:
-    """``ssh`` and ``rsync`` that record one JSON line of arguments each and succeed, first on PATH."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
-    bin_dir.mkdir()
-    for name in ("ssh", "rsync"):
-        script = bin_dir / name
-        script.write_text(
-            f"#!{sys.executable}\nimport json, sys\n"
-            f"with open({str(calls)!r}, 'a') as f:\n"
-            f"    f.write(json.dumps({{'tool': {name!r}, 'args': sys.argv[1:]}}) + '\\n')\n"
-        )
-        script.chmod(0o755)
-    return bin_dir, calls
 
 
 def test_ray_up_and_down_against_moto(moto_endpoint: str, stand_in_ssh: tuple[Path, Path], tmp_path: Path) -> None:

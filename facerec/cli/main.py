@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--bootstrap", type=Path, help="default ~/ray_bootstrap_config.yaml (written by ray up)")
     deploy.add_argument("--address", default="http://127.0.0.1:8265", help="the head's dashboard")
     deploy.add_argument("--print", action="store_true", help="print the rendered Serve config; deploy nothing")
+    bake = cluster_commands.add_parser(
+        "bake", help="build a node image (AMI) with the setup done, so new nodes start without installing"
+    )
+    bake.add_argument("--cluster-yaml", type=Path, default=Path("cluster.yaml"))
+    bake.add_argument("--node-type", default="cpu_worker", help="whose node_config to build from")
+    bake.add_argument("--region", help="default: the cluster's provider.region")
+    bake.add_argument("--instance-type", help="the builder's instance type (default: the node type's)")
+    bake.add_argument("--name", help="the image's name (default: <cluster>-<node type>-<UTC time>)")
+    config = cluster_commands.add_parser(
+        "config", help="write the cluster config with a baked image for every node type (for ray up)"
+    )
+    config.add_argument("--image", required=True, help="the AMI id printed by facerec cluster bake")
+    config.add_argument("--cluster-yaml", type=Path, default=Path("cluster.yaml"))
+    config.add_argument("--out", type=Path, default=Path("cluster.baked.yaml"))
 
     sim = commands.add_parser("sim", help="simulate scaling rules on arrival traces")
     sim_commands = sim.add_subparsers(dest="sim_command", required=True)
@@ -183,9 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return simulate_autoscale(args)
     if args.command == "cluster":
-        from facerec.cli.cluster_commands import deploy_command
+        from facerec.cli import cluster_commands
 
-        return deploy_command(args)
+        if args.cluster_command == "bake":
+            return cluster_commands.bake_command(args)
+        if args.cluster_command == "config":
+            return cluster_commands.config_command(args)
+        return cluster_commands.deploy_command(args)
     if args.command == "aws":
         from facerec.cli import aws_commands
 
