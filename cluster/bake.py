@@ -65,7 +65,6 @@ def builder_config(request: BakeRequest, builder_name: str, image_name: str) -> 
         node["InstanceType"] = request.instance_type
     tags = [
         {"Key": BAKE_TAG, "Value": image_name},
-        {"Key": "Name", "Value": builder_name},
         {"Key": REQUIREMENTS_TAG, "Value": request.requirements_digest()},
     ]
     node["TagSpecifications"] = [{"ResourceType": "instance", "Tags": tags}]

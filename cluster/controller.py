@@ -74,6 +74,15 @@ class Step:
     applied: bool
 
 
+def utc_hour(epoch_s: float) -> float:
+    """Hour of the day in UTC: the policy's ``warm_hours`` are UTC, whatever the head's time zone."""
+    return (epoch_s % 86400.0) / 3600.0
+
+
+def utc_hour_now() -> float:
+    return utc_hour(time.time())
+
+
 class QueueController:
     """The control loop's body: observe, decide, act on change (or after a failed act), log."""
 
@@ -84,17 +93,21 @@ class QueueController:
         ongoing: Callable[[], int],
         actuator: Actuator,
         clock: Callable[[], float] = time.monotonic,
+        hour_of_day: Callable[[], float] = utc_hour_now,
     ) -> None:
         self._policy = policy
         self._backlog = backlog
         self._ongoing = ongoing
         self._actuator = actuator
         self._clock = clock
+        self._hour_of_day = hour_of_day
         self._state = PolicyState()
         self._applied: tuple[int, int] | None = None
 
     def step(self) -> Step:
-        observation = Observation(now=self._clock(), backlog=self._backlog(), ongoing=self._ongoing())
+        observation = Observation(
+            now=self._clock(), backlog=self._backlog(), ongoing=self._ongoing(), hour_of_day=self._hour_of_day()
+        )
         decision = decide(observation, self._state, self._policy)
         self._state = decision.state
         wanted = (decision.replicas, decision.nodes)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from pydantic import ValidationError
 
-from cluster.controller import ControllerArgs, InFlightReports, QueueController
+from cluster.controller import ControllerArgs, InFlightReports, QueueController, utc_hour
 from cluster.policy import PolicyConfig
 
 POLICY = PolicyConfig(service_time_s=0.1, latency_target_s=10.0, max_replicas=4, max_nodes=4, scale_down_after_s=30)
@@ -111,3 +111,11 @@ def test_the_controller_takes_the_policy_schema_itself() -> None:
         ControllerArgs.model_validate({"policy": {"max_replicas": 0}})
     with pytest.raises(ValidationError, match="extra"):
         ControllerArgs.model_validate({"policy": {"max_replica": 4}})  # a misspelt key is an error, not ignored
+
+
+@pytest.mark.parametrize(("hour", "replicas"), [(9.0, 1), (21.0, 0)])
+def test_warm_hours_read_the_controllers_utc_clock(hour: float, replicas: int) -> None:
+    warm = PolicyConfig(warm_hours=(8, 20))
+    loop = QueueController(warm, lambda: 0, lambda: 0, Recorder(), clock=lambda: 0.0, hour_of_day=lambda: hour)
+    assert loop.step().decision.replicas == replicas
+    assert utc_hour(3 * 86400 + 9.5 * 3600) == 9.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from cluster.policy import Decision, Observation, PolicyConfig, PolicyState, decide, nodes_for, wanted_replicas
 
@@ -79,3 +80,55 @@ def test_never_exceeds_the_caps() -> None:
     decisions = run([(float(t), 10**6) for t in range(0, 100, 10)])
     assert max(d.replicas for d in decisions) == CONFIG.max_replicas
     assert max(d.nodes for d in decisions) == CONFIG.max_nodes
+
+
+# Warm hours: between 08:00 and 20:00 UTC one replica stays up with nothing to do.
+WARM = PolicyConfig(service_time_s=0.1, latency_target_s=10.0, max_replicas=8, warm_hours=(8, 20))
+
+
+@pytest.mark.parametrize(("hour", "replicas"), [(7.99, 0), (8.0, 1), (13.5, 1), (19.99, 1), (20.0, 0), (None, 0)])
+def test_warm_hours_keep_a_replica_up_with_no_demand(hour: float | None, replicas: int) -> None:
+    assert decide(Observation(0.0, 0, hour_of_day=hour), PolicyState(), WARM).replicas == replicas
+
+
+@pytest.mark.parametrize(("hour", "replicas"), [(23.0, 1), (3.0, 1), (6.0, 0), (12.0, 0)])
+def test_warm_hours_may_wrap_past_midnight(hour: float, replicas: int) -> None:
+    night = PolicyConfig(warm_hours=(22, 6), warm_replicas=1)
+    assert decide(Observation(0.0, 0, hour_of_day=hour), PolicyState(), night).replicas == replicas
+
+
+def test_warm_hours_raise_the_floor_not_the_demand() -> None:
+    assert decide(Observation(0.0, 250, hour_of_day=10.0), PolicyState(), WARM).replicas == 3
+
+
+def test_after_warm_hours_the_replica_goes_after_the_cool_down() -> None:
+    state, replicas = PolicyState(), []
+    for now, hour in [(0.0, 19.9), (5.0, 19.99), (10.0, 20.0), (40.0, 20.01), (71.0, 20.02)]:
+        decision = decide(Observation(now, 0, hour_of_day=hour), state, WARM)
+        state = decision.state
+        replicas.append(decision.replicas)
+    assert replicas == [1, 1, 1, 1, 0]  # low since t=5, the 60 s cool-down ends at t=65
+
+
+def test_warm_hours_are_hours_of_a_day() -> None:
+    with pytest.raises(ValidationError):
+        PolicyConfig(warm_hours=(8, 25))
+
+
+# Trend: the demand projected 60 s ahead along its smoothed growth (half the newest rate, half the last average).
+TREND = PolicyConfig(**{**CONFIG.model_dump(), "trend_lookahead_s": 60.0})
+
+
+def test_trend_asks_for_replicas_before_the_backlog_needs_them() -> None:
+    growing = [(0.0, 0), (5.0, 50), (10.0, 100)]  # +10 images/s
+    assert [d.replicas for d in run(growing)] == [0, 1, 1]
+    with_trend = run(growing, TREND)
+    # t=5: rate 5/s -> 50 + 300 = 350 -> 4 replicas; t=10: rate 7.5/s -> 100 + 450 = 550 -> 6.
+    assert [d.replicas for d in with_trend] == [0, 4, 6]
+    assert [d.nodes for d in with_trend] == [0, 2, 3]
+    assert with_trend[1].reason == "scale up: demand 50 (projected 350) needs 4"
+
+
+def test_trend_ignores_falling_demand() -> None:
+    falling = [(0.0, 500), (5.0, 300), (10.0, 100)]
+    assert [d.replicas for d in run(falling, TREND)] == [d.replicas for d in run(falling)] == [5, 5, 5]

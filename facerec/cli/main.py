@@ -129,7 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale.add_argument("--horizon-s", type=int, default=3600, help="simulated seconds")
     autoscale.add_argument("--service-time-s", type=float, default=0.1, help="seconds per image per replica")
     autoscale.add_argument("--latency-target-s", type=float, default=30.0)
-    autoscale.add_argument("--startup-s", type=float, default=90.0, help="node start-up delay")
+    startup = autoscale.add_mutually_exclusive_group()
+    startup.add_argument(
+        "--startup-profile",
+        type=Path,
+        help="YAML/JSON of a worker's start-up phases (default cluster/startup/unbaked.yaml; baked.yaml beside it)",
+    )
+    startup.add_argument("--startup-s", type=float, help="one fixed start-up delay instead (idle nodes never reused)")
+    autoscale.add_argument("--idle-timeout-s", type=float, default=60.0, help="Ray's idle timeout for workers")
+    autoscale.add_argument("--scale-down-after-s", type=float, default=60.0, help="the policy's cool-down")
+    autoscale.add_argument("--start-hour", type=float, default=0.0, help="hour of the day at second 0 (burst)")
+    autoscale.add_argument(
+        "--warm-hours", type=float, nargs=2, metavar=("START", "END"), help="keep a warm worker in these UTC hours"
+    )
+    autoscale.add_argument("--trend-lookahead-s", type=float, default=0.0, help="scale on demand's growth (0: off)")
     autoscale.add_argument("--max-nodes", type=int, default=19)
     autoscale.add_argument("--plot", type=Path, help="write backlog / nodes / latency to this PNG")
 
