@@ -8,7 +8,7 @@ STAMPS := .stamps
 export RAY_USAGE_STATS_ENABLED := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint typecheck unit fuzz run stop bench bench-avx2 clean browser screenshots
+.PHONY: install test lint typecheck unit fuzz run stop bench bench-avx2 clean browser prometheus screenshots
 
 install: $(STAMPS)/weights
 
@@ -47,7 +47,16 @@ browser:
 		&& { $(APT_CHROMIUM) || { apt-get update -q && $(APT_CHROMIUM); }; } \
 		|| { echo "Chromium not found at $(CHROMIUM): install it, or set FACEREC_CHROMIUM" >&2; exit 1; }; }
 
-test: lint typecheck browser
+# Prometheus for the metrics graphs (the Ray dashboard's Metrics tab, `facerec monitor`): Debian's package here and
+# in CI; elsewhere install Prometheus 2.x and put it on PATH or set FACEREC_PROMETHEUS. `make run` runs without it.
+PROMETHEUS ?= $(or $(FACEREC_PROMETHEUS),$(shell command -v prometheus),/usr/bin/prometheus)
+APT_PROMETHEUS := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+prometheus:
+	@test -x "$(PROMETHEUS)" || { command -v apt-get >/dev/null \
+		&& { $(APT_PROMETHEUS) || { apt-get update -q && $(APT_PROMETHEUS); }; } \
+		|| { echo "Prometheus not found at $(PROMETHEUS): install it, or set FACEREC_PROMETHEUS" >&2; exit 1; }; }
+
+test: lint typecheck browser prometheus
 	$(BIN)/pytest
 
 # The console's screens as PNG (bench/results/ui/), taken by its browser tests; two of them are in the README.
@@ -62,6 +71,7 @@ fuzz: install
 # `make run QUEUE_MODE=1`: POST / goes through the local S3 + SQS and the bridge, as on the cluster.
 # `make run INGRESS=in_recognizer`: the HTTP routes in the Recognizer replicas (faster; see the README).
 run: install
+	@$(MAKE) --no-print-directory prometheus || echo "(no Prometheus: the service runs, without metrics graphs)"
 	$(BIN)/python -m facerec.local_run $(if $(filter 1 yes true,$(QUEUE_MODE)),--queue-mode) $(if $(INGRESS),--ingress $(INGRESS))
 
 # Stops what `make run` started (it removes run/facerec.pid when it has stopped).

@@ -53,7 +53,7 @@ def shipped_service(
     ``environment`` adds variables and ``options`` adds ``facerec.local_run`` options (for A/B runs of a
     setting, e.g. ``["--ingress", "in_recognizer"]``); the default is exactly what ``make run`` starts.
     """
-    ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics")}
+    ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics", "prometheus")}
     with tempfile.TemporaryDirectory(prefix="facerec-bench-") as workdir:
         log = (Path(workdir) / "service.log").open("wb")
         env = {**os.environ, "PYTHONPATH": str(REPO), **(environment or {})}

@@ -8,6 +8,7 @@ everything it started (and only that).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from types import FrameType
 
 import yaml
 
+from facerec.prometheus import RAY_DISCOVERY_FILE, local_prometheus
 from serve_app import SHIPPED_CONFIG
 
 log = logging.getLogger("facerec.local")
@@ -96,6 +98,15 @@ def _local_aws_environment(endpoint: str) -> dict[str, str]:
     }
 
 
+def _discovery_file() -> Path:
+    """This Ray session's list of metrics endpoints (the /tmp/ray link follows whichever session started last)."""
+    import ray
+
+    node = ray._private.worker._global_node
+    session = Path(node.get_session_dir_path()) if node is not None else None
+    return session / "prom_metrics_service_discovery.json" if session else RAY_DISCOVERY_FILE
+
+
 def _stop_event() -> threading.Event:
     stop = threading.Event()
 
@@ -115,8 +126,9 @@ def run(
     metrics_port: int,
     queue_mode: bool = False,
     ingress: str | None = None,
+    prometheus_port: int = 9090,
 ) -> int:
-    for port in (http_port, dashboard_port, moto_port, metrics_port):
+    for port in (http_port, dashboard_port, moto_port, metrics_port, prometheus_port):
         if _listening(port):
             log.error("127.0.0.1:%d is in use: is the service already running? (`make stop`)", port)
             return 1
@@ -138,6 +150,8 @@ def run(
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             for name, value in SERVE_TUNING.items():
                 os.environ.setdefault(name, value)
+            # The dashboard reads it when it starts: its Metrics tab and charts query this Prometheus.
+            os.environ["RAY_PROMETHEUS_HOST"] = f"http://127.0.0.1:{prometheus_port}"
             import ray
             from ray import serve
 
@@ -156,7 +170,12 @@ def run(
             )
             # After ray.init: Ray installs its own SIGTERM handler there, which would abort instead of stopping.
             stop = _stop_event()
-            try:
+            with contextlib.ExitStack() as running:
+                running.callback(ray.shutdown)
+                running.callback(serve.shutdown)
+                prometheus_url = running.enter_context(
+                    local_prometheus(prometheus_port, RUN_DIR / "prometheus", _discovery_file())
+                )
                 serve.start(http_options={"host": "127.0.0.1", "port": http_port})
                 args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
                 args["gallery_uri"] = stack.gallery_uri
@@ -168,6 +187,11 @@ def run(
                 serve.run(build_bridge({"stack": stack.model_dump()}), name="bridge", route_prefix=None)
                 api = f"http://127.0.0.1:{http_port}"
                 legacy = "legacy POST / through S3 + SQS" if queue_mode else "legacy POST /"
+                graphs = (
+                    f"  Prometheus {prometheus_url}   (the dashboard's Metrics tab queries it; `facerec monitor` plots)"
+                    if prometheus_url
+                    else "  Prometheus not installed (`make prometheus`): no metrics graphs"
+                )
                 print(
                     "\nfacerec is running (Ctrl-C or `make stop` to stop):\n"
                     f"  console    {api}/   (open it in a browser)\n"
@@ -176,6 +200,7 @@ def run(
                     f"  health     {api}/healthz\n"
                     f"  dashboard  http://127.0.0.1:{dashboard_port}\n"
                     f"  metrics    http://127.0.0.1:{metrics_port}/metrics   (grep facerec_)\n"
+                    f"{graphs}\n"
                     f"  local AWS  {endpoint}   (moto S3 + SQS; `facerec aws status` shows the queues)\n"
                     f"  queues     requests {stack.request_queue}, responses {stack.response_queue}, "
                     f"dead letters {stack.dead_letter_queue}\n"
@@ -183,9 +208,6 @@ def run(
                     flush=True,
                 )
                 stop.wait()
-            finally:
-                serve.shutdown()  # type: ignore[no-untyped-call]
-                ray.shutdown()
     finally:
         PID_FILE.unlink(missing_ok=True)
         (RUN_DIR / "aws.json").unlink(missing_ok=True)
@@ -198,6 +220,7 @@ def main() -> None:
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--moto-port", type=int, default=5000)
     parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument("--prometheus-port", type=int, default=9090)
     parser.add_argument(
         "--queue-mode",
         action="store_true",
@@ -210,7 +233,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(run(args.http_port, args.dashboard_port, args.moto_port, args.metrics_port, args.queue_mode, args.ingress))
+    sys.exit(
+        run(
+            args.http_port,
+            args.dashboard_port,
+            args.moto_port,
+            args.metrics_port,
+            args.queue_mode,
+            args.ingress,
+            args.prometheus_port,
+        )
+    )
 
 
 if __name__ == "__main__":

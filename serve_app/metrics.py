@@ -46,6 +46,10 @@ class Metrics:
         )
         self.gallery_people = Gauge("facerec_gallery_people", description="People enrolled in the gallery.")
         self.gallery_revision = Gauge("facerec_gallery_revision", description="Gallery revision a replica serves.")
+        self.gallery_refresh_failures = Counter(
+            "facerec_gallery_refresh_failures",
+            description="Gallery refreshes that failed (the store unreachable or a snapshot unreadable).",
+        )
 
 
 class BridgeMetrics:
@@ -56,6 +60,9 @@ class BridgeMetrics:
             "facerec_bridge_messages", description="Request messages finished, by outcome.", tag_keys=("outcome",)
         )
         self.in_flight = Gauge("facerec_bridge_in_flight", description="Request messages held by a consumer.")
+        self.dead_letters = Gauge(
+            "facerec_bridge_dead_letters", description="Request messages on the dead-letter queue (should be 0)."
+        )
         self.uncertain_sends = Gauge(
             "facerec_bridge_uncertain_sends",
             description="Responses whose SendMessage failed after it may have reached SQS (each may arrive twice).",
@@ -70,6 +77,8 @@ CONTROLLER_GAUGES = {
     "desired_nodes": "Worker nodes the policy asks Ray's autoscaler for.",
     "actual_replicas": "Recognizer replicas running.",
     "actual_nodes": "Worker nodes alive.",
+    "max_nodes": "The most worker nodes the policy may ask for (its max_nodes).",
+    "latency_target_s": "The latency the policy sizes for (its latency_target_s), in seconds.",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
@@ -89,14 +90,26 @@ class SqsBridgeDeployment(Supervised):
 
     async def _report(self) -> None:
         reported: dict[str, int] = {}
+        rounds = 0
         while True:
             await asyncio.sleep(2.0)
+            rounds += 1
+            if rounds % 15 == 1:  # every 30 s: what an operator must hear about (an alert rule watches it)
+                await self._report_dead_letters()
             self._metrics.in_flight.set(self._consumer.in_flight)
             self._metrics.uncertain_sends.set(self._processor.uncertain_sends)
             for outcome, count in self._consumer.counts.items():
                 if count > reported.get(outcome, 0):
                     self._metrics.messages.inc(count - reported.get(outcome, 0), tags={"outcome": outcome})
                     reported[outcome] = count
+
+    async def _report_dead_letters(self) -> None:
+        try:
+            dead = await asyncio.to_thread(queue_counts, self._sqs, self._urls.dead_letter)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("could not count the dead-letter queue: %s", exc)
+            return
+        self._metrics.dead_letters.set(dead["visible"] + dead["in_flight"])
 
     async def __del__(self) -> None:
         if not hasattr(self, "_background"):  # __init__ failed before the loops started

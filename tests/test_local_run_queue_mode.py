@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def queue_mode_service(tmp_path: Path) -> Iterator[tuple[str, StackConfig, Path]]:
-    ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics")}
+    ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics", "prometheus")}
     log_path = tmp_path / "service.log"
     # Its own moto server, and no API key (enrolment here is open, as in a plain `make run`).
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACEREC_"))}

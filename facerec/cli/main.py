@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale.add_argument("--max-nodes", type=int, default=19)
     autoscale.add_argument("--plot", type=Path, help="write backlog / nodes / latency to this PNG")
 
+    monitor = commands.add_parser("monitor", help="the service's metrics panels as a PNG, from Prometheus")
+    monitor.add_argument("--prometheus", default="http://127.0.0.1:9090", help="the Prometheus to query")
+    monitor.add_argument("--minutes", type=float, default=30.0, help="how far back")
+    monitor.add_argument("--out", type=Path, default=Path("run/monitor.png"))
+    monitor.add_argument(
+        "--grafana", type=Path, metavar="JSON", help="write the Grafana dashboard of the same panels here instead"
+    )
+
     evaluate = commands.add_parser("eval", help="accuracy on standard benchmarks")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
     lfw = eval_commands.add_parser("lfw", help="LFW verification (View 1 with --calibrate, or 10-fold View 2)")
@@ -209,6 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from facerec.cli.sim_commands import autoscale as simulate_autoscale
 
         return simulate_autoscale(args)
+    if args.command == "monitor":
+        from facerec.cli import monitor_commands
+
+        if args.grafana is not None:
+            return monitor_commands.write_grafana(args.grafana)
+        return monitor_commands.plot(args.prometheus, args.minutes, args.out)
     if args.command == "cluster":
         from facerec.cli import cluster_commands
 

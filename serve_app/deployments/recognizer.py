@@ -142,6 +142,7 @@ class RecognizerDeployment(Supervised):
                 await self._refresh()
             except (GalleryStoreError, GalleryError) as exc:
                 # Keep serving the copy we have; the next poll tries again.
+                self._metrics.gallery_refresh_failures.inc()
                 log.warning("gallery refresh failed: %s", exc)
 
     def _publish_gallery_metrics(self) -> None:
