@@ -128,3 +128,58 @@ def _get(url: str, endpoint: str, parameters: dict[str, object]) -> list[dict[st
         raise RuntimeError(f"Prometheus refused {parameters.get('query')!r}: {document.get('error')}")
     result: list[dict[str, Any]] = document["data"]["result"]
     return result
+
+
+def start_detached(port: int, directory: Path, discovery_file: Path = RAY_DISCOVERY_FILE) -> str:
+    """Start Prometheus in the background (it outlives this process: the cluster head's start command; its pid in
+    ``directory/prometheus.pid``), unless one already answers on ``port``; returns its URL. Raises
+    ``RuntimeError`` when none is installed or it fails."""
+    url = f"http://127.0.0.1:{port}"
+    if ready(url):
+        return url
+    binary = prometheus_binary()
+    if binary is None:
+        raise RuntimeError("no Prometheus installed (the head's setup installs Debian/Ubuntu's `prometheus`)")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = write_config(directory, discovery_file)
+    with (directory / "prometheus.log").open("ab") as output:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                "--storage.tsdb.retention.time=15d",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+        )
+    (directory / "prometheus.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + 60
+    while not ready(url):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Prometheus did not start: see {directory / 'prometheus.log'}")
+        time.sleep(0.5)
+    return url
+
+
+def grafana_command(grafana_dir: Path, port: int, dashboards: Path) -> list[str] | None:
+    """How to run Grafana with Ray's generated provisioning (``grafana_dir``: the session's ``metrics/grafana``,
+    whose dashboards folder also receives ``dashboards``' JSON files), on 127.0.0.1; ``None`` without Grafana."""
+    binary = shutil.which("grafana-server") or shutil.which("grafana")
+    if binary is None:
+        return None
+    target = grafana_dir / "dashboards"
+    target.mkdir(parents=True, exist_ok=True)
+    for dashboard in dashboards.glob("*.json"):
+        shutil.copy(dashboard, target / dashboard.name)
+    homepath = Path("/usr/share/grafana")
+    server = [binary] if binary.endswith("grafana-server") else [binary, "server"]
+    return [
+        *server,
+        f"--homepath={homepath}",
+        f"--config={grafana_dir / 'grafana.ini'}",
+        "cfg:default.server.http_addr=127.0.0.1",
+        f"cfg:default.server.http_port={port}",
+    ]

@@ -134,6 +134,9 @@ def test_ray_up_and_down_against_moto(moto_endpoint: str, stand_in_ssh: tuple[Pa
     assert "uv==0.13.8" in commands
     assert "ray start --head" in commands and "--dashboard-host=127.0.0.1" in commands
     assert "facerec cluster deploy" in commands
+    # The head's monitoring: Prometheus installed, the dashboard pointed at it, started on localhost.
+    assert "apt-get install" in commands and "prometheus" in commands
+    assert "RAY_PROMETHEUS_HOST=http://127.0.0.1:9090" in commands and "facerec monitoring start" in commands
     assert any(call["tool"] == "rsync" for call in recorded), "the checkout was not copied to the head"
 
     _ray_cli(["down", str(CLUSTER_YAML), "--yes"], env)

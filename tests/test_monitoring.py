@@ -23,7 +23,7 @@ import requests
 import yaml
 
 from facerec.monitor_panels import PANELS, grafana_dashboard
-from facerec.prometheus import ALERT_RULES, query
+from facerec.prometheus import ALERT_RULES, query, ready, start_detached
 from tests.serve_fixtures import free_port
 from tests.waiting import wait_until
 
@@ -82,6 +82,20 @@ def test_the_alert_rules_are_valid_and_name_only_existing_metrics() -> None:
         "FacerecReplicasUnhealthy",
         "FacerecGalleryRefreshFailing",
     } <= alerts
+
+
+def test_the_heads_prometheus_starts_once_in_the_background(tmp_path: Path) -> None:
+    """`facerec monitoring start` (cluster.yaml's head): detached, on 127.0.0.1, and not twice."""
+    port = free_port()
+    url = start_detached(port, tmp_path, discovery_file=tmp_path / "no-nodes-yet.json")
+    pid = int((tmp_path / "prometheus.pid").read_text())
+    try:
+        assert url == f"http://127.0.0.1:{port}" and ready(url)
+        assert start_detached(port, tmp_path) == url and int((tmp_path / "prometheus.pid").read_text()) == pid
+        config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+        assert config["rule_files"] == [str(ALERT_RULES)]
+    finally:
+        os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture

@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--grafana", type=Path, metavar="JSON", help="write the Grafana dashboard of the same panels here instead"
     )
 
+    monitoring = commands.add_parser("monitoring", help="Prometheus (and Grafana) on the cluster's head")
+    monitoring_commands = monitoring.add_subparsers(dest="monitoring_command", required=True)
+    start = monitoring_commands.add_parser("start", help="start them in the background (cluster.yaml runs this)")
+    start.add_argument("--prometheus-port", type=int, default=9090)
+    start.add_argument("--grafana-port", type=int, default=3000)
+    start.add_argument("--dir", type=Path, default=Path("run"), help="their data and logs")
+
     evaluate = commands.add_parser("eval", help="accuracy on standard benchmarks")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
     lfw = eval_commands.add_parser("lfw", help="LFW verification (View 1 with --calibrate, or 10-fold View 2)")
@@ -217,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from facerec.cli.sim_commands import autoscale as simulate_autoscale
 
         return simulate_autoscale(args)
+    if args.command == "monitoring":
+        from facerec.cli import monitoring_commands
+
+        return monitoring_commands.start(args.prometheus_port, args.grafana_port, args.dir)
     if args.command == "monitor":
         from facerec.cli import monitor_commands
 
