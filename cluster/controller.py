@@ -247,6 +247,9 @@ class ControllerDeployment(Supervised):
             "desired_nodes": step.decision.nodes,
             "actual_replicas": replicas,
             "actual_nodes": nodes,
+            # The policy's bounds beside its decisions: the alert rules compare against them.
+            "max_nodes": self._args.policy.max_nodes,
+            "latency_target_s": self._args.policy.latency_target_s,
         }
         for name, value in values.items():
             self._gauges[name].set(value)
