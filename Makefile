@@ -34,7 +34,7 @@ typecheck: install
 	$(BIN)/mypy facerec serve_app sqs_bridge cluster aws_stack tests bench
 
 # The fast tier (no Ray, no moto): under 90 s on 2 cores. `make test` runs every tier.
-unit: install
+unit: install prometheus
 	$(BIN)/pytest -m unit
 
 # The console's browser tests drive the system's Chromium through Playwright (its own browser download cannot
