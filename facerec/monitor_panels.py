@@ -115,6 +115,8 @@ PANELS: tuple[Panel, ...] = (
             Series("replicas running", "max(ray_facerec_controller_actual_replicas)"),
             Series("nodes wanted", "max(ray_facerec_controller_desired_nodes)"),
             Series("nodes alive", "max(ray_facerec_controller_actual_nodes)"),
+            # The autoscaler's side: the nodes reporting to Ray (the head included).
+            Series("Ray nodes up", "count(max by (instance) (ray_node_cpu_count))"),
         ),
     ),
 )
