@@ -9,7 +9,8 @@ build of torch, about 6.5 GB) and the weights, minutes per node on every scale-o
    mounts and ``setup_commands`` over ssh as a real node, and neither ``ray down`` of the cluster nor a second
    bake can mistake it for one of theirs (Ray finds its nodes by the ``ray-cluster-name`` tag);
 2. stop it, create an image of it (``ec2.create_image``) and wait until the image is available;
-3. terminate the builder, whatever happened, and return the image id.
+3. terminate the builder and delete the security group the launcher made for it, whatever happened, and return
+   the image id.
 
 :func:`baked_config` writes ``cluster.yaml`` with that image for every node type. On a node started from it the
 same ``setup_commands`` still run, and find everything in place: ``make install`` is a no-op once its stamps
@@ -42,7 +43,7 @@ class BakeRequest:
     node_type: str = "cpu_worker"
     region: str | None = None
     instance_type: str | None = None
-    #: The image's name; default ``<cluster_name>-worker-<time>``.
+    #: The image's name; default ``<cluster_name>-<node type>-<time>``.
     name: str | None = None
 
     @property
@@ -137,6 +138,21 @@ def bake(request: BakeRequest, ec2: Any, launch: Any) -> str:
         if builder is not None:
             log.info("terminating builder %s", builder)
             ec2.terminate_instances(InstanceIds=[builder])
+            ec2.get_waiter("instance_terminated").wait(
+                InstanceIds=[builder], WaiterConfig={"Delay": 5, "MaxAttempts": 120}
+            )
+        _delete_security_groups(ec2, builder_name)
+
+
+def _delete_security_groups(ec2: Any, builder_name: str) -> None:
+    """The security group Ray's launcher made for the throwaway cluster (``ray-autoscaler-<name>``): one per bake
+    would otherwise pile up (a VPC holds 2,500)."""
+    found = ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": [f"ray-autoscaler-{builder_name}*"]}]
+    )
+    for group in found["SecurityGroups"]:
+        log.info("deleting security group %s (%s)", group["GroupId"], group["GroupName"])
+        ec2.delete_security_group(GroupId=group["GroupId"])
 
 
 def _builder_instance(ec2: Any, builder_name: str, required: bool = True) -> str | None:

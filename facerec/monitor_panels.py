@@ -2,8 +2,9 @@
 ``facerec monitor``'s plots are both made from this list, so they always show the same series.
 
 Ray exports each metric of :mod:`serve_app.metrics` with a ``ray_`` prefix (counters also get ``_total``,
-histograms ``_bucket``/``_sum``/``_count``). Queries use ``[1m]`` rates: four scrapes at the local Prometheus's
-5 s interval, six at the cluster's 10 s.
+histograms ``_bucket``/``_sum``/``_count``). Queries use ``[1m]`` rates: twelve scrapes at the 5 s interval of the
+Prometheus that ``facerec`` starts (locally and on the head), six at the 10 s of Ray's own generated config:
+enough for a rate either way.
 """
 
 from __future__ import annotations

@@ -70,28 +70,10 @@ def local_prometheus(port: int, directory: Path, discovery_file: Path = RAY_DISC
         log.warning("no Prometheus found (`make prometheus` installs it): the dashboard's Metrics tab stays empty")
         yield None
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    config = write_config(directory, discovery_file)
     url = f"http://127.0.0.1:{port}"
-    with (directory / "prometheus.log").open("ab") as output:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                "--storage.tsdb.retention.time=2d",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--web.enable-lifecycle",
-            ],
-            stdout=output,
-            stderr=output,
-        )
+    process = _launch(binary, port, directory, discovery_file, retention="2d", detached=False)
     try:
-        deadline = time.monotonic() + 60
-        while not ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Prometheus did not start: see {directory / 'prometheus.log'}")
-            time.sleep(0.2)
+        _wait_ready(process, url, directory)
         yield url
     finally:
         process.terminate()
@@ -140,28 +122,38 @@ def start_detached(port: int, directory: Path, discovery_file: Path = RAY_DISCOV
     binary = prometheus_binary()
     if binary is None:
         raise RuntimeError("no Prometheus installed (the head's setup installs Debian/Ubuntu's `prometheus`)")
+    process = _launch(binary, port, directory, discovery_file, retention="15d", detached=True)
+    (directory / "prometheus.pid").write_text(str(process.pid))
+    _wait_ready(process, url, directory)
+    return url
+
+
+def _launch(
+    binary: str, port: int, directory: Path, discovery_file: Path, *, retention: str, detached: bool
+) -> subprocess.Popen[bytes]:
     directory.mkdir(parents=True, exist_ok=True)
     config = write_config(directory, discovery_file)
     with (directory / "prometheus.log").open("ab") as output:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [
                 binary,
                 f"--config.file={config}",
                 f"--storage.tsdb.path={directory / 'data'}",
-                "--storage.tsdb.retention.time=15d",
+                f"--storage.tsdb.retention.time={retention}",
                 f"--web.listen-address=127.0.0.1:{port}",
             ],
             stdout=output,
             stderr=output,
-            start_new_session=True,
+            start_new_session=detached,
         )
-    (directory / "prometheus.pid").write_text(str(process.pid))
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, directory: Path) -> None:
     deadline = time.monotonic() + 60
     while not ready(url):
-        if time.monotonic() > deadline:
+        if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"Prometheus did not start: see {directory / 'prometheus.log'}")
-        time.sleep(0.5)
-    return url
+        time.sleep(0.2)
 
 
 def grafana_command(grafana_dir: Path, port: int, dashboards: Path) -> list[str] | None:

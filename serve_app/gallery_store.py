@@ -4,9 +4,9 @@ A store holds one snapshot per embedding model (see :mod:`serve_app.model.galler
 checkpoints cannot be mixed), and the face chips they share:
 
 * ``models/<model id>.npz``: the snapshot of that model;
-* ``gallery.npz``: the snapshot of the model it records (where a store began before snapshots were kept per
-  model, and what the command-line tools write to a directory of their own); a model's own
-  ``models/<model id>.npz``, once it exists, comes first;
+* ``gallery.npz``: the snapshot of the model it records, in a store that began before snapshots were kept per
+  model (and what an unbound store, ``Gallery.save`` or the legacy import of old versions wrote); a model's
+  own ``models/<model id>.npz``, once it exists, comes first;
 * ``models/<model id>.partial.npz``: a re-embedding in progress (never served; see ``facerec gallery reembed``);
 * ``chips/<face id>.jpg``: the aligned crop each enrolled face was embedded from. Face ids are kept across models,
   so every model's snapshot refers to the same chips.
@@ -16,8 +16,10 @@ read it?), ``read()`` and ``write()`` address that model's snapshot; an unbound 
 Writes replace a whole snapshot atomically (S3 ``PutObject`` is atomic per object; locally, write-then-rename), so
 a reader sees the old snapshot or the new one, never a mixture.
 
-The GalleryWriter stores a face's chip before the snapshot that names it, and deletes it after the last snapshot
-that names it no longer does, so a snapshot never names a chip that is not there.
+The GalleryWriter stores a face's chip before the snapshot that names it, and deletes it after its own snapshot
+no longer names it. Another model's snapshot may still name that face until it follows the removal (see
+:mod:`serve_app.deployments.gallery_writer`); it already holds the face's embedding, and a re-embedding reports
+such a face as having no usable chip.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ FACE_ID_PATTERN = re.compile(r"[0-9a-f]{1,32}")
 #: Model ids as the checkpoint registry makes them (``facenet-keras-ms-celeb-128-v1+flip``, ``pt-<hash>``).
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 PARTIAL_SUFFIX = ".partial.npz"
+#: S3 object metadata on each snapshot: which model it records, so a HEAD tells (no download of the snapshot).
+MODEL_METADATA = "model-id"
 
 
 class GalleryStoreError(RuntimeError):
@@ -74,7 +78,12 @@ class GalleryStore(ABC):
     def _get(self, key: str) -> bytes | None: ...
 
     @abstractmethod
-    def _put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def _put(self, key: str, data: bytes, content_type: str, model_id: str | None = None) -> None:
+        """Write an object; a snapshot's ``model_id`` goes with it where the store can keep it (S3 metadata)."""
+
+    @abstractmethod
+    def _model_of(self, key: str) -> str | None:
+        """The model a snapshot records, read as cheaply as the store allows (``None``: not a snapshot)."""
 
     @abstractmethod
     def _delete(self, keys: list[str]) -> None: ...
@@ -96,32 +105,35 @@ class GalleryStore(ABC):
 
     def snapshot_key(self) -> str:
         """Where this store's model's snapshot is (or will be written)."""
-        if self.model_id is None:
-            return GALLERY_FILENAME
-        own = f"{MODELS_FOLDER}/{self.model_id}.npz"
-        if self._token(own) is None and self._root_model() == self.model_id:
-            return GALLERY_FILENAME
-        return own
+        return self._resolve()[0]
 
-    def _root_model(self) -> str | None:
-        """The model ``gallery.npz`` records (``None`` if there is none), read again only when it changes."""
+    def _resolve(self) -> tuple[str, str | None]:
+        """The bound model's snapshot key and its token (``None`` while there is no snapshot), in one or two HEADs."""
+        if self.model_id is None:
+            return GALLERY_FILENAME, self._token(GALLERY_FILENAME)
+        own = f"{MODELS_FOLDER}/{self.model_id}.npz"
+        token = self._token(own)
+        if token is not None:
+            return own, token
+        root_token, root_model = self._root()
+        if root_model == self.model_id:
+            return GALLERY_FILENAME, root_token
+        return own, None
+
+    def _root(self) -> tuple[str | None, str | None]:
+        """``gallery.npz``'s token and the model it records (``None``s if there is none); the model is read again
+        only when the token changes."""
         token = self._token(GALLERY_FILENAME)
         if token is None:
-            return None
+            return None, None
         if self._root_owner is None or self._root_owner[0] != token:
-            data = self._get(GALLERY_FILENAME)
-            try:
-                owner = None if data is None else str(snapshot_meta(data)["model_id"])
-            except GalleryError:
-                owner = None  # not a gallery: nobody's snapshot
-            self._root_owner = (token, owner)
-        return self._root_owner[1]
+            self._root_owner = (token, self._model_of(GALLERY_FILENAME))
+        return token, self._root_owner[1]
 
     # --- the bound model's snapshot --------------------------------------------------------------------------
     def token(self) -> str | None:
         """A value that changes whenever the snapshot changes; ``None`` while there is no snapshot."""
-        key = self.snapshot_key()
-        token = self._token(key)
+        key, token = self._resolve()
         return None if token is None else f"{key}:{token}"
 
     def read(self) -> bytes | None:
@@ -130,7 +142,11 @@ class GalleryStore(ABC):
 
     def write(self, data: bytes) -> None:
         """Replace the snapshot atomically."""
-        self._put(self.snapshot_key(), data, "application/octet-stream")
+        try:
+            model_id: str | None = str(snapshot_meta(data)["model_id"])
+        except GalleryError:
+            model_id = None  # not a gallery (a caller's mistake, or a test's stand-in bytes): stored as it is
+        self._put(self.snapshot_key(), data, "application/octet-stream", model_id)
 
     # --- every model's snapshots ------------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotInfo]:
@@ -142,7 +158,7 @@ class GalleryStore(ABC):
                 model_id = name.removesuffix(".npz")
                 if MODEL_ID_PATTERN.fullmatch(model_id):
                     found[model_id] = SnapshotInfo(model_id, key)
-        root = self._root_model()
+        root = self._root()[1]
         if root is not None and root not in found:
             found[root] = SnapshotInfo(root, GALLERY_FILENAME)
         return [found[model] for model in sorted(found)]
@@ -167,7 +183,7 @@ class GalleryStore(ABC):
         return self._get(self._partial_key())
 
     def write_partial(self, data: bytes) -> None:
-        self._put(self._partial_key(), data, "application/octet-stream")
+        self._put(self._partial_key(), data, "application/octet-stream", self.model_id)
 
     def delete_partial(self) -> None:
         self._delete([self._partial_key()])
@@ -194,10 +210,6 @@ class LocalGalleryStore(GalleryStore):
     model_id: str | None = None
     _root_owner: tuple[str, str | None] | None = field(default=None, repr=False)
 
-    @property
-    def path(self) -> Path:
-        return self.directory / self.snapshot_key()
-
     def _where(self, key: str) -> str:
         return str(self.directory / key)
 
@@ -215,8 +227,14 @@ class LocalGalleryStore(GalleryStore):
         except FileNotFoundError:
             return None
 
-    def _put(self, key: str, data: bytes, content_type: str) -> None:
+    def _put(self, key: str, data: bytes, content_type: str, model_id: str | None = None) -> None:
         write_atomically(self.directory / key, data)
+
+    def _model_of(self, key: str) -> str | None:
+        try:
+            return str(snapshot_meta(self.directory / key)["model_id"])  # the archive's meta member only
+        except GalleryError:
+            return None  # gone meanwhile, or not a gallery: nobody's snapshot
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:
@@ -237,10 +255,6 @@ class S3GalleryStore(GalleryStore):
     model_id: str | None = None
     _root_owner: tuple[str, str | None] | None = field(default=None, repr=False)
 
-    @property
-    def key(self) -> str:
-        return self._full(self.snapshot_key())
-
     def _full(self, key: str) -> str:
         return f"{self.prefix.strip('/')}/{key}" if self.prefix.strip("/") else key
 
@@ -255,8 +269,29 @@ class S3GalleryStore(GalleryStore):
         response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._full(key))
         return None if response is None else bytes(response["Body"].read())
 
-    def _put(self, key: str, data: bytes, content_type: str) -> None:
-        self._call(self.client.put_object, Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
+    def _put(self, key: str, data: bytes, content_type: str, model_id: str | None = None) -> None:
+        metadata = {MODEL_METADATA: model_id} if model_id else {}
+        self._call(
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self._full(key),
+            Body=data,
+            ContentType=content_type,
+            Metadata=metadata,
+        )
+
+    def _model_of(self, key: str) -> str | None:
+        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self._full(key))
+        if head is None:
+            return None
+        recorded = head.get("Metadata", {}).get(MODEL_METADATA)
+        if recorded:
+            return str(recorded)
+        data = self._get(key)  # written before the metadata existed: read the snapshot's own meta
+        try:
+            return None if data is None else str(snapshot_meta(data)["model_id"])
+        except GalleryError:
+            return None
 
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys

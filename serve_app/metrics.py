@@ -65,7 +65,8 @@ class BridgeMetrics:
         )
         self.uncertain_sends = Gauge(
             "facerec_bridge_uncertain_sends",
-            description="Responses whose SendMessage failed after it may have reached SQS (each may arrive twice).",
+            description="SendMessage attempts for a response that failed after they may have reached SQS (each such "
+            "attempt may deliver that response twice).",
         )
 
 

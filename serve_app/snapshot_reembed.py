@@ -3,7 +3,8 @@
 Used by ``facerec gallery reembed`` and by the GalleryWriter's ``reembed`` operation alike. Progress is saved to
 the target's partial snapshot (``models/<model id>.partial.npz``, never served) every ``save_every`` faces, so a
 run that crashes resumes where it stopped; the finished snapshot replaces the target's in one write, and the
-source's stays as it was (for a rollback) until an operator drops it.
+source's stays as it was (for a rollback) until an operator drops it. Run it before the target model serves: a
+GalleryWriter of the target model writes that snapshot too, and its changes made during a run are not merged.
 """
 
 from __future__ import annotations
@@ -74,8 +75,13 @@ def reembed_snapshot(
 
 
 def _start(target_store: GalleryStore, model_id: str, dim: int) -> Gallery:
-    # Where an interrupted run left off, else the target's snapshot (a rollback target catching up), else empty.
-    for data in (target_store.read_partial(), target_store.read()):
-        if data is not None:
-            return Gallery.from_bytes(data, expected_model_id=model_id)
-    return Gallery(model_id, dim)
+    """Where an interrupted run left off, else the target's snapshot (a rollback target catching up), else empty.
+
+    A partial grows from the snapshot it started from, so its revision is at least that snapshot's; a snapshot
+    newer than the partial (its model's writer changed it since) wins, and the partial is left behind."""
+    partial_data, snapshot_data = target_store.read_partial(), target_store.read()
+    partial = None if partial_data is None else Gallery.from_bytes(partial_data, expected_model_id=model_id)
+    snapshot = None if snapshot_data is None else Gallery.from_bytes(snapshot_data, expected_model_id=model_id)
+    if partial is not None and (snapshot is None or partial.revision >= snapshot.revision):
+        return partial
+    return snapshot if snapshot is not None else Gallery(model_id, dim)

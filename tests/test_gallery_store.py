@@ -78,10 +78,11 @@ def per_model_snapshots(store: GalleryStore) -> None:
     assert bound_second.read_partial() == b"half" and len(store.snapshots()) == 2
     bound_second.delete_partial()
     assert bound_second.read_partial() is None
-    # A model's own file wins over gallery.npz once it exists.
+    # It keeps writing where its snapshot is.
     first.add("cy", np.array([[0.6, 0.8]], dtype=np.float32), "m-one")
     bound_first.write(first.to_bytes())
-    assert bound_first.snapshot_key() == "gallery.npz"  # still: it writes where its snapshot is
+    assert bound_first.snapshot_key() == "gallery.npz"
+    assert Gallery.from_bytes(store.read() or b"").people() == {"ann": 1, "cy": 1}
     bound_second.drop_snapshot()
     assert [s.model_id for s in store.snapshots()] == ["m-one"]
     with pytest.raises(ValueError, match="not a model id"):
@@ -90,6 +91,13 @@ def per_model_snapshots(store: GalleryStore) -> None:
 
 def test_local_store_keeps_one_snapshot_per_model(tmp_path: Path) -> None:
     per_model_snapshots(open_gallery_store(str(tmp_path / "gallery")))
+    # A model's own file, once it exists, comes before a gallery.npz of the same model.
+    own = Gallery("m-one", 2)
+    own.add("dee", np.array([[1.0, 0.0]], dtype=np.float32), "m-one")
+    (tmp_path / "gallery" / "models" / "m-one.npz").write_bytes(own.to_bytes())
+    bound = open_gallery_store(str(tmp_path / "gallery"), model_id="m-one")
+    assert bound.snapshot_key() == "models/m-one.npz"
+    assert Gallery.from_bytes(bound.read() or b"").people() == {"dee": 1}
     fresh = open_gallery_store(str(tmp_path / "fresh"), model_id="m-one")
     fresh.write(Gallery("m-one", 2).to_bytes())
     assert [p.relative_to(tmp_path / "fresh").as_posix() for p in (tmp_path / "fresh").rglob("*.npz")] == [

@@ -156,3 +156,21 @@ def test_faces_without_chips_are_reported_and_left_out(casia: Models, tmp_path: 
     target = Gallery(casia.embedder.model_id, 512)
     report = carry_over(legacy, target, lambda _: None, chip_embedder(casia.embedder))
     assert report.embedded == 0 and [name for name, _ in report.without_chip] == ["Paul"] and len(target) == 0
+
+
+def test_an_unusable_chip_is_reported_and_the_rest_carried_over(
+    casia: Models, enrolled: tuple[Gallery, LocalGalleryStore]
+) -> None:
+    source, store = enrolled
+    broken = source.faces()[0][1]
+
+    def read_chip(face_id: str) -> bytes | None:
+        return b"\xff\xd8 not a jpeg after all" if face_id == broken else store.read_chip(face_id)
+
+    target = Gallery(casia.embedder.model_id, 512)
+    report = carry_over(source, target, read_chip, chip_embedder(casia.embedder), batch_size=4)
+    assert [face_id for _, face_id in report.missing_chip] == [broken]
+    assert report.embedded == len(source) - 1 and broken not in target.face_ids()
+    # The next call, told to skip it (what the GalleryWriter does), has nothing left to do.
+    again = carry_over(source, target, read_chip, chip_embedder(casia.embedder), skip=frozenset({broken}))
+    assert again.embedded == 0 and not again.missing_chip and again.left == 0

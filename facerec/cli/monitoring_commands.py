@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from facerec.prometheus import REPO, start_detached
@@ -32,13 +33,24 @@ def start(prometheus_port: int, grafana_port: int, directory: Path) -> int:
         return 1
     started: dict[str, object] = {"prometheus": url}
     command = grafana_command(RAY_SESSION / "metrics" / "grafana", grafana_port, REPO / "monitoring" / "grafana")
-    if command is None:
+    grafana = f"http://127.0.0.1:{grafana_port}"
+    if _answers(f"{grafana}/api/health"):  # started by an earlier run of the head's start commands
+        started["grafana"] = grafana
+    elif command is None:
         log.info("no Grafana installed: the dashboard's Metrics tab stays empty; `facerec monitor` draws the panels")
         started["grafana"] = None
     else:
         directory.mkdir(parents=True, exist_ok=True)
         with (directory / "grafana.log").open("ab") as output:
             subprocess.Popen(command, stdout=output, stderr=output, start_new_session=True)
-        started["grafana"] = f"http://127.0.0.1:{grafana_port}"
+        started["grafana"] = grafana
     print(json.dumps(started))
     return 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

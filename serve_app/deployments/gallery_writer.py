@@ -20,6 +20,7 @@ old one still runs, and Recognizer replicas of both models serve for a while. So
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,16 +35,17 @@ from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_galler
 from serve_app.metrics import metrics
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Gallery, GalleryError, ModelMismatchError
-from serve_app.model.reembedding import CarryOverReport, carry_over, chip_embedder, plan_carry_over
+from serve_app.model.reembedding import CarryOverReport, EmbedChips, carry_over, chip_embedder, plan_carry_over
 from serve_app.settings import RecognitionConfig
-from serve_app.snapshot_reembed import reembed_snapshot
+from serve_app.snapshot_reembed import faces_to_embed, reembed_snapshot
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 T = TypeVar("T")
 
-#: Faces carried over per turn of the lock: enrolments wait at most a few seconds behind a long catch-up.
-CARRY_OVER_CHUNK = 128
+#: Faces carried over per turn of the lock (about 5 s of embedding here): an enrolment waits at most that long
+#: behind a long catch-up, and each turn reads and writes the snapshot once.
+CARRY_OVER_CHUNK = 512
 
 
 @dataclass
@@ -87,6 +89,7 @@ class GalleryWriterDeployment(Supervised):
         self._lock = asyncio.Lock()
         self._gallery = self._load()
         self._embedder: Embedder | None = None
+        self._embedder_lock = asyncio.Lock()
         self._followed: dict[str, str] = {}  # other model -> the snapshot token last carried over
         self._others: dict[str, SnapshotStatus] = {}
         self._reembedding: ReembedProgress | None = None
@@ -143,17 +146,18 @@ class GalleryWriterDeployment(Supervised):
 
     async def _own_embedder(self) -> Embedder:
         """This writer's model, loaded the first time a chip must be embedded (most writers never need it)."""
-        if self._embedder is None:
-            recognition = self._recognition
-            self._embedder = await asyncio.to_thread(
-                lambda: Embedder(
-                    recognition.resolved_checkpoint(),
-                    flip=recognition.flip,
-                    max_batch=recognition.max_embed_batch,
-                    precision=recognition.embed_precision,
+        async with self._embedder_lock:  # a catch-up and a cross-model enrolment may both ask at once
+            if self._embedder is None:
+                recognition = self._recognition
+                self._embedder = await asyncio.to_thread(
+                    lambda: Embedder(
+                        recognition.resolved_checkpoint(),
+                        flip=recognition.flip,
+                        max_batch=recognition.max_embed_batch,
+                        precision=recognition.embed_precision,
+                    )
                 )
-            )
-        return self._embedder
+            return self._embedder
 
     # --- changes --------------------------------------------------------------------------------------------
     async def add_faces(
@@ -203,58 +207,69 @@ class GalleryWriterDeployment(Supervised):
     # --- other models' snapshots ------------------------------------------------------------------------------
     async def _follow_other_models(self) -> None:
         while True:
+            await asyncio.sleep(self._sync_period_s)
             try:
                 await self.follow_other_models()
             except (GalleryStoreError, GalleryError) as exc:
                 log.warning("could not follow the other models' snapshots: %s", exc)
-            await asyncio.sleep(self._sync_period_s)
+            except Exception:
+                # Anything else comes from another model's data (a snapshot or chip this writer cannot use): it
+                # must not end the loop, or the health check would replace this writer with one that fails the
+                # same way, and enrolments would stop meanwhile.
+                log.exception("following the other models' snapshots failed; trying again next period")
 
     async def follow_other_models(self) -> list[CarryOverReport]:
         """Carry what changed in other models' snapshots since the last look over to this model's (see the
         module docstring); returns what each carry-over did."""
         reports = []
-        for info in await asyncio.to_thread(self._store.snapshots):
-            if info.model_id == self._model_id:
-                continue
+        listed = [info for info in await asyncio.to_thread(self._store.snapshots) if info.model_id != self._model_id]
+        for gone in set(self._others) - {info.model_id for info in listed}:  # dropped by an operator
+            self._others.pop(gone, None)
+            self._followed.pop(gone, None)
+        for info in listed:
             token = await asyncio.to_thread(self._store.snapshot_token, info)
             if token is None or self._followed.get(info.model_id) == token:
                 continue
             data = await asyncio.to_thread(self._store.read_snapshot, info)
             if data is None:
                 continue
-            source = Gallery.from_bytes(data)
+            source = await asyncio.to_thread(Gallery.from_bytes, data)
             self._others[info.model_id] = SnapshotStatus(
                 info.model_id, len(source), len(source.people()), source.revision
             )
-            if not plan_carry_over(source, self._gallery).changes_nothing:
+            plan = await asyncio.to_thread(plan_carry_over, source, self._gallery)
+            if not plan.changes_nothing:
                 reports.append(await self._carry_over(source))
             self._followed[info.model_id] = token
         return reports
 
     async def _carry_over(self, source: Gallery) -> CarryOverReport:
         embed = chip_embedder(await self._own_embedder())
-        total: CarryOverReport | None = None
+        total = CarryOverReport(source.model_id, self._model_id)
         while True:
-            report, _ = await self._mutate(
-                lambda g: carry_over(source, g, self._store.read_chip, embed, limit=CARRY_OVER_CHUNK)
-            )
-            if total is None:
-                total = report
-            else:
-                total.embedded += report.embedded
-                total.removed += report.removed
-                total.missing_chip += report.missing_chip
-                total.left = report.left
-            if report.left == 0 or report.embedded == 0:
+            skip = frozenset(face_id for _, face_id in total.missing_chip)
+            report, _ = await self._mutate(functools.partial(self._carry_chunk, source, embed, skip))
+            total.embedded += report.embedded
+            total.removed += report.removed
+            total.missing_chip += report.missing_chip
+            total.without_chip = report.without_chip
+            if report.left == 0:
                 break
         log.info(
-            "carried %s's snapshot over: %d embedded from chips, %d removed, %d without chips left out",
+            "carried %s's snapshot over: %d embedded from chips, %d removed, %d without chips and %d with unusable "
+            "chips left out",
             source.model_id,
             total.embedded,
             total.removed,
             len(total.without_chip),
+            len(total.missing_chip),
         )
         return total
+
+    def _carry_chunk(
+        self, source: Gallery, embed: EmbedChips, skip: frozenset[str], target: Gallery
+    ) -> CarryOverReport:
+        return carry_over(source, target, self._store.read_chip, embed, limit=CARRY_OVER_CHUNK, skip=skip)
 
     # --- re-embedding into another model -------------------------------------------------------------------
     async def reembed(self, checkpoint: str, flip: bool = False) -> dict[str, object]:
@@ -263,13 +278,15 @@ class GalleryWriterDeployment(Supervised):
         if self._reembedding is not None and self._reembedding.state == "running":
             raise GalleryError(f"a re-embedding into {self._reembedding.target_model} is already running")
         settings = self._recognition.model_copy(update={"checkpoint": checkpoint, "flip": flip})
-        target = settings.resolved_checkpoint()  # UnknownCheckpointError (a ValueError) for a bad name
-        if settings.model_id == self._model_id:
+        # UnknownCheckpointError (a ValueError) for a bad name; a .pt path is read and hashed: not on the loop.
+        target = await asyncio.to_thread(settings.resolved_checkpoint)
+        target_model = target.model_id_for(flip)
+        if target_model == self._model_id:
             raise GalleryError(f"the gallery is already embedded with {self._model_id}")
         source = self._gallery
-        progress = ReembedProgress(
-            settings.model_id, total=len(plan_carry_over(source, Gallery(settings.model_id, target.dim)).to_embed)
-        )
+        store = open_gallery_store(self._uri, self._endpoint)
+        total = await asyncio.to_thread(faces_to_embed, store, source, target_model, target.dim)
+        progress = ReembedProgress(target_model, total=total)
         self._reembedding = progress
 
         def run() -> None:
@@ -280,16 +297,18 @@ class GalleryWriterDeployment(Supervised):
             def advance(count: int) -> None:
                 progress.done += count
 
-            report = reembed_snapshot(open_gallery_store(self._uri, self._endpoint), source, embedder, progress=advance)
+            report = reembed_snapshot(store, source, embedder, progress=advance)
             progress.report = report.as_dict()
 
         async def background() -> None:
             try:
                 await asyncio.to_thread(run)
                 progress.state = "done"
-            except (GalleryStoreError, GalleryError, ValueError, OSError) as exc:
-                progress.state, progress.error = "failed", str(exc)
-                log.warning("re-embedding into %s failed: %s", progress.target_model, exc)
+            except Exception as exc:
+                # Whatever ended it (the store, a weight file, torch), the run is over and says why; a later
+                # request may start another.
+                progress.state, progress.error = "failed", f"{type(exc).__name__}: {exc}"
+                log.exception("re-embedding into %s failed", progress.target_model)
 
         self._reembed_task = asyncio.get_running_loop().create_task(background())
         return self.reembed_progress() or {}

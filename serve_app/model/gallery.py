@@ -347,13 +347,6 @@ class Gallery:
         return cls.from_bytes(path.read_bytes(), expected_model_id)
 
     @classmethod
-    def load_or_create(cls, directory: Path, model_id: str, dim: int) -> Gallery:
-        """The gallery in ``directory``, or a new empty one for ``model_id`` if there is none yet."""
-        if (directory / GALLERY_FILENAME).is_file():
-            return cls.load(directory, expected_model_id=model_id)
-        return cls(model_id, dim)
-
-    @classmethod
     def import_legacy(cls, path: Path, model_id: str) -> Gallery:
         """Import the legacy app tier's ``data.pt``: a pair ``(list of embeddings, list of names)``.
 

@@ -31,6 +31,8 @@ from serve_app.model.chips import chip_tensor
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Gallery
 
+#: What the detector crops and the embedder takes (``DetectorConfig.crop_size``); other chips are not usable.
+CHIP_SHAPE = (3, 160, 160)
 #: Chips read at once (a chip read from S3 is a round trip; 16 is the gallery store's connection pool).
 CHIP_READERS = 16
 #: Reads one face's chip (JPEG bytes; ``None`` when it is not there).
@@ -67,7 +69,8 @@ class CarryOverReport:
     already: int = 0
     #: ``(name, face id)``: faces without a chip (legacy imports), left out.
     without_chip: list[tuple[str, str]] = field(default_factory=list)
-    #: ``(name, face id)``: faces whose chip should exist but could not be read (removed meanwhile), left out.
+    #: ``(name, face id)``: faces whose chip should exist but could not be read (removed meanwhile) or decoded, left
+    #: out.
     missing_chip: list[tuple[str, str]] = field(default_factory=list)
     #: Faces still to embed after a call with a ``limit``.
     left: int = 0
@@ -107,14 +110,18 @@ def carry_over(
     save: Callable[[Gallery], None] | None = None,
     save_every: int = 1024,
     limit: int | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> CarryOverReport:
     """Bring ``target`` up to date with ``source`` (see the module docstring), changing ``target`` in place.
 
     ``progress`` is told how many faces each batch handled; ``save`` is handed ``target`` every ``save_every``
     embedded faces (a crash then loses at most that much work); ``limit`` embeds at most that many faces (the
-    rest is left for the next call: a writer that must not hold its lock for minutes).
+    rest is left for the next call: a writer that must not hold its lock for minutes); ``skip`` leaves out faces
+    whose chips an earlier call could not use.
     """
     plan = plan_carry_over(source, target)
+    if skip:
+        plan = CarryOverPlan([f for f in plan.to_embed if f[1] not in skip], plan.without_chip, plan.to_forget)
     report = CarryOverReport(source.model_id, target.model_id, without_chip=list(plan.without_chip))
     report.already = len(source) - len(plan.to_embed) - len(plan.without_chip)
     if limit is not None:
@@ -127,10 +134,19 @@ def carry_over(
     # Chips are read (many at once: from S3 each read is a round trip) for the next batch while this one embeds.
     with ThreadPoolExecutor(CHIP_READERS) as readers, ThreadPoolExecutor(1) as prefetch:
 
+        def usable(face_id: str) -> bytes | None:
+            chip = read_chip(face_id)
+            try:
+                if chip is not None and tuple(chip_tensor(chip).shape) == CHIP_SHAPE:
+                    return chip
+            except (OSError, ValueError, SyntaxError):  # what PIL raises for bytes that are not a readable image
+                pass
+            return None
+
         def fetch(faces: list[tuple[str, str]]) -> list[tuple[str, str, bytes | None]]:
             return [
                 (name, face_id, chip)
-                for (name, face_id), chip in zip(faces, readers.map(read_chip, [f for _, f in faces]), strict=True)
+                for (name, face_id), chip in zip(faces, readers.map(usable, [f for _, f in faces]), strict=True)
             ]
 
         upcoming = prefetch.submit(fetch, batches[0]) if batches else None
