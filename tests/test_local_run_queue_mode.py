@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +10,8 @@ import pytest
 import requests
 
 from aws_stack.stack import StackConfig
+from tests.local_stack import running_local_stack
 from tests.queue_helpers import ENROLLED, person_photos
-from tests.serve_fixtures import free_port
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.serve, pytest.mark.aws]
@@ -25,34 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def queue_mode_service(tmp_path: Path) -> Iterator[tuple[str, StackConfig, Path]]:
-    ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics", "prometheus")}
-    log_path = tmp_path / "service.log"
     # Its own moto server, and no API key (enrolment here is open, as in a plain `make run`).
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACEREC_"))}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "facerec.local_run", "--queue-mode", *(f"--{k}-port={v}" for k, v in ports.items())],
-            cwd=tmp_path,
-            env={**environment, "PYTHONPATH": str(REPO)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until(
-                lambda: process.poll() is not None or "facerec is running" in log_path.read_text(errors="replace"),
-                600,
-                "the local stack did not start",
-            )
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            stack = StackConfig.model_validate_json((tmp_path / "run" / "aws.json").read_text())
-            yield f"http://127.0.0.1:{ports['http']}", stack, log_path
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with running_local_stack(tmp_path, "--queue-mode") as (ports, log_path):
+        stack = StackConfig.model_validate_json((tmp_path / "run" / "aws.json").read_text())
+        yield f"http://127.0.0.1:{ports['http']}", stack, log_path
 
 
 def test_queue_mode_answers_post_through_the_local_queues(

@@ -24,6 +24,7 @@ import yaml
 
 from facerec.monitor_panels import PANELS, grafana_dashboard
 from facerec.prometheus import ALERT_RULES, query, ready, start_detached
+from tests.local_stack import running_local_stack
 from tests.serve_fixtures import free_port
 from tests.waiting import wait_until
 
@@ -100,32 +101,8 @@ def test_the_heads_prometheus_starts_once_in_the_background(tmp_path: Path) -> N
 
 @pytest.fixture
 def local_stack(tmp_path: Path) -> Iterator[tuple[dict[str, int], Path]]:
-    ports = {name: free_port() for name in ("http", "dashboard", "moto", "metrics", "prometheus")}
-    log_path = tmp_path / "service.log"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACEREC_API_KEY"))}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "facerec.local_run", *(f"--{k}-port={v}" for k, v in ports.items())],
-            cwd=tmp_path,
-            env={**environment, "PYTHONPATH": str(REPO)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until(
-                lambda: process.poll() is not None or "facerec is running" in log_path.read_text(errors="replace"),
-                600,
-                "the local stack did not start",
-            )
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            yield ports, tmp_path
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with running_local_stack(tmp_path) as (ports, _):
+        yield ports, tmp_path
 
 
 @pytest.mark.serve
