@@ -53,10 +53,13 @@ def http_load(r: dict[str, Any]) -> list[Row]:
             ratio = workload["http_over_floor"][str(level["concurrency"])]
             at_100 = level["concurrency"] == 100
             wrong = level.get("wrong_answers")
+            # Results from before the split counted an `Unknown` answer as wrong (no "unknown_answers" key).
+            unknown = level.get("unknown_answers")
             checked = (
                 ""
                 if wrong is None
-                else f"; {level['requests'] - wrong - level['failures']} / {level['requests']} right"
+                else f"; {level['requests'] - wrong - (unknown or 0) - level['failures']} / {level['requests']} right"
+                + ("" if unknown is None else f" ({unknown} Unknown, {wrong} another name)")
             )
             rows.append(
                 (
