@@ -198,10 +198,17 @@ def gallery_scale(r: dict[str, Any]) -> list[Row]:
             timings = size[key]
             verdict = verdicts.get(verdict_key, {}) if at_1m else {}
             agreement = timings.get("top1_agreement_with_exact")
+            kernel = timings.get("coarse_float16")
             rows.append(
                 (
                     f"{name}, {size['enrolled']:,} faces"
-                    + (f" (top-1 agrees with exact {agreement:.1%})" if agreement is not None else ""),
+                    + (f" (top-1 agrees with exact {agreement:.1%})" if agreement is not None else "")
+                    + (
+                        ""
+                        if kernel is None
+                        else f" (candidates in {'float16' if kernel['single'] else 'float32'} single, "
+                        f"{'float16' if kernel['batched'] else 'float32'} batched)"
+                    ),
                     f"{number(timings['single_ms'], 'ms')} single, {number(timings['batched_ms'], 'ms')} batched",
                     f"≤ {target:g} ms" if at_1m else "",
                     f"{met(verdict.get('single'))} / {met(verdict.get('batched'))}" if verdict else "",

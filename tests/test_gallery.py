@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import serve_app.model.gallery as gallery_module
 from serve_app.model.gallery import GALLERY_FILENAME, Gallery, GalleryError, ModelMismatchError
 
 MODEL = "test-model"
@@ -139,8 +140,16 @@ def test_import_legacy_data_pt(tmp_path: Path) -> None:
         Gallery.import_legacy(tmp_path / "broken.pt", "x")
 
 
-def test_match_agrees_with_a_brute_force_per_person_maximum() -> None:
-    """The float16 candidate search then float32 re-scoring gives the exact per-person ranking and scores."""
+@pytest.mark.parametrize("half_for", [(False, False), (True, True), (True, False)], ids=["float32", "float16", "mixed"])
+def test_match_agrees_with_a_brute_force_per_person_maximum(
+    half_for: tuple[bool, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The candidate search (float32 or float16, whichever this CPU runs faster) then float32 re-scoring gives the
+    exact per-person ranking and scores, whichever kernel picked the candidates."""
+    build = gallery_module._PersonIndex.build
+    monkeypatch.setattr(
+        gallery_module._PersonIndex, "build", classmethod(lambda cls, labels, rows: build(labels, rows, half_for))
+    )
     rng = np.random.default_rng(7)
     gallery = Gallery("m", 128)
     centres = rng.normal(size=(300, 128))
@@ -153,7 +162,10 @@ def test_match_agrees_with_a_brute_force_per_person_maximum() -> None:
     rows, names = gallery.embeddings, np.asarray(gallery.names)
     people = sorted(set(gallery.names))
     brute = np.stack([(queries @ rows[names == p].T).max(axis=1) for p in people], axis=1)
-    for query, match in zip(range(len(queries)), gallery.match(queries, threshold=0.3, top_k=5), strict=True):
+    matches = gallery.match(queries, threshold=0.3, top_k=5) + [
+        gallery.match(q[None], 0.3, top_k=5)[0] for q in queries
+    ]
+    for query, match in zip(list(range(len(queries))) * 2, matches, strict=True):
         order = np.argsort(-brute[query], kind="stable")[:5]
         assert [c.name for c in match.candidates] == [people[i] for i in order]
         assert np.allclose([c.similarity for c in match.candidates], brute[query, order], atol=1e-5)
@@ -189,3 +201,22 @@ def test_each_candidate_names_the_persons_closest_face(gallery: Gallery) -> None
     by_name = {c.name: c.face_id for c in match.candidates}
     assert by_name["alice"] == closest_alice
     assert by_name["bob"] == gallery.faces_of("bob")[0]
+
+
+def test_a_large_gallery_times_the_two_candidate_products_once_and_matches_exactly() -> None:
+    """From TIMED_FROM_ROWS faces the index measures float16 against float32 on its own rows (once per process
+    and size class) and keeps a float16 copy only if it wins somewhere; the answers are the exact ones either way."""
+    rng = np.random.default_rng(3)
+    rows = gallery_module.TIMED_FROM_ROWS
+    gallery = Gallery("m", 64)
+    vectors = rng.normal(size=(rows, 64)).astype(np.float32)
+    gallery.add_faces([f"p{i // 4:05d}" for i in range(rows)], vectors, "m")
+    queries = vectors[[5, 999, rows - 1]] + 0.05 * rng.normal(size=(3, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    batch = gallery.match(queries, threshold=0.5)
+    assert [m.name for m in batch] == ["p00001", "p00249", f"p{(rows - 1) // 4:05d}"]
+    assert [gallery.match(q[None], threshold=0.5)[0].name for q in queries] == [m.name for m in batch]
+    index = gallery._person_index()
+    assert (index.rows_half is not None) == any(index.half_for)
+    key = (1 << (rows - 1).bit_length(), 64)
+    assert gallery_module._HALF_WINS[key] == index.half_for

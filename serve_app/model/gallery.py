@@ -1,11 +1,12 @@
 """The gallery: enrolled people, each with one or more face embeddings, and matching against them.
 
 A person's similarity is that of their closest enrolled face, so several photos of one person widen the net
-instead of averaging it away. Matching a batch of queries is one matrix product (queries x enrolled faces) in
-float16 to find candidate faces, then exact float32 scores for those candidates only: the ``k`` best people are
-always among the people of the ``k * most_faces`` best faces. At a million faces this is about twice as fast
-as a float32 product followed by a per-person maximum over every face (``bench/gallery_scale.py``), and the
-scores reported are still the float32 ones.
+instead of averaging it away. Matching a batch of queries is one matrix product (queries x enrolled faces) to
+find candidate faces, then exact float32 scores for those candidates only: the ``k`` best people are always
+among the people of the ``k * most_faces`` best faces. The candidate product runs in float16 where that is
+faster on this CPU (it halves the bytes read: about twice as fast at a million faces on an AVX-512 BF16 EPYC)
+and in float32 where it is not (one query on an AMX Xeon, any query with kernels capped at AVX2): a large
+gallery times both once per process (:func:`coarse_in_half`). The scores reported are always the float32 ones.
 
 Serialised format (``gallery.npz``, see :meth:`Gallery.to_bytes`): a NumPy ``.npz`` archive, readable without
 pickles, holding
@@ -34,6 +35,7 @@ import os
 import pickle
 import struct
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,10 @@ import numpy as np
 import torch
 
 FORMAT_NAME = "facerec-gallery"
+#: Below this many faces either candidate product takes well under a millisecond: float32, nothing timed.
+TIMED_FROM_ROWS = 50_000
+#: The query counts timed for the choice: one face, and a batch of them.
+TIMED_QUERIES = (1, 16)
 FORMAT_VERSION = 1
 GALLERY_FILENAME = "gallery.npz"
 
@@ -245,7 +251,8 @@ class Gallery:
         k = min(max(top_k, 2), len(index.people))
         depth = min(k * index.most_faces, len(self._names))
         with torch.inference_mode():
-            coarse = torch.nn.functional.linear(torch.from_numpy(queries).to(torch.float16), index.rows_half)
+            rows = index.rows_for(len(queries))
+            coarse = torch.nn.functional.linear(torch.from_numpy(queries).to(rows.dtype), rows)
             faces = torch.topk(coarse, depth, dim=1, sorted=False).indices.numpy()
         # Exact scores of the candidate faces only: (Q, depth).
         exact = np.einsum("qd,qkd->qk", queries, self._embeddings[faces])
@@ -370,27 +377,90 @@ class Gallery:
         return gallery
 
 
+#: Per process: (rows rounded up to a power of two, dim) -> whether float16 wins for one query and for a batch.
+_HALF_WINS: dict[tuple[int, int], tuple[bool, bool]] = {}
+
+
+def coarse_in_half(rows: torch.Tensor, half: torch.Tensor) -> tuple[bool, bool]:
+    """Whether the float16 candidate product beats the float32 one on this CPU, for one query and for a batch.
+
+    Measured, not assumed: float16 halves the bytes a product reads, but not every CPU has fast float16 kernels
+    (on an AMX Xeon one query takes 29-33 ms in float16 against 23 ms in float32 at a million faces; with kernels
+    capped at AVX2 a batch of 16 takes 190 ms against 69). Timed once per process and gallery size class, on the
+    gallery's own rows (best of three, after a warm-up); both products give the same answers, as the candidates
+    are re-scored in float32.
+    """
+    key = (1 << max(0, len(rows) - 1).bit_length(), rows.shape[1])
+    if key not in _HALF_WINS:
+        wins = []
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for count in TIMED_QUERIES:
+                queries = torch.nn.functional.normalize(torch.randn(count, rows.shape[1], generator=generator), dim=1)
+                best = {}
+                for matrix in (rows, half):
+                    probe = queries.to(matrix.dtype)
+                    torch.nn.functional.linear(probe, matrix)
+                    times = []
+                    for _ in range(3):
+                        started = time.perf_counter()
+                        torch.nn.functional.linear(probe, matrix)
+                        times.append(time.perf_counter() - started)
+                    best[matrix.dtype] = min(times)
+                wins.append(best[torch.float16] < best[torch.float32])
+        _HALF_WINS[key] = (wins[0], wins[1])
+    return _HALF_WINS[key]
+
+
 @dataclass(frozen=True)
 class _PersonIndex:
-    """The rows grouped by person: who owns each row, and a float16 copy of the rows for the coarse product."""
+    """The rows grouped by person: who owns each row, and the rows for the coarse product (float32, and a float16
+    copy where that is faster on this CPU)."""
 
     people: list[str]
     #: ``row_person[i]`` is the index in ``people`` of row ``i``'s person.
     row_person: np.ndarray
     #: Faces of the person with the most: the top ``k * most_faces`` faces always hold the top ``k`` people.
     most_faces: int
-    rows_half: torch.Tensor
+    #: The gallery's float32 rows (shared, not copied).
+    rows: torch.Tensor
+    #: A float16 copy for the query counts where it is faster (``None`` where it never is).
+    rows_half: torch.Tensor | None
+    #: Whether to use ``rows_half`` for one query, and for several.
+    half_for: tuple[bool, bool]
+
+    def rows_for(self, queries: int) -> torch.Tensor:
+        if self.rows_half is not None and self.half_for[0 if queries == 1 else 1]:
+            return self.rows_half
+        return self.rows
 
     @classmethod
-    def build(cls, sorted_labels: np.ndarray, rows: np.ndarray) -> _PersonIndex:
+    def build(
+        cls, sorted_labels: np.ndarray, rows: np.ndarray, half_for: tuple[bool, bool] | None = None
+    ) -> _PersonIndex:
+        """``half_for`` forces the choice of :func:`coarse_in_half` (tests); by default a gallery of at least
+        ``TIMED_FROM_ROWS`` faces measures it and a smaller one uses float32."""
         change = np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1
         starts = np.concatenate([[0], change]).astype(np.intp)
         counts = np.diff(np.append(starts, len(sorted_labels)))
+        rows32 = torch.from_numpy(rows)
+        half: torch.Tensor | None = None
+        if half_for is None:
+            half_for = (False, False)
+            if len(rows) >= TIMED_FROM_ROWS:
+                half = rows32.to(torch.float16)
+                half_for = coarse_in_half(rows32, half)
+        if not any(half_for):
+            half = None
+        elif half is None:
+            half = rows32.to(torch.float16)
         return cls(
             people=[str(sorted_labels[s]) for s in starts],
             row_person=np.repeat(np.arange(len(starts), dtype=np.intp), counts),
             most_faces=int(counts.max()),
-            rows_half=torch.from_numpy(rows).to(torch.float16),
+            rows=rows32,
+            rows_half=half,
+            half_for=half_for,
         )
 
 
