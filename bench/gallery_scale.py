@@ -11,6 +11,8 @@ just above a same-person threshold), so each query's true person is known.
    faster for one query and for a batch, reported as ``coarse_float16``; float32 re-scoring of the candidates):
    the median of single queries (``single_ms``) and the median per query of batches of ``--batch``
    (``batched_ms``).
+   Beside it, the candidate product alone in float32, float16 and bfloat16 (``candidate_products``): what the
+   choice is made from, on this CPU.
 2. The exact float32 reference it replaced (one float32 product, a per-person ``np.maximum.reduceat`` over every
    face, ``argpartition`` top-k), timed the same way, step by step.
 
@@ -166,9 +168,41 @@ def measure_size(size: int, args: argparse.Namespace, model_id: str, dim: int, t
             "single_steps_ms": exact_breakdown_ms(embeddings, starts, queries),
             "top1_recall": recall(exact),
         },
+        "candidate_products": coarse_products_ms(embeddings, queries, args.batch),
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def coarse_products_ms(rows: np.ndarray, queries: np.ndarray, batch: int, repeats: int = 10) -> dict[str, Any]:
+    """The candidate product alone in each dtype on these rows: median ms for one query (as a ``linear`` and as an
+    ``mv``) and per query of a batch. What ``Gallery.match`` chooses between (float32, float16), and bfloat16."""
+    matrix32 = torch.from_numpy(rows)
+    products: dict[str, Any] = {}
+
+    def timed(product: Callable[[], object]) -> float:
+        product()  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - started)
+        return 1000 * statistics.median(times)
+
+    def in_dtype(dtype: torch.dtype) -> dict[str, float]:
+        matrix = matrix32.to(dtype)
+        one = torch.from_numpy(queries[:1]).to(dtype)
+        many = torch.from_numpy(queries[:batch]).to(dtype)
+        return {
+            "single_linear_ms": round(timed(lambda: torch.nn.functional.linear(one, matrix)), 3),
+            "single_mv_ms": round(timed(lambda: torch.mv(matrix, one[0])), 3),
+            "batched_ms_per_query": round(timed(lambda: torch.nn.functional.linear(many, matrix)) / len(many), 3),
+        }
+
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            products[str(dtype).removeprefix("torch.")] = in_dtype(dtype)
+    return products
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

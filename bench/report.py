@@ -219,6 +219,20 @@ def gallery_scale(r: dict[str, Any]) -> list[Row]:
             f"float16 copy; {size['rss_delta_bytes'] / 2**20:,.0f} MiB RSS growth"
         )
         rows.append((f"memory, {size['enrolled']:,} faces", memory, "", ""))
+        products = size.get("candidate_products")
+        if products and at_1m:
+            rows.append(
+                (
+                    f"candidate product alone, {size['enrolled']:,} faces (one query linear / mv; per query batched)",
+                    "; ".join(
+                        f"{dtype} {number(t['single_linear_ms'])} / {number(t['single_mv_ms'])} / "
+                        f"{number(t['batched_ms_per_query'], 'ms')}"
+                        for dtype, t in products.items()
+                    ),
+                    "",
+                    "",
+                )
+            )
     return rows
 
 
