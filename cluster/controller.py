@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ from serve_app.metrics import controller_gauges
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 
+class PerNodeDeployment(BaseModel):
+    """A deployment with one replica on every worker node the controller asks for (a node-local consumer)."""
+
+    app: str
+    deployment: str
+
+
 class ControllerArgs(BaseModel):
     """Application arguments of the controller (the ``args:`` of the ``controller`` application)."""
 
@@ -57,6 +65,9 @@ class ControllerArgs(BaseModel):
     dashboard_url: str = Field("http://127.0.0.1:8265", description="the head's dashboard (Serve's scaling API)")
     #: Ingress reports older than this are ignored (the replica that sent them has gone).
     report_ttl_s: float = Field(15.0, gt=0)
+    #: Set to the node count with every node decision (their applications need ``external_scaler_enabled``).
+    #: An application that is not deployed is skipped: the Recognizer's scaling never waits on it.
+    per_node: list[PerNodeDeployment] = Field(default_factory=list)
 
 
 class Actuator(Protocol):
@@ -136,40 +147,78 @@ class InFlightReports:
         self._ttl_s = ttl_s
         self._clock = clock
         self._reports: dict[str, tuple[float, int]] = {}
+        # report() runs on Serve's request threads and total() on the loop's worker thread: without the lock a
+        # report landing mid-iteration raises (or is lost with the rebuilt dictionary).
+        self._lock = threading.Lock()
 
     def report(self, source: str, in_flight: int) -> None:
-        self._reports[source] = (self._clock(), max(0, in_flight))
+        with self._lock:
+            self._reports[source] = (self._clock(), max(0, in_flight))
 
     def total(self) -> int:
         now = self._clock()
-        self._reports = {k: v for k, v in self._reports.items() if now - v[0] <= self._ttl_s}
-        return sum(count for _, count in self._reports.values())
+        with self._lock:
+            for source in [k for k, (at, _) in self._reports.items() if now - at > self._ttl_s]:
+                del self._reports[source]
+            return sum(count for _, count in self._reports.values())
+
+
+#: How often a per-node deployment's count is set again even though the decision did not change.
+PER_NODE_REFRESH_S = 60.0
 
 
 class RayActuator:
     """Nodes through the autoscaler SDK, replicas through Serve's external scaling API."""
 
-    def __init__(self, args: ControllerArgs) -> None:
+    def __init__(self, args: ControllerArgs, clock: Callable[[], float] = time.monotonic) -> None:
         self._bundle = dict(args.node_bundle)
-        self._scale_url = (
-            f"{args.dashboard_url.rstrip('/')}/api/v1/applications/{args.recognition_app}"
-            f"/deployments/{args.recognizer_deployment}/scale"
-        )
+        self._dashboard = args.dashboard_url.rstrip("/")
+        self._recognizer = (args.recognition_app, args.recognizer_deployment)
+        self._per_node = [(d.app, d.deployment) for d in args.per_node]
+        self._clock = clock
+        self._nodes: int | None = None
+        #: What each per-node deployment was last set to, and when (absent: not set, or not deployed then).
+        self._per_node_set: dict[tuple[str, str], tuple[int, float]] = {}
 
     def set_nodes(self, nodes: int) -> None:
+        """Ask the autoscaler for ``nodes`` worker nodes, and one replica of each per-node deployment on each."""
         from ray.autoscaler.sdk import request_resources
 
         if nodes > 0:
             request_resources(bundles=[dict(self._bundle) for _ in range(nodes)])
         else:
             request_resources(num_cpus=0)  # clears the standing request; idle workers then time out
+        self._nodes = nodes
+        self.keep_per_node()
+
+    def keep_per_node(self) -> None:
+        """Set each per-node deployment to the node count, where it differs from what was set or was set over a
+        minute ago: an application deployed (or redeployed) after the decision gets its count within a period."""
+        if self._nodes is None:
+            return
+        now = self._clock()
+        for target in self._per_node:
+            last = self._per_node_set.get(target)
+            if last is not None and last[0] == self._nodes and now - last[1] < PER_NODE_REFRESH_S:
+                continue
+            if self._scale(*target, self._nodes, missing_ok=True):
+                self._per_node_set[target] = (self._nodes, now)
+            else:
+                self._per_node_set.pop(target, None)
+                log.info("per-node deployment %s/%s is not deployed: left alone", *target)
 
     def set_replicas(self, replicas: int) -> None:
-        response = requests.post(
-            self._scale_url, json={"target_num_replicas": replicas}, headers=_dashboard_headers(), timeout=10
-        )
+        self._scale(*self._recognizer, replicas)
+
+    def _scale(self, app: str, deployment: str, replicas: int, missing_ok: bool = False) -> bool:
+        """Serve's external scaling API; False when the application is not deployed and ``missing_ok``."""
+        url = f"{self._dashboard}/api/v1/applications/{app}/deployments/{deployment}/scale"
+        response = requests.post(url, json={"target_num_replicas": replicas}, headers=_dashboard_headers(), timeout=10)
+        if response.status_code == 404 and missing_ok:
+            return False
         if response.status_code != 200:
             raise RuntimeError(f"Serve scaling API answered {response.status_code}: {response.text[:300]}")
+        return True
 
 
 def _dashboard_headers() -> dict[str, str]:
@@ -219,7 +268,8 @@ class ControllerDeployment(Supervised):
     def __init__(self, args: ControllerArgs) -> None:
         self._args = args
         self._reports = InFlightReports(args.report_ttl_s)
-        self._controller = QueueController(args.policy, SqsBacklog(args.stack), self._reports.total, RayActuator(args))
+        self._actuator = RayActuator(args)
+        self._controller = QueueController(args.policy, SqsBacklog(args.stack), self._reports.total, self._actuator)
         self._gauges = controller_gauges()
         self._last: dict[str, object] = {}
         self._background = BackgroundTasks()
@@ -230,6 +280,7 @@ class ControllerDeployment(Supervised):
             started = time.monotonic()
             try:
                 step = await asyncio.to_thread(self._controller.step)
+                await asyncio.to_thread(self._actuator.keep_per_node)
                 replicas, nodes = await asyncio.to_thread(
                     cluster_state, self._args.recognition_app, self._args.recognizer_deployment, self._args.node_bundle
                 )

@@ -1,7 +1,8 @@
 """The request-queue consumer: long-poll, process a bounded number of messages at once, acknowledge in batches.
 
-One cycle: receive up to 10 messages (long polling) -> process each concurrently while a heartbeat keeps it
-invisible -> delete the finished ones in batches of up to 10. A transient failure leaves the message on the
+One cycle: receive up to 10 messages (long polling) -> process each concurrently while one heartbeat keeps every
+held message invisible (a ``ChangeMessageVisibilityBatch`` per 10 held, a third of the way into the visibility
+timeout) -> delete the finished ones in batches of up to 10. A transient failure leaves the message on the
 queue with an exponentially growing visibility timeout (from its receive count); SQS's redrive policy moves it
 to the dead-letter queue after ``maxReceiveCount`` deliveries. ``run`` repeats the cycle until its stop event is
 set, then drains: it stops receiving and waits for the messages it holds.
@@ -11,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sqs_bridge.processor import RequestMessage, RequestProcessor, TransientError
 
 log = logging.getLogger(f"ray.serve.{__name__}")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,14 +57,24 @@ class RequestConsumer:
         self._slots = asyncio.Semaphore(self.config.max_in_flight)
         self._deletes: asyncio.Queue[RequestMessage] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Messages being processed -> when their invisibility was last extended (monotonic seconds).
+        self._held: dict[str, tuple[RequestMessage, float]] = {}
+        # The queue's own calls (receive, heartbeat, deletes) get threads of their own: behind the processing's S3
+        # calls in a shared pool, a heartbeat could come too late and SQS hand a held message to another node.
+        self._queue_threads = ThreadPoolExecutor(4, thread_name_prefix="sqs-queue")
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    async def _queue_call(self, function: Callable[..., T], **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._queue_threads, functools.partial(function, **kwargs))
+
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish (and acknowledge) every message already received."""
         deleter = asyncio.create_task(self._delete_batches())
+        heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while not stop.is_set():
                 # Reserve one slot per message asked for: at least one (waiting for it), at most 10 (SQS's cap).
@@ -84,12 +100,14 @@ class RequestConsumer:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
             await self._deletes.join()
-            deleter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await deleter
+            for task in (deleter, heartbeat):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._queue_threads.shutdown(wait=False)
 
     async def _receive(self, count: int, stop: asyncio.Event) -> list[dict[str, Any]]:
-        response = await asyncio.to_thread(
+        response = await self._queue_call(
             self.sqs.receive_message,
             QueueUrl=self.queue_url,
             MaxNumberOfMessages=count,
@@ -101,7 +119,7 @@ class RequestConsumer:
         return list(response.get("Messages", []))
 
     async def _handle(self, message: RequestMessage) -> None:
-        heartbeat = asyncio.create_task(self._keep_invisible(message))
+        self._held[message.receipt_handle] = (message, time.monotonic())
         try:
             outcome = await self.processor.process(message)
         except TransientError as exc:
@@ -124,21 +142,44 @@ class RequestConsumer:
             self.counts[outcome.value] += 1
             await self._deletes.put(message)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            self._held.pop(message.receipt_handle, None)
             self._slots.release()
 
-    async def _keep_invisible(self, message: RequestMessage) -> None:
-        # Extend well before the timeout runs out, so a slow batch never lets SQS hand the message to another.
-        period = max(1.0, self.config.visibility_timeout_s / 3)
+    async def _heartbeat(self) -> None:
+        """Every held message's invisibility extended, well before it runs out, so that a slow batch never lets
+        SQS hand a message this consumer is working on to another one; a lapse (a stall past the timeout) is
+        counted, since then another consumer may have answered it too."""
+        timeout = self.config.visibility_timeout_s
+        period = max(1.0, timeout / 3)
         while True:
-            await asyncio.sleep(period)
-            await self._set_visibility(message, self.config.visibility_timeout_s)
+            await asyncio.sleep(period / 2)
+            now = time.monotonic()
+            due = [(handle, held) for handle, held in list(self._held.items()) if now - held[1] >= period]
+            for start in range(0, len(due), 10):
+                batch = due[start : start + 10]
+                lapsed = sum(1 for _, (_, extended) in batch if now - extended > timeout)
+                if lapsed:
+                    self.counts["visibility_lapsed"] += lapsed
+                    log.warning("%d held message(s) went past their visibility timeout before the heartbeat", lapsed)
+                entries = [
+                    {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": timeout}
+                    for i, (handle, _) in enumerate(batch)
+                ]
+                try:
+                    result = await self._queue_call(
+                        self.sqs.change_message_visibility_batch, QueueUrl=self.queue_url, Entries=entries
+                    )
+                except (BotoCoreError, ClientError) as exc:
+                    log.warning("could not extend the visibility of %d held message(s): %s", len(batch), exc)
+                    continue
+                failed = {int(f["Id"]) for f in result.get("Failed", [])}
+                for i, (handle, (message, _)) in enumerate(batch):
+                    if i not in failed and handle in self._held:
+                        self._held[handle] = (message, now)
 
     async def _set_visibility(self, message: RequestMessage, seconds: int) -> None:
         try:
-            await asyncio.to_thread(
+            await self._queue_call(
                 self.sqs.change_message_visibility,
                 QueueUrl=self.queue_url,
                 ReceiptHandle=message.receipt_handle,
@@ -165,7 +206,7 @@ class RequestConsumer:
     async def _delete(self, batch: list[RequestMessage]) -> None:
         entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(batch)]
         try:
-            result = await asyncio.to_thread(self.sqs.delete_message_batch, QueueUrl=self.queue_url, Entries=entries)
+            result = await self._queue_call(self.sqs.delete_message_batch, QueueUrl=self.queue_url, Entries=entries)
         except (BotoCoreError, ClientError) as exc:
             # Not deleted means redelivered later: the processor recognises it and does not answer twice.
             log.warning("batch delete of %d failed: %s", len(batch), exc)

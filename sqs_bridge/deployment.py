@@ -34,13 +34,17 @@ class BridgeArgs(BaseModel):
     max_in_flight: int = Field(32, ge=1, le=1000, description="messages one consumer holds at once")
     wait_time_s: int = Field(5, ge=0, le=20, description="long-poll wait")
     recognition_app: str = Field("facerec", description="the Serve application that has the Recognizer")
+    max_input_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger input objects get an Error answer")
 
 
 class SqsBridgeDeployment(Supervised):
     def __init__(self, args: BridgeArgs) -> None:
         clients = AwsClients.for_stack(args.stack)
         urls = queue_urls(args.stack, clients)
+        # A Recognizer on this consumer's own node when there is one: on the cluster every worker node runs one
+        # consumer beside its Recognizer, so a photo crosses no network between them (Serve falls back to any).
         self._recognizer = serve.get_deployment_handle("Recognizer", app_name=args.recognition_app)
+        self._recognizer._init(_prefer_local_routing=True)  # type: ignore[no-untyped-call]
         self._processor = processor = RequestProcessor(
             s3=clients.s3,
             sqs=clients.sqs,
@@ -48,6 +52,8 @@ class SqsBridgeDeployment(Supervised):
             out_bucket=args.stack.out_bucket,
             response_queue_url=urls.responses,
             recognize=self._recognize,
+            max_input_bytes=args.max_input_bytes,
+            io_threads=args.max_in_flight,
         )
         self._consumer = RequestConsumer(
             clients.sqs,

@@ -28,20 +28,24 @@ deliveries SQS moves it to the dead-letter queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ReadTimeoutError
 
 from serve_app.queue_mode.contract import KEY_ATTRIBUTE, VERSION_ATTRIBUTE, output_key, response_body
 
 log = logging.getLogger(f"ray.serve.{__name__}")
+
+T = TypeVar("T")
 
 ERROR_NAME = "Error"
 UNKNOWN_NAME = "Unknown"
@@ -122,11 +126,20 @@ class RequestProcessor:
     #: How long to keep trying to record a response already sent (an S3 outage) before leaving it to redelivery;
     #: under the bridge's graceful-shutdown timeout (90 s), so a replica that is stopping finishes the attempt.
     record_budget_s: float = 60.0
-    _active: dict[str, asyncio.Lock] = field(default_factory=dict)
+    #: The largest input object read, as for HTTP uploads: a larger one gets an ``Error`` answer (``file_too_large``)
+    #: and no more than this many bytes of it are ever read.
+    max_input_bytes: int = 10 * 1024 * 1024
+    #: Threads for the blocking S3 and SQS calls: one per message that may be in progress.
+    io_threads: int = 32
+    #: One lock per correlation id being handled, with how many copies hold or wait for it.
+    _active: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict)
     _uncertain_sends: int = 0
     _uncertain_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        # Not the event loop's default pool (a few threads per core): that one capped the messages in progress far
+        # below ``max_in_flight``, each S3 call waiting for a thread.
+        self._threads = ThreadPoolExecutor(self.io_threads, thread_name_prefix="bridge-io")
         # botocore retries a failed call inside send_message; its retry event is the only place that sees each
         # attempt's failure (the calls run on worker threads, hence the lock).
         self.sqs.meta.events.register("needs-retry.sqs.SendMessage", self._note_send_attempt)
@@ -145,13 +158,20 @@ class RequestProcessor:
         """Handle one message up to (not including) its deletion. Raises :class:`TransientError` to retry."""
         # Two copies of one request held at once (SQS may deliver twice) run one after the other, so the second
         # finds the first one's stored result instead of answering again.
-        lock = self._active.setdefault(message.correlation_id, asyncio.Lock())
+        # The entry lives while any copy holds or waits for it: dropped at the first release, a waiting copy
+        # would run under a lock that a third copy no longer finds.
+        cid = message.correlation_id
+        lock, users = self._active.get(cid, (asyncio.Lock(), 0))
+        self._active[cid] = (lock, users + 1)
         try:
             async with lock:
                 return await self._process(message)
         finally:
-            if not lock.locked() and self._active.get(message.correlation_id) is lock:
-                del self._active[message.correlation_id]
+            lock, users = self._active[cid]
+            if users == 1:
+                del self._active[cid]
+            else:
+                self._active[cid] = (lock, users - 1)
 
     async def _process(self, message: RequestMessage) -> Outcome:
         key = message.body.strip()
@@ -159,8 +179,8 @@ class RequestProcessor:
             return await self._finish(message, key or "(empty)", _poison("bad_request", "the body is not an input key"))
         where = {"VersionId": message.version_id} if message.version_id else {}
         try:
-            obj = await asyncio.to_thread(self.s3.get_object, Bucket=self.in_bucket, Key=key, **where)
-            data = await asyncio.to_thread(obj["Body"].read)
+            obj = await self._blocking(self.s3.get_object, Bucket=self.in_bucket, Key=key, **where)
+            data = await self._blocking(_read_at_most, obj, self.max_input_bytes)
         except ClientError as exc:
             if _code(exc) in ("NoSuchKey", "NoSuchVersion", "404", "NotFound", "InvalidArgument"):
                 version = f" (version {message.version_id})" if message.version_id else ""
@@ -171,10 +191,14 @@ class RequestProcessor:
         except BotoCoreError as exc:
             raise TransientError(f"reading {key}: {exc}") from exc
         etag = str(obj.get("ETag", ""))
+        if data is None:
+            limit = self.max_input_bytes
+            return await self._finish(
+                message, key, _poison("file_too_large", f"{key} is over the {limit}-byte input limit"), etag
+            )
 
-        stored = await self._stored_result(output_key(key))
-        same_request = stored is not None and stored.get("correlation-id") == message.correlation_id
-        if stored is not None and same_request and stored.get("input-etag") == etag:
+        stored = await self._stored_result(output_key(key), message.correlation_id, etag)
+        if stored is not None:
             if stored.get("response-sent") != "true":
                 await self._respond(message, output_key(key), stored["answer"])
                 await self._mark_sent(output_key(key), stored, stored["etag"])
@@ -232,9 +256,14 @@ class RequestProcessor:
             MessageAttributes=attributes,
         )
 
-    async def _stored_result(self, stem: str) -> dict[str, Any] | None:
+    async def _stored_result(self, stem: str, correlation_id: str, input_etag: str) -> dict[str, Any] | None:
+        """This request's stored result for this upload (a redelivery), or ``None``.
+
+        A HEAD decides: the answer itself is read only when it must be announced again (recorded as not yet
+        sent). An output object of another request for the same file name costs no read.
+        """
         try:
-            head = await asyncio.to_thread(self.s3.head_object, Bucket=self.out_bucket, Key=stem)
+            head = await self._blocking(self.s3.head_object, Bucket=self.out_bucket, Key=stem)
         except ClientError as exc:
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -242,13 +271,15 @@ class RequestProcessor:
         except BotoCoreError as exc:
             raise TransientError(f"checking {stem}: {exc}") from exc
         metadata = dict(head.get("Metadata", {}))
-        if "correlation-id" not in metadata:
+        if metadata.get("correlation-id") != correlation_id or metadata.get("input-etag") != input_etag:
             return None
+        metadata["etag"] = str(head.get("ETag", ""))
+        if metadata.get("response-sent") == "true":
+            return metadata
         body = await self._call(self.s3.get_object, Bucket=self.out_bucket, Key=stem)
-        name = (await asyncio.to_thread(body["Body"].read)).decode()
+        name = (await self._blocking(body["Body"].read)).decode()
         reason = metadata.get("error-reason")
         metadata["answer"] = Answer(name, reason, reason)
-        metadata["etag"] = str(head.get("ETag", ""))
         return metadata
 
     async def _mark_sent(self, stem: str, metadata: dict[str, Any], etag: str) -> None:
@@ -266,7 +297,7 @@ class RequestProcessor:
         deadline = time.monotonic() + self.record_budget_s
         for attempt in itertools.count():
             try:
-                await asyncio.to_thread(
+                await self._blocking(
                     self.s3.copy_object,
                     Bucket=self.out_bucket,
                     Key=stem,
@@ -290,12 +321,28 @@ class RequestProcessor:
             log.warning("recording %s's response failed (%s); trying again in %.1f s", stem, error, pause)
             await asyncio.sleep(pause)
 
-    @staticmethod
-    async def _call(function: Callable[..., Any], **kwargs: Any) -> Any:
+    async def _blocking(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A blocking boto3 call on the processor's own threads (as many as messages may be held at once)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, functools.partial(function, *args, **kwargs))
+
+    async def _call(self, function: Callable[..., Any], **kwargs: Any) -> Any:
         try:
-            return await asyncio.to_thread(function, **kwargs)
+            return await self._blocking(function, **kwargs)
         except (BotoCoreError, ClientError) as exc:
             raise TransientError(f"{getattr(function, '__name__', 'AWS call')}: {exc}") from exc
+
+
+def _read_at_most(obj: dict[str, Any], limit: int) -> bytes | None:
+    """The object's bytes, or ``None`` (and the connection closed) when it is over ``limit``."""
+    body = obj["Body"]
+    try:
+        if int(obj.get("ContentLength") or 0) > limit:
+            return None
+        data: bytes = body.read(limit + 1)  # a missing or wrong length must not make a read unbounded
+        return None if len(data) > limit else data
+    finally:
+        body.close()
 
 
 def _poison(reason: str, message: str) -> Answer:

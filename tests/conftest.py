@@ -12,6 +12,9 @@ from tests.serve_fixtures import moto_endpoint, serve_cluster
 
 __all__ = ["moto_endpoint", "serve_cluster"]
 
+# `pytester` runs a small pytest inside a test (tests/test_timeouts.py checks the time limits that way).
+pytest_plugins = ["pytester"]
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 #: The shared photos; FACEREC_DATASETS points elsewhere (default: ``../shared/datasets`` beside the repository).
@@ -34,6 +37,11 @@ KNN_EXPECTED = {
 OTHER_TIERS = frozenset({"serve", "aws", "cluster", "slow", "browser"})
 #: Fixtures that start Ray or moto, and the tiers allowed to use them (serve_cluster starts moto too).
 TIERS_OF_FIXTURE = {"serve_cluster": {"serve", "cluster"}, "moto_endpoint": {"aws", "serve", "cluster"}}
+#: Seconds one test may take in each tier, its fixtures' set-up included (pytest-timeout), so that a hung test
+#: fails alone instead of holding CI until its limit. Each is several times the slowest test of its tier on an
+#: AVX2-only machine (3x slower than the faster ones): a guard against hangs, never a speed check. A test with its
+#: own ``@pytest.mark.timeout`` keeps it; a test in several tiers gets the largest.
+TIER_TIMEOUT_S = {"unit": 300, "aws": 300, "serve": 900, "browser": 900, "slow": 1800, "cluster": 1800}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,6 +52,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 raise pytest.UsageError(f"{item.nodeid} uses {fixture}: mark its module with one of {sorted(allowed)}")
         if not marks & OTHER_TIERS:
             item.add_marker(pytest.mark.unit)
+            marks.add("unit")
+        if "timeout" not in marks:
+            item.add_marker(pytest.mark.timeout(tier_timeout(marks)))
+
+
+def tier_timeout(marks: set[str]) -> int:
+    """The per-test limit for a test with these marks: the largest of its tiers' (see :data:`TIER_TIMEOUT_S`)."""
+    limits = [TIER_TIMEOUT_S[mark] for mark in marks if mark in TIER_TIMEOUT_S]
+    if not limits:
+        raise pytest.UsageError(f"no tier among the marks {sorted(marks)}: add the tier to TIER_TIMEOUT_S")
+    return max(limits)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -69,8 +69,30 @@ def test_iam_policies_name_only_this_projects_resources() -> None:
     assert "iam:PassRole" in head_actions and "ec2:TerminateInstances" in head_actions
     terminate = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
     assert terminate["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": "demo"}}
-    worker_actions = {s["Action"] for s in worker["Statement"]}
-    assert worker_actions == {"s3:GetObject", "s3:ListBucket"}
+    # A worker reads the gallery and the inputs, consumes the request queue, writes results and answers: nothing
+    # else (no writes to the gallery or the inputs, no sending requests, nothing outside S3 and SQS).
+    grants = {
+        (action, resource)
+        for s in worker["Statement"]
+        for action in _as_list(s["Action"])
+        for resource in _as_list(s["Resource"])
+    }
+    assert {action for action, _ in grants} == {
+        "s3:GetObject",
+        "s3:GetObjectVersion",
+        "s3:ListBucket",
+        "s3:PutObject",
+        "sqs:GetQueueUrl",
+        "sqs:GetQueueAttributes",
+        "sqs:ReceiveMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:DeleteMessage",
+        "sqs:SendMessage",
+    }
+    assert {r for a, r in grants if a == "s3:PutObject"} == {"arn:aws:s3:::demo-output/*"}
+    assert {r for a, r in grants if a == "sqs:SendMessage"} == {"arn:aws:sqs:eu-west-1:123456789012:demo-responses"}
+    consume = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"}
+    assert {r for a, r in grants if a in consume} == {"arn:aws:sqs:eu-west-1:123456789012:demo-requests"}
 
 
 def _as_list(value: str | list[str]) -> list[str]:
@@ -89,10 +111,23 @@ def test_serve_config_for_the_cluster_is_valid_and_named_from_one_place(tmp_path
     assert apps["facerec"]["args"]["gallery_uri"] == "s3://faces-prod-gallery/gallery"
     for app in apps.values():
         assert app["args"]["stack"]["prefix"] == "faces-prod" and app["args"]["stack"]["region"] == "eu-west-1"
-    # Only Recognizer replicas may leave the head: everything else is pinned to it.
-    for app in apps.values():
+    # Per-image work runs on the workers: each such deployment needs a resource that every worker type offers
+    # once and the head does not have, and the controller keeps one replica of it per worker node. The rest is
+    # control, pinned to the head.
+    node_types = yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
+    head_resources = set(node_types.pop("head")["resources"])
+    on_workers = {("bridge", "SqsBridge")}
+    assert apps["bridge"]["external_scaler_enabled"] is True
+    assert {(d["app"], d["deployment"]) for d in apps["controller"]["args"]["per_node"]} == on_workers
+    for name, app in apps.items():
         for deployment in app.get("deployments", []):
-            assert deployment["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
+            resources = deployment["ray_actor_options"]["resources"]
+            if (name, deployment["name"]) in on_workers:
+                assert resources and not set(resources) & head_resources, deployment
+                for worker in node_types.values():
+                    assert all(worker["resources"].get(r) == amount == 1 for r, amount in resources.items()), worker
+            else:
+                assert resources == {"node:__internal_head__": 0.001}, deployment
 
 
 def _ray_cli(args: list[str], env: dict[str, str]) -> None:

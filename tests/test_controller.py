@@ -5,12 +5,17 @@ The policy itself is tested table by table in test_scaling_policy.py; here: what
 
 from __future__ import annotations
 
+import json
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pydantic import ValidationError
 
-from cluster.controller import ControllerArgs, InFlightReports, QueueController, utc_hour
+from cluster.controller import ControllerArgs, InFlightReports, QueueController, RayActuator, utc_hour
 from cluster.policy import PolicyConfig
 
 POLICY = PolicyConfig(service_time_s=0.1, latency_target_s=10.0, max_replicas=4, max_nodes=4, scale_down_after_s=30)
@@ -119,3 +124,91 @@ def test_warm_hours_read_the_controllers_utc_clock(hour: float, replicas: int) -
     loop = QueueController(warm, lambda: 0, lambda: 0, Recorder(), clock=lambda: 0.0, hour_of_day=lambda: hour)
     assert loop.step().decision.replicas == replicas
     assert utc_hour(3 * 86400 + 9.5 * 3600) == 9.5
+
+
+def test_reports_from_request_threads_never_break_or_lose_a_total() -> None:
+    """Ingress replicas report on Serve's request threads while the loop's thread totals: no error, no loss."""
+    reports = InFlightReports(ttl_s=3600)
+    for i in range(2000):
+        reports.report(f"old-{i}", 0)
+    stop = threading.Event()
+    sent: list[str] = []
+
+    def report_forever() -> None:
+        i = 0
+        while not stop.is_set() and i < 200_000:
+            reports.report(f"new-{i}", 1)
+            sent.append(f"new-{i}")
+            i += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows within a few totals
+    reporter = threading.Thread(target=report_forever)
+    reporter.start()
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            reports.total()
+    finally:
+        stop.set()
+        reporter.join(timeout=30)
+        sys.setswitchinterval(interval)
+    assert reports.total() == len(sent)  # every report counted once, none lost by a concurrent total
+
+
+def test_per_node_deployments_follow_the_node_count_and_a_missing_one_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SQS consumers get one replica per worker node; an application not (yet) deployed holds nothing up."""
+    per_node = [("bridge", "SqsBridge"), ("absent", "X")]
+    import ray.autoscaler.sdk
+
+    posted: list[tuple[str, int]] = []
+
+    class ScaleApi(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            posted.append((self.path, body["target_num_replicas"]))
+            found = "/applications/absent/" not in self.path
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    requested: list[object] = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda **kw: requested.append(kw))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScaleApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = ControllerArgs.model_validate(
+            {
+                "dashboard_url": f"http://127.0.0.1:{server.server_port}",
+                "per_node": [{"app": app, "deployment": name} for app, name in per_node],
+            }
+        )
+        now = [0.0]
+        actuator = RayActuator(args, clock=lambda: now[0])
+        actuator.keep_per_node()  # no decision yet: nothing to follow
+        actuator.set_nodes(3)
+        actuator.set_replicas(3)
+        now[0] = 5.0
+        actuator.keep_per_node()  # every period: the one set stays; the missing one is asked again
+        now[0] = 70.0
+        actuator.keep_per_node()  # a minute on: set again, in case a redeploy reset it
+        actuator.set_nodes(0)
+    finally:
+        server.shutdown()
+    assert requested == [{"bundles": [{"recognizer": 1.0}] * 3}, {"num_cpus": 0}]
+    bridge, absent = (f"/api/v1/applications/{app}/deployments/{name}/scale" for app, name in per_node)
+    assert posted == [
+        (bridge, 3),
+        (absent, 3),
+        ("/api/v1/applications/facerec/deployments/Recognizer/scale", 3),
+        (absent, 3),
+        (bridge, 3),
+        (absent, 3),
+        (bridge, 0),
+        (absent, 0),
+    ]

@@ -28,15 +28,10 @@ Ray process on the machine).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,25 +45,18 @@ import requests
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, provision, status
 from cluster.deploy import deploy, render_serve_config
+from cluster.fake_cluster import FakeCluster, WorkerType, cluster_worker_resources
+from cluster.fake_cluster import fake_cluster as start_fake_cluster
 from cluster.policy import PolicyConfig, nodes_for, wanted_replicas
 from tests.queue_helpers import Stack, check_all_answered, collect_responses, enqueue, enrol, numbered
-from tests.serve_fixtures import free_port
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
-RAY = Path(sys.executable).with_name("ray")
 MAX_WORKERS = 3
 #: With the policy below (100 images per replica) any backlog over 200 wants MAX_WORKERS replicas.
 MESSAGES = 300
 NODE_BUNDLE = {"recognizer": 1.0}
-#: Every other port the head opens, each a free one (another Ray may be running in this test session).
-PORT_FLAGS = (
-    "dashboard-agent-listen-port",
-    "metrics-export-port",
-    "ray-client-server-port",
-    "runtime-env-agent-port",
-)
 #: Limits for what this machine's speed decides (raylets, model loads, the drain): three times what a 2-core
 #: machine needs, and more.
 START_LIMIT_S = 300
@@ -102,20 +90,29 @@ class Recognizer:
 
 
 @dataclass(frozen=True)
-class FakeCluster:
-    dashboard: str
-    http: str
-    temp: Path
+class ControlledCluster:
+    """The fake cluster seen from the controller's side: its nodes, requests, replicas and logged decisions."""
+
+    base: FakeCluster
+
+    @property
+    def dashboard(self) -> str:
+        return self.base.dashboard
+
+    @property
+    def http(self) -> str:
+        return self.base.http
+
+    @property
+    def temp(self) -> Path:
+        return self.base.temp
 
     def _get(self, route: str, **params: int) -> Any:
-        response = requests.get(f"{self.dashboard}/{route}", params=params, timeout=10)
-        response.raise_for_status()
-        return response.json()
+        return self.base.get(route, **params)
 
     def worker_nodes(self) -> set[str]:
         """Ids of the alive nodes offering the ``recognizer`` resource (the head has none)."""
-        nodes = self._get("api/v0/nodes", limit=1000, detail=1)["data"]["result"]["result"]
-        return {n["node_id"] for n in nodes if n["state"] == "ALIVE" and n.get("resources_total", {}).get("recognizer")}
+        return self.base.worker_nodes("recognizer")
 
     def requested_bundles(self) -> list[dict[str, float]]:
         """The bundles standing from ``request_resources``, as the autoscaler last published them."""
@@ -125,8 +122,12 @@ class FakeCluster:
 
     def recognizer(self) -> Recognizer:
         """Serve's target for the Recognizer (set by the controller) and where its replicas run."""
+        return self.deployment("facerec", "Recognizer")
+
+    def deployment(self, app: str, name: str) -> Recognizer:
+        """Serve's target for a deployment and the nodes its RUNNING replicas are on (target -1: not deployed)."""
         applications = self._get("api/serve/applications/").get("applications") or {}
-        deployment = applications.get("facerec", {}).get("deployments", {}).get("Recognizer")
+        deployment = applications.get(app, {}).get("deployments", {}).get(name)
         if deployment is None:
             return Recognizer(-1, [])
         running = [r["node_id"] for r in deployment["replicas"] if r["state"] == "RUNNING"]
@@ -166,118 +167,13 @@ class FakeCluster:
         )
 
 
-def _autoscaling_config(gcs_port: int) -> dict[str, Any]:
-    """cluster.yaml's shape for the fake provider: a head with no `recognizer`, a 1-CPU worker type."""
-    return {
-        "cluster_name": "fake-facerec",
-        "max_workers": MAX_WORKERS,
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.1,
-        "provider": {
-            "type": "fake_multinode",
-            "use_node_id_as_ip": True,
-            "disable_node_updaters": True,
-            "disable_launch_config_check": True,
-            # Where the fake worker nodes join (the provider assumes 6379 otherwise).
-            "gcs_address": f"127.0.0.1:{gcs_port}",
-        },
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-            "cpu_worker": {
-                "resources": {"CPU": 1, "recognizer": 1},
-                "node_config": {},
-                "min_workers": 0,
-                "max_workers": MAX_WORKERS,
-            },
-        },
-        "head_node_type": "ray.head.default",  # the fake provider names its head this way
-        "auth": {"ssh_user": "ubuntu"},
-        # The keys `ray up` would fill in from the provider's defaults (the fake provider ships none in 2.60).
-        "file_mounts": {},
-        "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False,
-        "rsync_exclude": [],
-        "rsync_filter": [],
-        "initialization_commands": [],
-        "head_setup_commands": [],
-        "worker_setup_commands": [],
-        "setup_commands": [],
-        "head_start_ray_commands": [],
-        "worker_start_ray_commands": [],
-    }
-
-
-def _pids_naming(temp: Path) -> list[int]:
-    """Processes whose command line names ``temp`` (only this test's Ray processes do)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if str(temp).encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-    return pids
-
-
-def _end_processes_of(head: subprocess.Popen[bytes], temp: Path) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=10)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_naming(temp):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        with contextlib.suppress(pytest.fail.Exception):  # what survives SIGTERM gets SIGKILL next
-            wait_until(lambda: not _pids_naming(temp), 15, "processes outlived the signal", interval=0.5)
-
-
 @pytest.fixture(scope="module")
-def fake_cluster(moto_endpoint: str) -> Iterator[FakeCluster]:
-    # A short path: Ray's socket paths live under it and must stay under 108 characters.
-    temp = Path(tempfile.mkdtemp(prefix="rfc", dir="/tmp"))
-    config = temp / "autoscaling.json"
-    dashboard_port, http_port, gcs_port = free_port(), free_port(), free_port()
-    config.write_text(json.dumps(_autoscaling_config(gcs_port)))
-    env = {
-        **os.environ,
-        "RAY_FAKE_CLUSTER": "1",
-        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    with (temp / "head.log").open("wb") as log:
-        head = subprocess.Popen(
-            [str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1"]
-            + ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-            + [f"--port={gcs_port}"]
-            + [f"--{flag}={free_port()}" for flag in PORT_FLAGS]
-            + [f"--autoscaling-config={config}", f"--temp-dir={temp}"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    cluster = FakeCluster(f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}", temp)
-    try:
-        for route in ("api/v0/nodes", "api/serve/applications/"):
-            url = f"{cluster.dashboard}/{route}"
-            wait_until(functools.partial(_answers, url), 90, f"the head's dashboard: no /{route}")
-        yield cluster
-    finally:
-        _end_processes_of(head, temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
+def fake_cluster(moto_endpoint: str) -> Iterator[ControlledCluster]:
+    """cluster.yaml's shape for the fake provider: a head with no `recognizer`, 1-CPU workers (moto's endpoint is
+    in this process's environment, which the cluster's processes inherit)."""
+    worker = WorkerType("cpu_worker", cluster_worker_resources(2), min_workers=0, max_workers=MAX_WORKERS)
+    with start_fake_cluster([worker]) as cluster:
+        yield ControlledCluster(cluster)
 
 
 def _serve_config(stack: StackConfig, http_port: int, dashboard: str, *, bridge: bool) -> dict[str, Any]:
@@ -310,14 +206,16 @@ def _policy(config: dict[str, Any]) -> PolicyConfig:
     return PolicyConfig.model_validate(controller["args"]["policy"])
 
 
-def test_backlog_brings_worker_nodes_that_drain_it_then_leave(fake_cluster: FakeCluster, moto_endpoint: str) -> None:
+def test_backlog_brings_worker_nodes_that_drain_it_then_leave(
+    fake_cluster: ControlledCluster, moto_endpoint: str
+) -> None:
     cluster = fake_cluster
     stack_config = StackConfig(
         prefix=f"fc{uuid.uuid4().hex[:8]}", endpoint=moto_endpoint, visibility_timeout_s=30, max_receive_count=10
     )
     clients = AwsClients.for_stack(stack_config)
     stack = Stack(stack_config, clients, provision(stack_config, clients))
-    http_port = int(cluster.http.rsplit(":", 1)[1])
+    http_port = cluster.base.http_port
     full_config = _serve_config(stack_config, http_port, cluster.dashboard, bridge=True)
     policy = _policy(full_config)
     assert wanted_replicas(MESSAGES, policy) == MAX_WORKERS == nodes_for(MAX_WORKERS, policy)
@@ -384,8 +282,26 @@ def test_backlog_brings_worker_nodes_that_drain_it_then_leave(fake_cluster: Fake
         "the redeploy changed the Recognizer count the controller had set",
         interval=1,
     )
-    responses = collect_responses(stack, MESSAGES, timeout=DRAIN_LIMIT_S)
+    # The consumers follow the node count, one on each worker node, never on the head: watched while draining.
+    consumer_nodes: list[list[str]] = []
+    watching = threading.Event()
+
+    def watch_consumers() -> None:
+        while not watching.wait(0.5):
+            with contextlib.suppress(requests.RequestException):
+                consumer_nodes.append(cluster.deployment("bridge", "SqsBridge").running_on)
+
+    watcher = threading.Thread(target=watch_consumers, daemon=True)
+    watcher.start()
+    try:
+        responses = collect_responses(stack, MESSAGES, timeout=DRAIN_LIMIT_S)
+    finally:
+        watching.set()
+        watcher.join(timeout=30)
     drained = time.monotonic() - started
+    assert all(cluster.base.head_node() not in nodes for nodes in consumer_nodes)
+    assert max(len(set(nodes)) for nodes in consumer_nodes) == MAX_WORKERS, consumer_nodes
+    assert all(len(set(nodes)) == len(nodes) for nodes in consumer_nodes)  # never two on one node
 
     def back_on_head_alone() -> bool:
         latest = cluster.decisions()[-1]
@@ -417,3 +333,10 @@ def test_backlog_brings_worker_nodes_that_drain_it_then_leave(fake_cluster: Fake
     print(json.dumps(report))
     if target := os.environ.get("FACEREC_FAKE_CLUSTER_REPORT"):
         Path(target).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False

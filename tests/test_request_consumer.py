@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import uuid
+from typing import Any
 
 import pytest
 from botocore.config import Config
@@ -21,7 +22,7 @@ from aws_stack.clients import AwsClients, aws_client
 from aws_stack.stack import QueueUrls, StackConfig, provision, status
 from serve_app.queue_mode.contract import output_key, parse_response, response_body, well_formed_response
 from sqs_bridge.consumer import ConsumerConfig, RequestConsumer, backoff_seconds
-from sqs_bridge.processor import Answer, RequestMessage, RequestProcessor, TransientError
+from sqs_bridge.processor import Answer, Outcome, RequestMessage, RequestProcessor, TransientError
 from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.aws
@@ -265,3 +266,78 @@ def test_a_response_send_that_may_have_reached_sqs_is_counted_a_refused_one_is_n
     finally:
         server.close()
         thread.join(5)
+
+
+def _processor(
+    clients: AwsClients, config: StackConfig, urls: QueueUrls, recognize: object, max_input_bytes: int = 1 << 20
+) -> Any:
+    return RequestProcessor(
+        s3=clients.s3,
+        sqs=clients.sqs,
+        in_bucket=config.in_bucket,
+        out_bucket=config.out_bucket,
+        response_queue_url=urls.responses,
+        recognize=recognize,  # type: ignore[arg-type]
+        max_input_bytes=max_input_bytes,
+    )
+
+
+def test_an_input_over_the_size_limit_is_answered_error_and_never_recognised(moto_endpoint: str) -> None:
+    config, clients, urls = make_stack(moto_endpoint, max_receive_count=5)
+    calls = 0
+
+    async def recognise(_: bytes) -> Answer:
+        nonlocal calls
+        calls += 1
+        return Answer("Paul")
+
+    processor = _processor(clients, config, urls, recognise, max_input_bytes=1000)
+    clients.s3.put_object(Bucket=config.in_bucket, Key="huge.jpg", Body=b"x" * 5000)
+    clients.s3.put_object(Bucket=config.in_bucket, Key="small.jpg", Body=b"x" * 1000)
+    big, small = (RequestMessage(f"m-{k}", "r", f"{k}.jpg", str(uuid.uuid4()), 1) for k in ("huge", "small"))
+    assert asyncio.run(processor.process(big)) is Outcome.POISON
+    assert asyncio.run(processor.process(small)) is Outcome.ANSWERED  # exactly the limit is allowed
+    assert calls == 1
+    stored = clients.s3.get_object(Bucket=config.out_bucket, Key="huge")
+    assert stored["Body"].read() == b"Error" and stored["Metadata"]["error-reason"] == "file_too_large"
+    responses = clients.sqs.receive_message(
+        QueueUrl=urls.responses, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+    )["Messages"]
+    by_body = {m["Body"]: m["MessageAttributes"] for m in responses}
+    assert by_body["('huge', 'Error')"]["status"]["StringValue"] == "error"
+    assert by_body["('huge', 'Error')"]["error"]["StringValue"].startswith("file_too_large: ")
+    assert by_body["('small', 'Paul')"]["status"]["StringValue"] == "ok"
+
+
+def test_a_name_answered_before_costs_no_read_of_the_stored_answer(moto_endpoint: str) -> None:
+    """The output object is read only to announce again an answer recorded as not sent; a HEAD decides."""
+    config, clients, urls = make_stack(moto_endpoint, max_receive_count=5)
+    output_reads: list[str] = []
+
+    def count_reads(params: dict[str, Any], **_: Any) -> None:
+        if params.get("Bucket") == config.out_bucket:
+            output_reads.append(params["Key"])
+
+    clients.s3.meta.events.register("before-parameter-build.s3.GetObject", count_reads)
+
+    async def recognise(_: bytes) -> Answer:
+        return Answer("Paul")
+
+    processor = _processor(clients, config, urls, recognise)
+    clients.s3.put_object(Bucket=config.in_bucket, Key="test_000.jpg", Body=b"photo")
+    first, second = (RequestMessage(f"m-{i}", "r", "test_000.jpg", str(uuid.uuid4()), 1) for i in (1, 2))
+    assert asyncio.run(processor.process(first)) is Outcome.ANSWERED
+    assert asyncio.run(processor.process(second)) is Outcome.ANSWERED  # another request, same file name
+    assert asyncio.run(processor.process(second)) is Outcome.REUSED  # its redelivery: answered and recorded
+    assert output_reads == []
+    # A redelivery whose answer was stored but not announced (a crash between the two) reads it once, to send it.
+    head = clients.s3.head_object(Bucket=config.out_bucket, Key="test_000")
+    clients.s3.copy_object(
+        Bucket=config.out_bucket,
+        Key="test_000",
+        CopySource={"Bucket": config.out_bucket, "Key": "test_000"},
+        Metadata={**head["Metadata"], "response-sent": "false"},
+        MetadataDirective="REPLACE",
+    )
+    assert asyncio.run(processor.process(second)) is Outcome.REUSED
+    assert output_reads == ["test_000"]
