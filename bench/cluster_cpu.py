@@ -15,8 +15,9 @@ checked):
 
 * ``queue``: the S3 object and its SQS request are written by this process (the producer, outside the cluster),
   and the answers read from the response queue;
-* ``http``: the legacy ``POST /`` at ``--concurrency``, through Serve's HTTP proxy on the head, as the config
-  ships (``queue_mode``: through S3 + SQS inside the cluster).
+* ``http``: the legacy ``POST /`` at ``--concurrency``, to the workers' HTTP proxies as the cluster's load balancer
+  sends them (here: one port that the fake workers' proxies share, spread by the kernel), as the config ships
+  (``queue_mode``: through S3 + SQS inside the cluster).
 
 For each path it reads every process's CPU time from ``/proc`` before and after, maps each process to its Ray node
 (a raylet's command line names its node id; a core worker or agent belongs to the raylet it descends from; the
@@ -341,14 +342,17 @@ def main() -> None:
         with fake_cluster([worker], environment=environment) as cluster:
             wait_for(lambda: len(cluster.worker_nodes()) == args.workers, 300, "the worker nodes did not start")
             deploy(serve_config(stack, cluster, args.workers, args.worker_cpus), cluster.dashboard)
-            wait_for(lambda: requests.get(f"{cluster.http}/healthz", timeout=10).ok, 600, "no Recognizer answered")
+            # The workers' proxies (where the cluster's load balancer sends requests) answer once each worker has
+            # its ingress; the head's proxy and standby ingress get no request from here on.
+            for url in (cluster.http, cluster.workers_http):
+                wait_for(lambda url=url: requests.get(f"{url}/healthz", timeout=10).ok, 600, f"no answer at {url}")  # type: ignore[misc]
             head = cluster.head_node()
             names = {head: HEAD}
             for index, node in enumerate(sorted(cluster.worker_nodes()), start=1):
                 names[node] = f"worker {index}"
-            refused = enrol(cluster.http, enrolment)
+            refused = enrol(cluster.workers_http, enrolment)
             # Warm-up: every replica's first batches, both paths.
-            asyncio.run(drive(f"{cluster.http}/", probes, 8, 32))
+            asyncio.run(drive(f"{cluster.workers_http}/", probes, 8, 32))
             queue_path(stack, clients, probes[:32])
             idle = idle_rates(cluster, head, names, args.idle_seconds)
             measured: dict[str, Any] = {}
@@ -357,7 +361,7 @@ def main() -> None:
                 if path == "queue":
                     outcome = queue_path(stack, clients, probes)
                 else:
-                    outcome = asyncio.run(drive(f"{cluster.http}/", probes, args.concurrency, args.photos))
+                    outcome = asyncio.run(drive(f"{cluster.workers_http}/", probes, args.concurrency, args.photos))
                 after, elapsed = snapshot(), time.perf_counter() - started
                 used = cpu_by_node(before, after, node_of_processes(after, cluster, head), names)
                 measured[path] = {**outcome, "cpu_ms_per_image": per_image_ms(used, args.photos, idle, elapsed)}

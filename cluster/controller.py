@@ -50,6 +50,8 @@ class PerNodeDeployment(BaseModel):
 
     app: str
     deployment: str
+    #: Replicas beyond one per worker node (the head's standby ingress).
+    plus: int = Field(0, ge=0)
 
 
 class ControllerArgs(BaseModel):
@@ -174,7 +176,7 @@ class RayActuator:
         self._bundle = dict(args.node_bundle)
         self._dashboard = args.dashboard_url.rstrip("/")
         self._recognizer = (args.recognition_app, args.recognizer_deployment)
-        self._per_node = [(d.app, d.deployment) for d in args.per_node]
+        self._per_node = {(d.app, d.deployment): d.plus for d in args.per_node}
         self._clock = clock
         self._nodes: int | None = None
         #: What each per-node deployment was last set to, and when (absent: not set, or not deployed then).
@@ -197,12 +199,13 @@ class RayActuator:
         if self._nodes is None:
             return
         now = self._clock()
-        for target in self._per_node:
+        for target, plus in self._per_node.items():
+            wanted = self._nodes + plus
             last = self._per_node_set.get(target)
-            if last is not None and last[0] == self._nodes and now - last[1] < PER_NODE_REFRESH_S:
+            if last is not None and last[0] == wanted and now - last[1] < PER_NODE_REFRESH_S:
                 continue
-            if self._scale(*target, self._nodes, missing_ok=True):
-                self._per_node_set[target] = (self._nodes, now)
+            if self._scale(*target, wanted, missing_ok=True):
+                self._per_node_set[target] = (wanted, now)
             else:
                 self._per_node_set.pop(target, None)
                 log.info("per-node deployment %s/%s is not deployed: left alone", *target)

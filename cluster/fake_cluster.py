@@ -30,6 +30,8 @@ from typing import Any
 import requests
 import yaml
 
+from cluster.serve_tuning import WORKER_PROXY_PORT, serve_tuning
+
 RAY = Path(sys.executable).with_name("ray")
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 #: Every other port the head opens, each a free one (another Ray may be running on this machine).
@@ -78,11 +80,15 @@ def cluster_worker_resources(cpus: float, node_type: str = "cpu_worker") -> dict
     return resources
 
 
+def cluster_head_resources(cpus: float) -> dict[str, float]:
+    """What cluster.yaml's head advertises (its one standby ``ingress``, no ``recognizer``), with ``cpus`` CPUs."""
+    return cluster_worker_resources(cpus, node_type="head")
+
+
 @dataclass(frozen=True)
 class HeadNode:
-    #: Logical CPUs the head offers; the cluster's head advertises no ``recognizer`` resource, so no per-image
-    #: deployment can land there.
-    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    #: The head's resources: cluster.yaml's, with one logical CPU (no per-image deployment may land there).
+    resources: dict[str, float] = field(default_factory=lambda: cluster_head_resources(1))
 
 
 def autoscaling_config(gcs_port: int, head: HeadNode, workers: list[WorkerType]) -> dict[str, Any]:
@@ -130,16 +136,25 @@ def autoscaling_config(gcs_port: int, head: HeadNode, workers: list[WorkerType])
 
 @dataclass(frozen=True)
 class FakeCluster:
-    """A running fake cluster: its dashboard, Serve's HTTP port (free, not yet listening), and its temp dir."""
+    """A running fake cluster: its dashboard, Serve's HTTP ports (free, not yet listening), and its temp dir."""
 
     dashboard: str
+    #: The head's proxy (the config's ``http_options.port``).
     http_port: int
+    #: Every worker node's proxy, all on one port of this machine (Serve binds it with SO_REUSEPORT, so the kernel
+    #: spreads connections over the workers' proxies: the load balancer of the cluster).
+    worker_http_port: int
     gcs_address: str
     temp: Path
 
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def workers_http(self) -> str:
+        """The workers' proxies, as the cluster's load balancer reaches them."""
+        return f"http://127.0.0.1:{self.worker_http_port}"
 
     def get(self, route: str, **params: int) -> Any:
         """A dashboard API answer, as JSON."""
@@ -215,14 +230,22 @@ def fake_cluster(
 ) -> Iterator[FakeCluster]:
     """Start a fake cluster's head (the autoscaler then starts workers as asked), yield it, end it by pid.
 
-    ``environment`` adds variables for every Ray process of the cluster (Serve's settings, AWS endpoint).
+    Every Ray process of the cluster starts with the Serve settings each cluster node starts with
+    (``cluster/serve_tuning.env``; the workers' proxy port is a free one here), and ``environment`` on top (the AWS
+    endpoint, say).
     """
     # A short path: Ray's socket paths live under it and must stay under 108 characters.
     temp = Path(tempfile.mkdtemp(prefix="rfc", dir="/tmp"))
     config = temp / "autoscaling.json"
-    dashboard_port, http_port, gcs_port = free_port(), free_port(), free_port()
+    dashboard_port, http_port, worker_http_port, gcs_port = free_port(), free_port(), free_port(), free_port()
     config.write_text(json.dumps(autoscaling_config(gcs_port, head or HeadNode(), workers)))
-    env = {**os.environ, **RAY_ENVIRONMENT, **(environment or {})}
+    env = {
+        **os.environ,
+        **serve_tuning(),
+        WORKER_PROXY_PORT: str(worker_http_port),
+        **RAY_ENVIRONMENT,
+        **(environment or {}),
+    }
     head_cpus = int((head or HeadNode()).resources.get("CPU", 1))
     with (temp / "head.log").open("wb") as log:
         process = subprocess.Popen(
@@ -236,7 +259,9 @@ def fake_cluster(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    cluster = FakeCluster(f"http://127.0.0.1:{dashboard_port}", http_port, f"127.0.0.1:{gcs_port}", temp)
+    cluster = FakeCluster(
+        f"http://127.0.0.1:{dashboard_port}", http_port, worker_http_port, f"127.0.0.1:{gcs_port}", temp
+    )
     try:
         for route in ("api/v0/nodes", "api/serve/applications/"):
             url = f"{cluster.dashboard}/{route}"

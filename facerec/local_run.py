@@ -24,6 +24,7 @@ from types import FrameType
 
 import yaml
 
+from cluster.serve_tuning import serve_tuning
 from facerec.prometheus import RAY_DISCOVERY_FILE, local_prometheus
 from serve_app import SHIPPED_CONFIG
 
@@ -71,22 +72,6 @@ def moto_server(port: int) -> Iterator[str]:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-
-
-#: Ray Serve's request path tuned for one machine (each may be overridden in the environment). These are the
-#: loop-and-logging parts of Ray's own ``RAY_SERVE_THROUGHPUT_OPTIMIZED``; its gRPC data plane and direct
-#: ingress are left off because they open servers on every interface. (Not yet measured apart on a quiet
-#: machine: an A/B under heavy load showed no difference either way.)
-SERVE_TUNING = {
-    # Run the deployments' async code on the replica's own event loop instead of a second thread: the model
-    # work already leaves the loop through asyncio.to_thread, so the hop only costs a thread switch.
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    # Serve's request logs go to their files (the dashboard shows them), not also through stderr, the log
-    # monitor and the driver's console, once per request per hop.
-    "RAY_SERVE_LOG_TO_STDERR": "0",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "100",
-}
 
 
 def _local_aws_environment(endpoint: str) -> dict[str, str]:
@@ -148,7 +133,8 @@ def run(
             # A local, loopback-only dashboard: no token, so the browser link just works.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            for name, value in SERVE_TUNING.items():
+            # The Serve settings every cluster node starts with too (the worker proxy port has no effect here).
+            for name, value in serve_tuning().items():
                 os.environ.setdefault(name, value)
             # The dashboard reads it when it starts: its Metrics tab and charts query this Prometheus.
             os.environ["RAY_PROMETHEUS_HOST"] = f"http://127.0.0.1:{prometheus_port}"

@@ -23,7 +23,6 @@ from serve_app.deployments.ingress import IngressDeployment, IngressLimits, Queu
 from serve_app.deployments.recognizer import RecognizerDeployment, RecognizerOptions
 from serve_app.deployments.serving_recognizer import ServingRecognizer
 from serve_app.model.images import DEFAULT_MAX_PIXELS
-from serve_app.queue_mode.response_router import ResponseRouterDeployment
 from serve_app.settings import RecognitionConfig
 
 #: A setting sized from the machine that builds the application (see :func:`size_recognizer`).
@@ -73,7 +72,8 @@ class RecognizerSize:
 
 
 #: Logical CPUs left to the deployments beside the Recognizer when sizing ``auto``: the ingress (0.1), the
-#: gallery writer (0.05), the SQS bridge (0.1) and the response router (0.05) reserve 0.3 together.
+#: gallery writer (0.05) and the SQS bridge (0.1) reserve 0.25; the other 0.05 is left for the ingress's answer
+#: inbox in queue mode (a Ray actor that reserves no CPU).
 OTHER_DEPLOYMENTS_CPUS = 0.3
 
 
@@ -206,13 +206,10 @@ def build_app(args: AppArgs) -> Application:
             options, writer, limits, model_id, threshold, config.bridge_app
         )
     recognizer = recognizer_deployment(RecognizerDeployment).bind(options, writer)
-    queue = router = None
+    queue = None
     if config.queue_mode:
         if config.stack is None:
             raise ValueError("queue_mode needs `stack` (the buckets and queues)")
-        router = serve.deployment(
-            name="ResponseRouter", num_replicas=1, max_ongoing_requests=10000, ray_actor_options={"num_cpus": 0.05}
-        )(ResponseRouterDeployment).bind(config.stack)
         queue = QueueSettings(config.stack, config.queue_timeout_s)
     ingress = serve.deployment(
         name="Ingress",
@@ -221,5 +218,5 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=1000,
     )(IngressDeployment)
     return ingress.bind(
-        recognizer, writer, limits, model_id, threshold, queue, router, config.controller_app, config.bridge_app
+        recognizer, writer, limits, model_id, threshold, queue, config.controller_app, config.bridge_app
     )

@@ -41,7 +41,13 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ReadTimeoutError
 
-from serve_app.queue_mode.contract import KEY_ATTRIBUTE, VERSION_ATTRIBUTE, output_key, response_body
+from serve_app.queue_mode.contract import (
+    KEY_ATTRIBUTE,
+    REPLY_TO_ATTRIBUTE,
+    VERSION_ATTRIBUTE,
+    output_key,
+    response_body,
+)
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -76,6 +82,8 @@ class RequestMessage:
     receive_count: int
     #: The upload this request is about, when the producer named one (two uploads may share a key).
     version_id: str | None = None
+    #: Where the producer waits for the answer (copied onto the response; see the contract).
+    reply_to: str | None = None
 
     @classmethod
     def from_sqs(cls, message: dict[str, Any]) -> RequestMessage:
@@ -88,6 +96,7 @@ class RequestMessage:
             correlation_id=_string_attribute(attributes, KEY_ATTRIBUTE) or message["MessageId"],
             receive_count=int((message.get("Attributes") or {}).get("ApproximateReceiveCount", "1")),
             version_id=_string_attribute(attributes, VERSION_ATTRIBUTE),
+            reply_to=_string_attribute(attributes, REPLY_TO_ATTRIBUTE),
         )
 
 
@@ -244,6 +253,8 @@ class RequestProcessor:
             KEY_ATTRIBUTE: {"DataType": "String", "StringValue": message.correlation_id},
             "status": {"DataType": "String", "StringValue": answer.status},
         }
+        if message.reply_to:
+            attributes[REPLY_TO_ATTRIBUTE] = {"DataType": "String", "StringValue": message.reply_to}
         if answer.error_reason:
             attributes["error"] = {
                 "DataType": "String",

@@ -53,6 +53,10 @@ def test_cluster_yaml_passes_rays_validation() -> None:
     assert config["idle_timeout_minutes"] > 0
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "facerec cluster deploy" in start
+    # Every node's Ray runs with the Serve settings `make run` uses (one file, sourced before `ray start`).
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        ray_start = next(c for c in commands if "ray start" in c)
+        assert ray_start.index(". ~/facerec/cluster/serve_tuning.env") < ray_start.index("ray start")
 
 
 def test_iam_policies_name_only_this_projects_resources() -> None:
@@ -112,22 +116,26 @@ def test_serve_config_for_the_cluster_is_valid_and_named_from_one_place(tmp_path
     for app in apps.values():
         assert app["args"]["stack"]["prefix"] == "faces-prod" and app["args"]["stack"]["region"] == "eu-west-1"
     # Per-image work runs on the workers: each such deployment needs a resource that every worker type offers
-    # once and the head does not have, and the controller keeps one replica of it per worker node. The rest is
+    # once, and the controller keeps one replica of it per worker node. The SQS consumer's resource is the
+    # workers' alone; the ingress's is offered once by the head too, for its one standby replica. The rest is
     # control, pinned to the head.
     node_types = yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
-    head_resources = set(node_types.pop("head")["resources"])
-    on_workers = {("bridge", "SqsBridge")}
+    head = node_types.pop("head")["resources"]
+    per_node = {(d["app"], d["deployment"]): d.get("plus", 0) for d in apps["controller"]["args"]["per_node"]}
+    assert per_node == {("bridge", "SqsBridge"): 0, ("facerec", "Ingress"): 1}
     assert apps["bridge"]["external_scaler_enabled"] is True
-    assert {(d["app"], d["deployment"]) for d in apps["controller"]["args"]["per_node"]} == on_workers
+    assert config["proxy_location"] == "EveryNode"
     for name, app in apps.items():
         for deployment in app.get("deployments", []):
             resources = deployment["ray_actor_options"]["resources"]
-            if (name, deployment["name"]) in on_workers:
-                assert resources and not set(resources) & head_resources, deployment
-                for worker in node_types.values():
-                    assert all(worker["resources"].get(r) == amount == 1 for r, amount in resources.items()), worker
-            else:
+            plus = per_node.get((name, deployment["name"]))
+            if plus is None:
                 assert resources == {"node:__internal_head__": 0.001}, deployment
+                continue
+            assert resources and all(amount == 1 for amount in resources.values()), deployment
+            for worker in node_types.values():
+                assert all(worker["resources"].get(r) == 1 for r in resources), worker
+            assert all(head.get(r, 0) == plus for r in resources), (deployment, head)
 
 
 def _ray_cli(args: list[str], env: dict[str, str]) -> None:

@@ -160,7 +160,7 @@ def test_per_node_deployments_follow_the_node_count_and_a_missing_one_is_skipped
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The SQS consumers get one replica per worker node; an application not (yet) deployed holds nothing up."""
-    per_node = [("bridge", "SqsBridge"), ("absent", "X")]
+    per_node = [("bridge", "SqsBridge", 0), ("absent", "X", 0), ("facerec", "Ingress", 1)]
     import ray.autoscaler.sdk
 
     posted: list[tuple[str, int]] = []
@@ -185,7 +185,7 @@ def test_per_node_deployments_follow_the_node_count_and_a_missing_one_is_skipped
         args = ControllerArgs.model_validate(
             {
                 "dashboard_url": f"http://127.0.0.1:{server.server_port}",
-                "per_node": [{"app": app, "deployment": name} for app, name in per_node],
+                "per_node": [{"app": app, "deployment": name, "plus": plus} for app, name, plus in per_node],
             }
         )
         now = [0.0]
@@ -201,14 +201,18 @@ def test_per_node_deployments_follow_the_node_count_and_a_missing_one_is_skipped
     finally:
         server.shutdown()
     assert requested == [{"bundles": [{"recognizer": 1.0}] * 3}, {"num_cpus": 0}]
-    bridge, absent = (f"/api/v1/applications/{app}/deployments/{name}/scale" for app, name in per_node)
+    bridge, absent, ingress = (f"/api/v1/applications/{app}/deployments/{name}/scale" for app, name, _ in per_node)
+    # The ingress gets one replica per worker node and one more: the head's standby.
     assert posted == [
         (bridge, 3),
         (absent, 3),
+        (ingress, 4),
         ("/api/v1/applications/facerec/deployments/Recognizer/scale", 3),
         (absent, 3),
         (bridge, 3),
         (absent, 3),
+        (ingress, 4),
         (bridge, 0),
         (absent, 0),
+        (ingress, 1),
     ]

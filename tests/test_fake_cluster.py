@@ -183,8 +183,7 @@ def _serve_config(stack: StackConfig, http_port: int, dashboard: str, *, bridge:
     config["http_options"]["port"] = http_port
     apps = {app["name"]: app for app in config["applications"]}
     facerec = apps["facerec"]["args"]
-    facerec["queue_mode"] = False  # the test reads the response queue itself, so no ResponseRouter
-    apps["facerec"]["deployments"] = [d for d in apps["facerec"]["deployments"] if d["name"] != "ResponseRouter"]
+    facerec["queue_mode"] = False  # the test reads the response queue itself
     facerec["recognizer"].update({"num_cpus": 1.0, "max_replicas": MAX_WORKERS})
     apps["bridge"]["args"].update({"wait_time_s": 1})
     controller = apps["controller"]["args"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 
+from cluster.serve_tuning import SERVE_TUNING_FILE, serve_tuning
 from facerec.local_run import _listening
 
 
@@ -52,3 +55,14 @@ def test_make_run_deploys_the_shipped_config() -> None:
     assert CONFIG.is_file(), CONFIG
     args = AppArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
     assert args.recognition.checkpoint
+
+
+def test_make_run_and_the_cluster_nodes_read_the_same_serve_settings() -> None:
+    """`make run` parses cluster/serve_tuning.env; each cluster node sources it in sh: both see the same values."""
+    parsed = serve_tuning()
+    assert parsed["RAY_SERVE_LOG_TO_STDERR"] == "0" and parsed["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    script = f'set -a; . "{SERVE_TUNING_FILE}"; set +a; env'
+    shell = subprocess.run(["sh", "-c", script], env=clean, capture_output=True, text=True, check=True, timeout=30)
+    sourced = dict(line.split("=", 1) for line in shell.stdout.splitlines() if line.startswith("RAY_SERVE_"))
+    assert sourced == parsed

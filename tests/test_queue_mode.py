@@ -124,7 +124,7 @@ def test_same_name_uploads_at_once_each_get_the_answer_for_their_own_photo(
     assert len(versions) == 100  # one version per upload, each read by its own request
 
 
-def test_malformed_messages_on_the_response_queue_do_not_stop_the_router(
+def test_malformed_messages_on_the_response_queue_do_not_stop_the_inboxes(
     queued: tuple[str, StackConfig, AwsClients],
 ) -> None:
     url, stack, clients = queued
@@ -160,37 +160,79 @@ def test_malformed_messages_on_the_response_queue_do_not_stop_the_router(
     print(f"\nmalformed responses: {count} injected during 200 requests, {right} right answers")
     assert count > len(junk)
     assert right == 200
-    # Nobody can ever claim them: the router drops them as it reads (it reads while a request waits).
+    # Nobody can ever claim them: an inbox drops them as it reads (it reads while a request waits).
     data, expected = photos[0]
     assert _post_all(url, [("last.jpg", data, f"last:{expected}")], 1)[0][:2] == (200, f"last:{expected}")
     wait_until(lambda: queue_counts(clients.sqs, responses_url) == {"visible": 0, "in_flight": 0}, 120, "junk left")
 
 
-def test_the_router_killed_mid_run_loses_no_answer(
+def test_an_answer_inbox_killed_mid_run_loses_no_answer(
     serve_cluster: ServeCluster, queued: tuple[str, StackConfig, AwsClients]
 ) -> None:
+    """One ingress replica's inbox dies while its requests wait: its replica starts it again, and every answer
+    (read by the dead inbox, read by the other replica's, or still on the queue) reaches its request."""
     import ray
 
-    url, _, _ = queued
+    from serve_app.queue_mode.answer_inbox import INBOX_NAMESPACE
+
+    url, stack, clients = queued
     photos = pool()
     jobs = [(f"kill_{i:03d}.jpg", *photos[i % len(photos)]) for i in range(200)]
+    uploaded_before = status(stack, clients)["in_bucket_objects"]
+
+    def inboxes() -> list[str]:
+        return sorted(
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == INBOX_NAMESPACE
+        )
+
     with ThreadPoolExecutor(max_workers=1) as killer:
 
-        def kill_router() -> str:
-            time.sleep(2.0)  # requests are in flight by now: their answers come back while the router is down
-            victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#ResponseRouter#" in a["name"]]
-            ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
-            return str(victims[0]["name"])
+        def kill_an_inbox() -> tuple[str, object]:
+            # Requests are in flight once they are uploaded (each then waits for its answer on an inbox).
+            wait_until(
+                lambda: status(stack, clients)["in_bucket_objects"] >= uploaded_before + 20,
+                120,
+                "no request in flight",
+            )
+            victim = inboxes()[0]
+            actor = ray.get_actor(victim, namespace=INBOX_NAMESPACE)
+            ray.kill(actor, no_restart=True)
+            return victim, actor._actor_id
 
-        killed = killer.submit(kill_router)
+        killed = killer.submit(kill_an_inbox)
         results = _post_all(url, [(name, data, f"{name[:-4]}:{expected}") for name, data, expected in jobs], 200)
-        victim = killed.result()
-    routers = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#ResponseRouter#" in a["name"]]
-    assert victim not in routers  # the answers came through the replica Serve started in its place
+        victim, victim_id = killed.result()
+    # The replica started its inbox again under the same name: a new actor.
+    assert victim in inboxes()
+    assert ray.get_actor(victim, namespace=INBOX_NAMESPACE)._actor_id != victim_id
     failed = [(code, body) for code, body, _ in results if code != 200]
     wrong = [(body, expected) for code, body, expected in results if code == 200 and body != expected]
-    print(f"\nrouter killed: 200 sent, {200 - len(failed)} answered, {len(failed)} failed, {len(wrong)} wrong")
+    print(f"\ninbox killed: 200 sent, {200 - len(failed)} answered, {len(failed)} failed, {len(wrong)} wrong")
     assert failed == [] and wrong == []
+
+
+def test_two_ingress_replicas_each_have_an_inbox_and_answers_cross_between_them(
+    queued: tuple[str, StackConfig, AwsClients],
+) -> None:
+    """Every answer names its request's inbox; whichever inbox reads it hands it over there in one call."""
+    import ray
+
+    from serve_app.queue_mode.answer_inbox import INBOX_NAMESPACE
+
+    url, _, _ = queued
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == INBOX_NAMESPACE]
+    assert len(names) == 2  # one per ingress replica (the module deploys two)
+    inboxes = [ray.get_actor(name, namespace=INBOX_NAMESPACE) for name in names]
+    before: list[dict[str, int]] = ray.get([inbox.stats.remote() for inbox in inboxes], timeout=30)
+    photos = pool()
+    jobs = [(f"cross_{i:03d}.jpg", *photos[i % len(photos)]) for i in range(100)]
+    results = _post_all(url, [(name, data, f"{name[:-4]}:{expected}") for name, data, expected in jobs], 100)
+    assert all(code == 200 and body == expected for code, body, expected in results)
+    after: list[dict[str, int]] = ray.get([inbox.stats.remote() for inbox in inboxes], timeout=30)
+    forwarded = sum(a["forwarded"] - b["forwarded"] for a, b in zip(after, before, strict=True))
+    delivered = sum(a["delivered_by_others"] - b["delivered_by_others"] for a, b in zip(after, before, strict=True))
+    print(f"\ninboxes: {forwarded} of 100 answers read by the other replica's inbox and handed over")
+    assert forwarded == delivered > 0
 
 
 def test_no_answer_in_time_is_a_504_not_a_hang(

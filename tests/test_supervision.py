@@ -1,7 +1,7 @@
 """Background loops are supervised: a replica whose loop has died reports unhealthy, and Serve replaces it.
 
 The unit tests check :class:`BackgroundTasks` itself; the Serve test kills each loop of a running queue-mode
-application (gallery refresh, in-flight reporter, response reader, bridge consumer, scaling controller) and waits
+application (gallery refresh, in-flight reporter, bridge consumer, scaling controller) and waits
 for Serve to put a new replica, with the loop running again, in place of the old one; the service answers through
 the queue after.
 """
@@ -133,7 +133,6 @@ def _replica(handle: Any) -> str | None:
         (APP, "Recognizer", "gallery refresh"),
         (APP, "Recognizer", "batching"),
         (APP, "Ingress", "in-flight reporter"),
-        (APP, "ResponseRouter", "response reader"),
         (BRIDGE, "SqsBridge", "consumer"),
         (CONTROLLER, "QueueController", "controller loop"),
     ],

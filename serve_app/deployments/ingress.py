@@ -50,6 +50,7 @@ from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
 from serve_app.model.gallery import GalleryError, ModelMismatchError
 from serve_app.model.recognizer import ImageResult
+from serve_app.queue_mode.answer_inbox import inbox_name
 from serve_app.queue_mode.queue_client import QueueClient, QueueTimeoutError, QueueUnavailableError
 from serve_app.results import detection_to_dict, image_result_to_dict
 from serve_app.upload_names import safe_filename, safe_stem
@@ -197,7 +198,6 @@ class IngressDeployment(Supervised):
         model_id: str,
         threshold: float,
         queue: QueueSettings | None = None,
-        router: DeploymentHandle[Any] | None = None,
         controller_app: str | None = None,
         bridge_app: str | None = None,
     ) -> None:
@@ -211,9 +211,12 @@ class IngressDeployment(Supervised):
         self._bridge_app = bridge_app
         app.state.max_body_bytes = limits.max_body_bytes
         self._queue: QueueClient | None = None
-        if queue is not None and router is not None:
-            # Queue mode: POST / goes through S3 + SQS like the legacy web tier, answered by the SQS bridge.
-            self._queue = QueueClient.for_stack(queue.stack, router, queue.timeout_s)
+        if queue is not None:
+            # Queue mode: POST / goes through S3 + SQS like the legacy web tier, answered by the SQS bridge
+            # through this replica's own inbox (started here, on this node).
+            replica = serve.get_replica_context().replica_id.unique_id
+            self._queue = QueueClient.for_stack(queue.stack, inbox_name(replica), queue.timeout_s)
+            self._queue.inbox()
         self._background = BackgroundTasks()
         if controller_app is not None:
             # On a cluster the queue-depth controller sizes the Recognizer; it sees HTTP demand only through this.

@@ -4,7 +4,8 @@ A request is an SQS message whose body is the input object's key (``test_000.jpg
 is a correlation id; a ``version-id`` attribute (sent by this project's web tier, optional for other producers)
 names the exact upload to read. The answer is the output object ``test_000`` (the key without its extension)
 holding the name, and a response message whose body is the Python tuple repr ``('test_000', 'Paul')`` with the
-same ``key`` attribute.
+same ``key`` attribute. A request's ``reply-to`` attribute (this project's web tier names the inbox its request
+waits on) is copied onto its answer, so that the answer goes straight to that inbox whoever reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import posixpath
 
 KEY_ATTRIBUTE = "key"
 VERSION_ATTRIBUTE = "version-id"
+REPLY_TO_ATTRIBUTE = "reply-to"
 
 
 def output_key(input_key: str) -> str:

@@ -1,4 +1,8 @@
-"""The legacy web tier's way through the queue: upload, enqueue, await the answer for this request only."""
+"""The legacy web tier's way through the queue: upload, enqueue, await the answer for this request only.
+
+Each ingress replica has its own answer inbox (:mod:`serve_app.queue_mode.answer_inbox`), a Ray actor on the
+replica's node that it starts and that dies with it; requests name the inbox in their ``reply-to`` attribute.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,23 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import RayServeException
-from ray.serve.handle import DeploymentHandle
 
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, queue_urls
-from serve_app.queue_mode.contract import VERSION_ATTRIBUTE, output_key, parse_response
+from serve_app.queue_mode.answer_inbox import INBOX_NAMESPACE, AnswerInbox
+from serve_app.queue_mode.contract import REPLY_TO_ATTRIBUTE, VERSION_ATTRIBUTE, output_key, parse_response
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
-#: Pause before asking a replaced response router again.
-ROUTER_RETRY_S = 0.5
+#: Pause before asking a restarted inbox again.
+INBOX_RETRY_S = 0.5
+#: Calls an inbox can take at once: one per waiting request.
+INBOX_CONCURRENCY = 100_000
 
 
 class QueueTimeoutError(TimeoutError):
@@ -34,21 +38,50 @@ class QueueUnavailableError(RuntimeError):
     """S3 or SQS refused the request: nothing was enqueued, the client may try again."""
 
 
+def start_inbox(stack: StackConfig, name: str) -> Any:
+    """This replica's inbox, on this node, owned by this process (it ends with it); one already there is reused."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(AnswerInbox).options(
+        name=name,
+        namespace=INBOX_NAMESPACE,
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=INBOX_CONCURRENCY,
+        max_restarts=0,
+        # A call or two per request: no task events (Serve turns them off for its own actors too), or the GCS on
+        # the head would record every one.
+        enable_task_events=False,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    )
+    return actor.remote(stack, name)
+
+
 @dataclass
 class QueueClient:
-    """Used by the ingress when ``queue_mode`` is on; the ResponseRouter delivers the answers."""
+    """Used by the ingress when ``queue_mode`` is on; its inbox receives the answers."""
 
     s3: Any
     sqs: Any
     in_bucket: str
     request_queue_url: str
-    router: DeploymentHandle[Any]
+    stack: StackConfig
+    inbox_name: str
     timeout_s: float
+    _inbox: Any = field(default=None, init=False)
 
     @classmethod
-    def for_stack(cls, stack: StackConfig, router: DeploymentHandle[Any], timeout_s: float) -> QueueClient:
+    def for_stack(cls, stack: StackConfig, inbox_name: str, timeout_s: float) -> QueueClient:
         clients = AwsClients.for_stack(stack)
-        return cls(clients.s3, clients.sqs, stack.in_bucket, queue_urls(stack, clients).requests, router, timeout_s)
+        urls = queue_urls(stack, clients)
+        return cls(clients.s3, clients.sqs, stack.in_bucket, urls.requests, stack, inbox_name, timeout_s)
+
+    def inbox(self) -> Any:
+        if self._inbox is None:
+            self._inbox = start_inbox(self.stack, self.inbox_name)
+        return self._inbox
 
     async def recognize(self, filename: str, data: bytes) -> str:
         """The main face's name for ``filename``, answered by the bridge through the queues.
@@ -61,13 +94,15 @@ class QueueClient:
             put = await asyncio.to_thread(self.s3.put_object, Bucket=self.in_bucket, Key=filename, Body=data)
         except (BotoCoreError, ClientError) as error:
             raise QueueUnavailableError(f"could not upload {filename}: {error}") from error
-        attributes = {"key": {"DataType": "String", "StringValue": correlation_id}}
+        attributes = {
+            "key": {"DataType": "String", "StringValue": correlation_id},
+            REPLY_TO_ATTRIBUTE: {"DataType": "String", "StringValue": self.inbox_name},
+        }
         # Another client may upload the same file name a moment later: the bridge reads the version written here.
         version = put.get("VersionId")
         if version and version != "null":
             attributes[VERSION_ATTRIBUTE] = {"DataType": "String", "StringValue": str(version)}
         deadline = time.monotonic() + self.timeout_s
-        await self._call_router(lambda: self.router.expect.remote(correlation_id, output_key(filename)), deadline)
         try:
             await asyncio.to_thread(
                 self.sqs.send_message,
@@ -76,41 +111,31 @@ class QueueClient:
                 MessageAttributes=attributes,
             )
         except (BotoCoreError, ClientError) as error:
-            await self._forget(correlation_id)
             raise QueueUnavailableError(f"could not enqueue {filename}: {error}") from error
-        body = await self._wait(correlation_id, filename, deadline)
+        try:
+            body = await self._wait(correlation_id, filename, deadline)
+        except asyncio.CancelledError:
+            # The client went away: its answer, when it comes, is nobody's (and the inbox stops waiting for it).
+            with contextlib.suppress(RayActorError, ActorUnavailableError):
+                self.inbox().forget.remote(correlation_id)
+            raise
         if body is None:
             raise QueueTimeoutError(f"no answer for {filename} within {self.timeout_s:.0f} s")
         return parse_response(body)[1]
 
     async def _wait(self, correlation_id: str, filename: str, deadline: float) -> str | None:
-        """The answer's body; a router that dies meanwhile is replaced by Serve, and the wait goes on there.
+        """The answer's body; an inbox that dies meanwhile is started again, and the wait goes on there.
 
-        The answer is only deleted from the response queue once it is handed over, so the new router replica
-        finds it again (after the dead one's receive times out) for the waiter that registers anew.
+        An answer is only deleted from the response queue once it is handed over, so the new inbox finds it again
+        (after the dead one's receive times out); answers read by other inboxes meanwhile are kept for it.
         """
         stem = output_key(filename)
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                body: str | None = await self.router.wait.remote(correlation_id, remaining, stem)
+                body: str | None = await self.inbox().wait.remote(correlation_id, remaining, stem)
                 return body
-            except (RayActorError, ActorUnavailableError, RayServeException) as error:
-                log.warning(
-                    "response router lost while waiting for %s (%s): waiting on its replacement", filename, error
-                )
-                await asyncio.sleep(ROUTER_RETRY_S)
+            except (RayActorError, ActorUnavailableError) as error:
+                log.warning("answer inbox lost while waiting for %s (%s): starting it again", filename, error)
+                self._inbox = None
+                await asyncio.sleep(INBOX_RETRY_S)
         return None
-
-    async def _forget(self, correlation_id: str) -> None:
-        with contextlib.suppress(RayActorError, ActorUnavailableError, RayServeException):
-            await self.router.forget.remote(correlation_id)
-
-    async def _call_router(self, call: Callable[[], Awaitable[object]], deadline: float) -> None:
-        while True:
-            try:
-                await call()
-                return
-            except (RayActorError, ActorUnavailableError, RayServeException):
-                if time.monotonic() + ROUTER_RETRY_S > deadline:
-                    raise
-                await asyncio.sleep(ROUTER_RETRY_S)
