@@ -302,16 +302,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     paths = list(result["paths"])
     figure, axes = plt.subplots(1, len(paths), figsize=(5 * len(paths), 4), dpi=120, squeeze=False)
+    every = sorted(
+        {
+            p
+            for path in paths
+            for n in result["paths"][path]["cpu_ms_per_image"].values()
+            for p in n["processes_per_image"]
+        }
+    )
+    colours = {process: plt.get_cmap("tab20")(i % 20) for i, process in enumerate(every)}  # one colour per process
     for axis, name in zip(axes[0], paths, strict=True):
         nodes = result["paths"][name]["cpu_ms_per_image"]
-        names = [n for n in nodes if n != OUTSIDE]
-        labels = sorted({p for n in names for p in nodes[n]["processes_per_image"]})
+        names = [n for n in nodes if n != OUTSIDE and nodes[n]["per_image_ms"] > 0.05]
         bottoms = [0.0] * len(names)
-        for process in labels:
+        for process in every:
             values = [nodes[n]["processes_per_image"].get(process, 0.0) for n in names]
-            if max(values) < 0.5:
+            if max(values, default=0.0) < 0.5:
                 continue
-            axis.bar(names, values, bottom=bottoms, label=process)
+            shown = [n.replace(", ", "\n") for n in names]
+            axis.bar(shown, values, bottom=bottoms, label=process.removeprefix("ServeReplica:"), color=colours[process])
             bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
         axis.set_title(f"{name} path: CPU per image by node (less the idle rate)", fontsize=9)
         axis.set_ylabel("ms of CPU per image")

@@ -186,7 +186,10 @@ def build_app(args: AppArgs) -> Application:
         max_pixels=config.max_pixels,
         torch_threads=torch_threads,
     )
-    writer = serve.deployment(name="GalleryWriter", num_replicas=1, ray_actor_options={"num_cpus": 0.05})(
+    # Every Recognizer replica holds one long poll of its revision open here, beside the gallery changes.
+    writer = serve.deployment(
+        name="GalleryWriter", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.05}
+    )(
         GalleryWriterDeployment
     ).bind(config.gallery_uri, config.recognition, config.gallery_endpoint)
     limits = IngressLimits(

@@ -76,7 +76,7 @@ def _inbox() -> AnswerInbox:
     inbox._waiting = Waiting("inbox-a")
     inbox._inboxes = {}
     inbox._reader = None
-    inbox.counts = {"read": 0, "forwarded": 0, "delivered_by_others": 0}
+    inbox.counts = {"read": 0, "forwarded": 0, "delivered_by_others": 0, "delete_failed": 0}
     return inbox
 
 
@@ -104,5 +104,46 @@ def test_a_wait_ends_at_its_deadline() -> None:
         inbox = _inbox()
         assert await inbox.wait("c1", 0.2, "test_001") is None
         assert not inbox._waiting.has_waiters
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+class _QueueWhoseFirstDeleteFails:
+    """Hands out one answer; the first delete of it fails, so it comes back once."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer, self.deletes, self.received = answer, 0, 0
+
+    def receive_message(self, **_: Any) -> dict[str, Any]:
+        import time
+
+        time.sleep(0.02)
+        if self.received < 2:
+            self.received += 1
+            return {"Messages": [self.answer]}
+        return {}
+
+    def delete_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+        self.deletes += 1
+        if self.deletes == 1:
+            return {"Failed": [{"Id": "0", "Code": "InternalError"}], "Successful": []}
+        return {"Successful": [{"Id": e["Id"]} for e in kwargs["Entries"]], "Failed": []}
+
+    def change_message_visibility_batch(self, **_: Any) -> dict[str, Any]:
+        raise AssertionError("an answer of an ended wait must be deleted, not left")
+
+
+def test_an_answer_whose_delete_failed_is_counted_and_deleted_when_it_comes_back() -> None:
+    """Legacy answers carry no inbox name: once handed over, a copy that comes back is still known (and deleted)."""
+
+    async def scenario() -> None:
+        inbox = _inbox()
+        queue = _QueueWhoseFirstDeleteFails(_answer("c1", "('test_001', 'Paul')"))
+        inbox._sqs = queue
+        assert await inbox.wait("c1", 30.0, "test_001") == "('test_001', 'Paul')"
+        keeper = asyncio.create_task(inbox.wait("other", 1.0))  # keeps the reader reading for a moment
+        await asyncio.wait_for(keeper, 5)
+        assert queue.received == 2 and queue.deletes == 2
+        assert inbox.counts["delete_failed"] == 1
 
     asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -145,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale.add_argument("--trend-lookahead-s", type=float, default=0.0, help="scale on demand's growth (0: off)")
     autoscale.add_argument("--max-nodes", type=int, default=19)
     autoscale.add_argument("--plot", type=Path, help="write backlog / nodes / latency to this PNG")
+    capacity = sim_commands.add_parser(
+        "capacity", help="the cluster's images/s by worker count, from measured costs and AWS's published limits"
+    )
+    capacity.add_argument(
+        "--results",
+        type=Path,
+        default=Path("bench/results/cluster_cpu.after.json"),
+        help="a bench/cluster_cpu.py result (CPU per image by node)",
+    )
+    capacity.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16, 64])
+    capacity.add_argument("--worker-vcpus", type=float, default=4.0, help="cluster.yaml's cpu_worker: c6i.xlarge")
+    capacity.add_argument("--head-vcpus", type=float, default=2.0, help="cluster.yaml's head: m6i.large")
 
     monitor = commands.add_parser("monitor", help="the service's metrics panels as a PNG, from Prometheus")
     monitor.add_argument("--prometheus", default="http://127.0.0.1:9090", help="the Prometheus to query")
@@ -219,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from serve_app.model.weights.files import fetch_keras_h5
 
         print(fetch_keras_h5(force=args.force))
+        return 0
+    if args.command == "sim" and args.sim_command == "capacity":
+        from cluster.capacity import table
+
+        print(table(args.results, args.workers, args.worker_vcpus, args.head_vcpus))
         return 0
     if args.command == "sim":
         from facerec.cli.sim_commands import autoscale as simulate_autoscale

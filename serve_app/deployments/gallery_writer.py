@@ -30,6 +30,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from serve_app.deployments.revision_watch import RevisionWatchers
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.metrics import metrics
@@ -94,6 +95,9 @@ class GalleryWriterDeployment(Supervised):
         self._others: dict[str, SnapshotStatus] = {}
         self._reembedding: ReembedProgress | None = None
         self._sync_period_s = sync_period_s
+        # Recognizer replicas learn each new revision from here before a change is answered (read-your-writes
+        # without a call per batch: see serve_app/deployments/revision_watch.py).
+        self._watchers = RevisionWatchers(self.revision)
         metrics().gallery_faces.set(len(self._gallery))
         self._background = BackgroundTasks()
         self._background.start("other models' snapshots", self._follow_other_models())
@@ -133,8 +137,13 @@ class GalleryWriterDeployment(Supervised):
                         await asyncio.to_thread(after_store, outcome)
                     except GalleryStoreError as exc:  # the change is stored; an unreferenced chip is harmless
                         log.warning("could not delete the chips of removed faces: %s", exc)
+            changed = candidate.revision != self._gallery.revision
             self._gallery = candidate
             metrics().gallery_faces.set(len(self._gallery))
+            if changed:
+                late = await self._watchers.published(self._model_id)
+                if late:
+                    log.warning("replicas %s did not acknowledge revision %d in time", late, candidate.revision)
             return outcome, self._gallery.revision
 
     def _copy(self) -> Gallery:
@@ -324,6 +333,10 @@ class GalleryWriterDeployment(Supervised):
         if (face_id, True) not in self._gallery.face_records(name):
             return None
         return await asyncio.to_thread(self._store.read_chip, face_id)
+
+    async def watch_revision(self, subscriber: str, known: int, model_id: str | None, timeout_s: float) -> int:
+        """A Recognizer replica's long poll: the revision once it differs from ``known`` (see RevisionWatchers)."""
+        return await self._watchers.watch(subscriber, known, model_id, timeout_s)
 
     def revision(self, model_id: str | None = None) -> int:
         """The revision of the newest snapshot this writer stored (Recognizer replicas ask before a batch); 0 for

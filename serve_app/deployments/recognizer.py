@@ -23,6 +23,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.deployments.batching import Batcher
+from serve_app.deployments.revision_watch import UNKNOWN_REVISION
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.jobs import (
@@ -47,8 +48,10 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 
 #: How long a batch waits for a newer gallery it was asked for before answering from the one it has.
 FORCED_REFRESH_TIMEOUT_S = 5.0
-#: How long a batch waits for the GalleryWriter to say which revision it last wrote.
+#: How long a batch waits for the GalleryWriter to say which revision it last wrote (when its watch is not current).
 WRITER_REVISION_TIMEOUT_S = 1.0
+#: How long one long poll of the writer's revision lasts before it is made again.
+REVISION_WATCH_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ class RecognizerDeployment(Supervised):
         self._background = BackgroundTasks()
         self._background.start("batching", self._batcher.serve_forever())
         self._background.start("gallery refresh", self._poll_gallery())
+        self._known_revision, self._watch_current = 0, False
+        if writer is not None:
+            self._background.start("gallery revision watch", self._watch_revisions())
         log.info("Recognizer ready: %s, gallery %s (%d faces)", self._model_id, self._store.describe(), len(gallery))
 
     # --- gallery following --------------------------------------------------------------------------------
@@ -168,14 +174,41 @@ class RecognizerDeployment(Supervised):
         """One embedding per photo, or the reason it is refused."""
         return cast(list[EnrolmentPhoto], await self._batcher.submit(job))
 
+    async def _watch_revisions(self) -> None:
+        """Follow the writer's revision by long polls, each call acknowledging the revision the last one returned
+        (the writer answers a gallery change only once every watching replica has: read-your-writes)."""
+        subscriber = serve.get_replica_context().replica_id.unique_id
+        known = UNKNOWN_REVISION
+        assert self._writer is not None
+        while True:
+            try:
+                revision = int(
+                    await self._writer.watch_revision.remote(subscriber, known, self._model_id, REVISION_WATCH_S)
+                )
+            except (RayError, RayServeException) as exc:
+                # The writer is restarting: batches ask it directly until a watch call returns again.
+                self._watch_current, known = False, UNKNOWN_REVISION
+                log.warning("gallery revision watch failed, asking per batch meanwhile: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if revision == UNKNOWN_REVISION:  # the writer dropped this replica (it acknowledged too late)
+                self._watch_current, known = False, UNKNOWN_REVISION
+                continue
+            self._known_revision, self._watch_current, known = revision, True, revision
+
     async def _newest_written_revision(self) -> int:
         """The gallery revision the GalleryWriter last wrote (0 when it cannot say within a moment).
 
-        Asked once per batch of recognitions, so that a photo sent right after an enrolment answered is matched
-        against a gallery that has it, whichever replica the enrolment went through: an answered enrolment is
-        in the writer before its answer leaves.
+        Needed before each batch of recognitions, so that a photo sent right after an enrolment answered is
+        matched against a gallery that has it, whichever replica the enrolment went through: an answered enrolment
+        is in the writer, and known to every replica that watches it, before its answer leaves. While this
+        replica's watch is current that costs no call; otherwise the writer is asked.
         """
-        if self._writer is None or time.monotonic() - self._writer_failed_at < WRITER_REVISION_TIMEOUT_S * 5:
+        if self._writer is None:
+            return 0
+        if self._watch_current:
+            return self._known_revision
+        if time.monotonic() - self._writer_failed_at < WRITER_REVISION_TIMEOUT_S * 5:
             return 0
         try:
             revision = self._writer.revision.remote(self._model_id)

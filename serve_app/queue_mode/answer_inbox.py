@@ -42,8 +42,8 @@ UNREACHABLE_VISIBILITY_S = 5
 UNREACHABLE_MAX_RECEIVES = 12
 #: How long a received answer stays hidden while it is handed over: if the inbox dies holding it, it shows again.
 RECEIVE_VISIBILITY_S = 5
-#: How long a given-up request's late answer is still recognised (and deleted) as such.
-ABANDONED_MEMORY_S = 3600.0
+#: How long an ended wait's later answers (late, duplicated, or back after a failed delete) are recognised as such.
+ENDED_MEMORY_S = 3600.0
 #: An answer may arrive before its request's wait is registered (it is sent first): kept this long.
 EARLY_ANSWER_S = 120.0
 EARLY_ANSWERS_MAX = 100_000
@@ -69,12 +69,16 @@ class Waiting:
     clock: Any = time.monotonic
     _waiters: dict[str, asyncio.Future[str]] = field(default_factory=dict)
     _stems: dict[str, str] = field(default_factory=dict)
-    _abandoned: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    _ended: OrderedDict[str, float] = field(default_factory=OrderedDict)
     _early: OrderedDict[str, tuple[float, str]] = field(default_factory=OrderedDict)
 
     @property
     def has_waiters(self) -> bool:
         return bool(self._waiters)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def register(self, correlation_id: str, stem: str | None) -> asyncio.Future[str]:
         if stem is not None:
@@ -86,21 +90,21 @@ class Waiting:
         return future
 
     def release(self, correlation_id: str, answered: bool) -> None:
-        """The wait ended; a request that got no answer is abandoned (its late answer is nobody's)."""
+        """The wait ended, answered or not: any copy of its answer that comes later is nobody's (a duplicate, an
+        answer whose delete failed and that came back, the late answer of a request that gave up)."""
         self._waiters.pop(correlation_id, None)
         self._stems.pop(correlation_id, None)
-        if not answered:
-            now = self.clock()
-            self._abandoned[correlation_id] = now
-            while self._abandoned and next(iter(self._abandoned.values())) < now - ABANDONED_MEMORY_S:
-                self._abandoned.popitem(last=False)
+        now = self.clock()
+        self._ended[correlation_id] = now
+        while self._ended and next(iter(self._ended.values())) < now - ENDED_MEMORY_S:
+            self._ended.popitem(last=False)
 
     def accept(self, correlation_id: str, body: str) -> bool:
         """An answer for a request of this inbox (read here or handed over by another inbox): True once it is
         taken care of (handed over, kept for a wait about to start, or known to be nobody's)."""
         future = self._waiters.get(correlation_id)
         if future is None:
-            if correlation_id not in self._abandoned:
+            if correlation_id not in self._ended:
                 self._keep_early(correlation_id, body)
             return True
         stem = self._stems.get(correlation_id)
@@ -137,7 +141,7 @@ class Waiting:
         reply_to = reply.get("StringValue") if reply.get("DataType") == "String" else None
         if reply_to and reply_to != self.name:
             return Route.FORWARD, reply_to
-        if reply_to == self.name or correlation_id in self._waiters or correlation_id in self._abandoned:
+        if reply_to == self.name or correlation_id in self._waiters or correlation_id in self._ended:
             self.accept(correlation_id, body)
             return Route.DONE, None
         return Route.LEAVE, None  # another web tier's answer (or one from before this inbox started)
@@ -157,7 +161,7 @@ class AnswerInbox:
         self._inboxes: dict[str, Any] = {}
         self._reader: asyncio.Task[None] | None = None
         #: Answers read here, and of those: handed to another inbox; answers handed over by other inboxes.
-        self.counts = {"read": 0, "forwarded": 0, "delivered_by_others": 0}
+        self.counts = {"read": 0, "forwarded": 0, "delivered_by_others": 0, "delete_failed": 0}
 
     async def wait(self, correlation_id: str, timeout_s: float, stem: str | None = None) -> str | None:
         """The response body for ``correlation_id``, or ``None`` after ``timeout_s`` seconds."""
@@ -182,7 +186,8 @@ class AnswerInbox:
         return self._waiting.accept(correlation_id, body)
 
     async def stats(self) -> dict[str, int]:
-        return dict(self.counts)
+        """Answers read, forwarded and handed over by others so far, and the requests waiting now."""
+        return {**self.counts, "waiting": self._waiting.waiting}
 
     async def _read_while_waited_on(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -233,12 +238,21 @@ class AnswerInbox:
             else:
                 hide.append((message, UNREACHABLE_VISIBILITY_S))
         # Deletes first: they must happen within RECEIVE_VISIBILITY_S, or a handed-over answer shows up again.
+        # One that fails is noticed: counted and logged, and the answer, when it shows up again, is known as
+        # that of an ended wait and deleted then.
         if done:
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)]
             try:
-                await asyncio.to_thread(self._sqs.delete_message_batch, QueueUrl=self._queue_url, Entries=entries)
+                result = await asyncio.to_thread(
+                    self._sqs.delete_message_batch, QueueUrl=self._queue_url, Entries=entries
+                )
+                failed = len(result.get("Failed", []))
             except (BotoCoreError, ClientError) as exc:
+                failed = len(done)
                 log.warning("could not delete %d routed answers: %s", len(done), exc)
+            if failed:
+                self.counts["delete_failed"] += failed
+                log.warning("%d routed answers were not deleted: they come back and are deleted then", failed)
         if hide:
             entries = [
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": seconds}
