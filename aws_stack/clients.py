@@ -8,14 +8,13 @@ the retry policy apply to all of them alike. Nothing here reads credentials from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
 
-if TYPE_CHECKING:
-    from aws_stack.stack import StackConfig
+from aws_stack.config import StackConfig
 
 #: Adaptive retries ride out throttling and the moto server's brief stalls; 64 connections serve a replica's
 #: concurrent batches without queueing on the pool.

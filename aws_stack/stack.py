@@ -11,68 +11,25 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field
 
 from aws_stack.clients import AwsClients
+from aws_stack.config import LOCAL_STACK_FILE, REQUEST_MAX_MESSAGE_BYTES, StackConfig
+
+__all__ = [
+    "LOCAL_STACK_FILE",
+    "REQUEST_MAX_MESSAGE_BYTES",
+    "QueueUrls",
+    "StackConfig",
+    "provision",
+    "queue_counts",
+    "queue_urls",
+    "status",
+]
 
 log = logging.getLogger(f"ray.serve.{__name__}")
-
-#: Where `make run` records the local stack, so that `facerec aws status` finds it without flags.
-LOCAL_STACK_FILE = Path("run") / "aws.json"
-#: Graders set the request queue's maximum message size to 1 KB: images never travel through SQS.
-REQUEST_MAX_MESSAGE_BYTES = 1024
-
-
-class StackConfig(BaseModel):
-    """Everything needed to name and reach the stack."""
-
-    prefix: str = Field("facerec", pattern=r"^[a-z0-9][a-z0-9-]{1,40}$")
-    region: str = "us-east-1"
-    #: None on AWS; the moto server's URL locally.
-    endpoint: str | None = None
-    max_receive_count: int = Field(5, ge=1, le=1000)
-    #: How long a received request stays invisible before SQS hands it out again (the bridge extends it).
-    visibility_timeout_s: int = Field(60, ge=5, le=43200)
-
-    @property
-    def in_bucket(self) -> str:
-        return f"{self.prefix}-input"
-
-    @property
-    def out_bucket(self) -> str:
-        return f"{self.prefix}-output"
-
-    @property
-    def gallery_bucket(self) -> str:
-        return f"{self.prefix}-gallery"
-
-    @property
-    def gallery_uri(self) -> str:
-        return f"s3://{self.gallery_bucket}/gallery"
-
-    @property
-    def request_queue(self) -> str:
-        return f"{self.prefix}-requests"
-
-    @property
-    def response_queue(self) -> str:
-        return f"{self.prefix}-responses"
-
-    @property
-    def dead_letter_queue(self) -> str:
-        return f"{self.prefix}-requests-dlq"
-
-    def save_local(self, path: Path = LOCAL_STACK_FILE) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=1) + "\n")
-
-    @classmethod
-    def load_local(cls, path: Path = LOCAL_STACK_FILE) -> StackConfig | None:
-        return cls.model_validate_json(path.read_text()) if path.is_file() else None
 
 
 @dataclass(frozen=True)

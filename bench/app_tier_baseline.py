@@ -33,9 +33,9 @@ from PIL import Image
 
 from serve_app.model.gallery import Gallery
 from serve_app.model.images import decode_image
-from serve_app.model.pipeline import Models, load_models
+from serve_app.model.pipeline import Models
 from serve_app.model.recognizer import embed_main_faces
-from serve_app.settings import RecognitionConfig
+from serve_app.settings import RecognitionConfig, load_models
 
 RESULTS = results_dir()
 #: What the project set out to beat the original app tier by (model floor over baseline, same photos, same run).

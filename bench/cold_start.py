@@ -35,7 +35,7 @@ import json, sys, time
 started = time.perf_counter()
 import torch
 from serve_app.model.gallery import Gallery
-from serve_app.model.pipeline import load_models
+from serve_app.settings import load_models
 from serve_app.model.recognizer import Recognizer
 from serve_app.settings import RecognitionConfig
 imported = time.perf_counter()

@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from serve_app.model.detector import main_face_index
 from serve_app.model.embedder import Embedder
 from serve_app.model.images import decode_image
-from serve_app.model.pipeline import Models, load_models
-from serve_app.settings import RecognitionConfig
+from serve_app.model.pipeline import Models
+from serve_app.settings import RecognitionConfig, load_models
 
 RESULTS = results_dir()
 

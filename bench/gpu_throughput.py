@@ -40,9 +40,9 @@ from serve_app.model.checkpoints import DEFAULT_CHECKPOINT, Checkpoint
 from serve_app.model.detector import FaceDetector
 from serve_app.model.embedder import Embedder, Precision
 from serve_app.model.images import decode_image
-from serve_app.model.pipeline import Models, load_models
+from serve_app.model.pipeline import Models
 from serve_app.model.recognizer import embed_main_faces
-from serve_app.settings import RecognitionConfig
+from serve_app.settings import RecognitionConfig, load_models
 
 LFW_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw-view1" / "images"
 RESULTS = results_dir() / "gpu"

@@ -86,9 +86,8 @@ def small_workload(people: int = 8, requests_total: int = 1000, enrolled: int = 
 def model_floor(photos: Sequence[tuple[str, bytes]] | Sequence[Photo], batch: int, threads: int) -> float:
     """Images per second of decode + detect + embed + match in this process, ``batch`` photos at a time."""
     from serve_app.model.gallery import Gallery
-    from serve_app.model.pipeline import load_models
     from serve_app.model.recognizer import Recognizer
-    from serve_app.settings import RecognitionConfig
+    from serve_app.settings import RecognitionConfig, load_models
 
     payloads = [p.data if isinstance(p, Photo) else p[1] for p in photos]
     torch.set_num_threads(threads)

@@ -18,9 +18,9 @@ import torch
 from machine import describe, results_dir
 
 from serve_app.model.images import decode_image
-from serve_app.model.pipeline import Models, load_models
+from serve_app.model.pipeline import Models
 from serve_app.model.recognizer import embed_main_faces
-from serve_app.settings import RecognitionConfig
+from serve_app.settings import RecognitionConfig, load_models
 
 LFW_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw-view1" / "images"
 RESULTS = results_dir()

@@ -29,8 +29,7 @@ from tqdm import tqdm
 from serve_app.gallery_store import LocalGalleryStore
 from serve_app.model.chips import chip_jpeg, chip_tensor
 from serve_app.model.gallery import Gallery
-from serve_app.model.pipeline import load_models
-from serve_app.settings import RecognitionConfig
+from serve_app.settings import RecognitionConfig, load_models
 from serve_app.snapshot_reembed import reembed_snapshot
 
 RESULTS = results_dir()

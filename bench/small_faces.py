@@ -36,8 +36,8 @@ from tqdm import tqdm
 from serve_app.evaluation.lfw import Pair, accuracy_at, best_threshold, pair_similarities, read_pairs
 from serve_app.model.detector import DetectorConfig, FaceDetector, centre_face
 from serve_app.model.images import DecodedImage, decode_image
-from serve_app.model.pipeline import Models, load_models
-from serve_app.settings import RecognitionConfig
+from serve_app.model.pipeline import Models
+from serve_app.settings import RecognitionConfig, load_models
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 LFW = DATASETS / "lfw-view1"

@@ -189,9 +189,7 @@ def build_app(args: AppArgs) -> Application:
     # Every Recognizer replica holds one long poll of its revision open here, beside the gallery changes.
     writer = serve.deployment(
         name="GalleryWriter", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.05}
-    )(
-        GalleryWriterDeployment
-    ).bind(config.gallery_uri, config.recognition, config.gallery_endpoint)
+    )(GalleryWriterDeployment).bind(config.gallery_uri, config.recognition, config.gallery_endpoint)
     limits = IngressLimits(
         max_upload_bytes=config.max_upload_bytes,
         # multipart framing on top of the largest allowed set of files

@@ -11,6 +11,8 @@ from serve_app.model.checkpoints import DEFAULT_CHECKPOINT, Checkpoint, resolve_
 from serve_app.model.detector import DetectorConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from serve_app.model.pipeline import Models
 
 
@@ -62,8 +64,6 @@ class RecognitionConfig(BaseModel):
 
     def load_models(self, torch_threads: int | None = None) -> Models:
         """The detector, embedder and match rule these settings describe."""
-        from serve_app.model.pipeline import load_models
-
         return load_models(self, torch_threads=torch_threads)
 
     def detector_config(self) -> DetectorConfig:
@@ -78,3 +78,42 @@ class RecognitionSettings(RecognitionConfig, BaseSettings):
     """:class:`RecognitionConfig` read from the environment (``FACEREC_<FIELD>``), for the command line."""
 
     model_config = SettingsConfigDict(env_prefix="FACEREC_", extra="ignore")
+
+
+def load_models(
+    settings: RecognitionConfig, *, torch_threads: int | None = None, device: torch.device | None = None
+) -> Models:
+    """Load MTCNN and the settings' embedding checkpoint once, with the match rule the settings ask for.
+
+    With ``false_accept_rate`` (and no ``threshold``), gallery matches use a threshold derived from the
+    checkpoint's shipped impostor calibration and the gallery's size (:mod:`serve_app.model.match_threshold`).
+    """
+    # Imported here: reading settings (the command line's help, a config check) must not load torch.
+    import torch
+
+    from serve_app.model.detector import FaceDetector
+    from serve_app.model.embedder import Embedder
+    from serve_app.model.match_threshold import threshold_rule
+    from serve_app.model.pipeline import Models
+
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    resolved = settings.resolved_checkpoint()
+    detector = FaceDetector(settings.detector_config(), device=device)
+    embedder = Embedder(
+        resolved,
+        max_batch=settings.max_embed_batch,
+        flip=settings.flip,
+        device=device,
+        precision=settings.embed_precision,
+    )
+    fixed = settings.verification_threshold
+    rule = threshold_rule(
+        fixed=fixed,
+        false_accept_rate=settings.false_accept_rate if settings.threshold is None else None,
+        checkpoint=resolved.name,
+        flip=settings.flip,
+        model_id=embedder.model_id,
+        min_margin=settings.min_margin,
+    )
+    return Models(detector, embedder, fixed, rule)

@@ -81,7 +81,6 @@ def datasets() -> Path:
 @pytest.fixture(scope="session")
 def models():  # type: ignore[no-untyped-def]
     """The configured (default: the default) detector + embedder, loaded once and shared by the tests."""
-    from serve_app.model.pipeline import load_models
-    from serve_app.settings import RecognitionSettings
+    from serve_app.settings import RecognitionSettings, load_models
 
     return load_models(RecognitionSettings())

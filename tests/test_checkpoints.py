@@ -36,3 +36,31 @@ def test_other_files_and_names_are_refused(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2)}, not_a_model)
     with pytest.raises(UnknownCheckpointError, match="not an InceptionResnetV1"):
         resolve_checkpoint(str(not_a_model))
+
+
+def test_a_state_dict_is_read_once_per_version_of_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model id and the threshold are asked often (settings, every replica): the file is read and hashed once,
+    and again only when it changes."""
+    import os
+
+    from serve_app.settings import RecognitionConfig
+
+    path = tmp_path / "mine.pt"
+    torch.save({"last_linear.weight": torch.zeros(128, 1792)}, path)
+    loads: list[Path] = []
+    real_load = torch.load
+
+    def counting_load(target: Path, *args: object, **kwargs: object) -> object:
+        loads.append(Path(target))
+        return real_load(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", counting_load)  # the module calls torch.load through the torch module
+    settings = RecognitionConfig(checkpoint=str(path), false_accept_rate=None)
+    first = settings.model_id
+    assert settings.model_id == first and settings.verification_threshold == 0.4 and settings.model_id == first
+    assert resolve_checkpoint(str(path)).dim == 128
+    assert len(loads) == 1
+    torch.save({"last_linear.weight": torch.ones(64, 1792)}, path)
+    os.utime(path, ns=(1, 1))  # a new version of the file: a new modification time
+    assert resolve_checkpoint(str(path)).dim == 64 and settings.model_id != first
+    assert len(loads) == 2

@@ -192,7 +192,13 @@ def _serve_config(stack: StackConfig, http_port: int, dashboard: str, *, bridge:
     assert controller["node_bundle"] == NODE_BUNDLE
     # 100 images per replica: 300 queued messages want 3 replicas, one per fake node.
     controller["policy"].update(
-        {"max_replicas": MAX_WORKERS, "max_nodes": MAX_WORKERS, "scale_down_after_s": 5.0, "latency_target_s": 10.0}
+        {
+            "max_replicas": MAX_WORKERS,
+            "max_nodes": MAX_WORKERS,
+            "scale_down_after_s": 5.0,
+            "latency_target_s": 10.0,
+            "service_time_s": 0.1,
+        }
     )
     if not bridge:
         config["applications"] = [app for app in config["applications"] if app["name"] != "bridge"]

@@ -15,7 +15,7 @@ import pytest
 from serve_app.deployments.gallery_writer import GalleryWriterDeployment
 from serve_app.gallery_store import open_gallery_store
 from serve_app.model.enrollment import EnrolmentPhoto, embed_for_enrolment
-from serve_app.model.gallery import ModelMismatchError
+from serve_app.model.gallery import GalleryError, ModelMismatchError
 from serve_app.model.pipeline import Models
 from serve_app.settings import RecognitionConfig
 
@@ -75,5 +75,22 @@ def test_two_writers_of_two_models_keep_each_others_changes(models: Models, tmp_
         assert statuses == {CASIA.model_id: (5, True), KERAS.model_id: (5, False)}
         # Revisions count each model's snapshot on its own: a replica of the other model hears 0.
         assert new.revision(CASIA.model_id) > 0 and new.revision(KERAS.model_id) == 0
+
+    asyncio.run(scenario())
+
+
+def test_two_reembeddings_asked_at_once_start_one(tmp_path: Path) -> None:
+    """Two `POST /v1/gallery/reembed` at the same moment: one starts, the other is told one is running."""
+
+    async def scenario() -> None:
+        writer = GalleryWriterDeployment(str(tmp_path / "store"), KERAS, sync_period_s=3600)
+        outcomes = await asyncio.gather(
+            writer.reembed("casia-webface-512"), writer.reembed("casia-webface-512"), return_exceptions=True
+        )
+        started = [o for o in outcomes if isinstance(o, dict)]
+        refused = [o for o in outcomes if isinstance(o, GalleryError)]
+        assert len(started) == 1 and len(refused) == 1, outcomes
+        assert "already running" in str(refused[0])
+        await asyncio.wait_for(writer._reembed_task, 120)
 
     asyncio.run(scenario())

@@ -113,16 +113,22 @@ def test_make_runs_prometheus_sees_the_services_series_and_facerec_monitor_plots
     api, prometheus = f"http://127.0.0.1:{ports['http']}", f"http://127.0.0.1:{ports['prometheus']}"
     photo = (SCENES / "knn" / "test" / "obama1.jpg").read_bytes()
     started = time.monotonic()
-    for index in range(12):  # a few requests spread over two scrapes, so that rates have two points
-        answer = requests.post(f"{api}/", files={"inputFile": (f"q{index}.jpg", photo)}, timeout=300)
-        assert answer.status_code == 200, answer.text
-        time.sleep(1.0)
 
-    def series() -> list[dict[str, object]]:
-        return query(prometheus, 'ray_facerec_requests_total{route="/"}')
+    def post(count: int, first: int) -> None:
+        for index in range(first, first + count):
+            answer = requests.post(f"{api}/", files={"inputFile": (f"q{index}.jpg", photo)}, timeout=300)
+            assert answer.status_code == 200, answer.text
 
-    wait_until(lambda: bool(series()), 180, "Prometheus never had a facerec_ series", interval=2.0)
+    def counted() -> float:
+        found = query(prometheus, 'sum(ray_facerec_requests_total{route="/"})')
+        return float(found[0]["value"][1]) if found else 0.0
+
+    # Two batches of requests, each seen by a scrape of its own, so that rates have two points.
+    post(6, 0)
+    wait_until(lambda: counted() >= 6, 180, "Prometheus never had the facerec_ series", interval=2.0)
     print(f"\nfirst facerec_ series in Prometheus {time.monotonic() - started:.0f} s after the first request")
+    post(6, 6)
+    wait_until(lambda: counted() >= 12, 180, "Prometheus did not see the second batch", interval=2.0)
 
     def scrapes() -> int:
         counted = query(prometheus, 'max(count_over_time(ray_facerec_requests_total{route="/"}[5m]))')

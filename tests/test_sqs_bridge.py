@@ -111,9 +111,9 @@ def test_a_message_delivered_twice_gives_one_result(stack: Stack) -> None:
         )
     (response,) = collect_responses(stack, 1, timeout=120)
     assert response["body"] == repr(("test_000", expected))
-    wait_until(lambda: drained(stack), 60, "the duplicate was not consumed")
-    extra = stack.clients.sqs.receive_message(QueueUrl=stack.urls.responses, WaitTimeSeconds=2).get("Messages", [])
-    assert extra == []  # the second delivery produced no second response
+    # Both copies deleted means both are done: any response the second produced was sent before its delete.
+    wait_until(lambda: request_queue_empty(stack), 60, "the duplicate was not consumed")
+    assert sweep_responses(stack) == []  # the second delivery produced no second response
     assert status(stack.config, stack.clients)["out_bucket_objects"] == 1
 
 
@@ -141,7 +141,7 @@ def test_poison_messages_get_error_results_and_the_loop_goes_on(stack: Stack) ->
     assert status(stack.config, stack.clients)["dead_letter_queue"]["visible"] == 0
 
 
-def _kill_mid_run(stack: Stack, actor_marker: str) -> None:
+def _kill_mid_run(stack: Stack, actor_marker: str, most_duplicates: int) -> None:
     import ray
 
     items, answers = numbered(1000)
@@ -153,21 +153,28 @@ def _kill_mid_run(stack: Stack, actor_marker: str) -> None:
     assert victims, actor_marker
     ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
     responses = collect_responses(stack, 1000, timeout=900)
+    # A late second copy would still be on its way: count only once every request is done, then sweep.
+    wait_until(lambda: request_queue_empty(stack), 300, "requests were not all deleted")
+    responses += sweep_responses(stack)
     duplicates = len(responses) - len({r["key"] for r in responses})
     print(f"\n{actor_marker}: 1000 requests, {len(responses)} responses, {duplicates} duplicate(s)")
-    # A duplicate is only possible for a message that was between "response sent" and "recorded" at the kill.
-    assert duplicates <= 32
-    unique = list({r["key"]: r for r in responses}.values())
-    check_all_answered(stack, ids, answers, unique)
+    assert duplicates <= most_duplicates
+    first = {r["key"]: r for r in reversed(responses)}
+    assert all(r == first[r["key"]] for r in responses)  # a second copy is the same answer, byte for byte
+    check_all_answered(stack, ids, answers, list(first.values()))
     wait_until(lambda: drained(stack), 120, "queues did not drain to 0")
 
 
 def test_bridge_killed_mid_run_loses_nothing(stack: Stack) -> None:
-    _kill_mid_run(stack, "bridge#SqsBridge#")
+    # A duplicate is only possible for a message the dead consumer held between "response sent" and "recorded":
+    # at most the messages it held (max_in_flight).
+    _kill_mid_run(stack, "bridge#SqsBridge#", most_duplicates=32)
 
 
 def test_recognizer_killed_mid_run_loses_nothing(stack: Stack) -> None:
-    _kill_mid_run(stack, "facerec#Recognizer#")
+    # The consumer lives on: a photo whose recognition died with the replica is recognised again before any answer
+    # is written, so none is answered twice (the README's promise).
+    _kill_mid_run(stack, "facerec#Recognizer#", most_duplicates=0)
 
 
 OUTAGE_S = 20

@@ -21,10 +21,18 @@ from aws_stack.stack import StackConfig, provision
 from serve_app.deployments.supervision import BackgroundTaskError, BackgroundTasks
 from tests.queue_helpers import enrol, pool
 from tests.serve_fixtures import ServeCluster, free_port, healthy
-from tests.waiting import wait_until
+from tests.waiting import wait_until, wait_until_async
 
 
 # --- the supervisor ------------------------------------------------------------------------------------------
+def _fails(tasks: BackgroundTasks) -> bool:
+    try:
+        tasks.check()
+    except BackgroundTaskError:
+        return True
+    return False
+
+
 def test_running_tasks_are_healthy_and_an_ended_one_is_not() -> None:
     async def scenario() -> None:
         tasks = BackgroundTasks()
@@ -36,7 +44,7 @@ def test_running_tasks_are_healthy_and_an_ended_one_is_not() -> None:
             raise ConnectionError("the queue went away")
 
         tasks.start("crashes", crashes())
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: _fails(tasks), 5, "the crash was not noticed")
         with pytest.raises(BackgroundTaskError, match=r"'crashes' has ended \(ConnectionError"):
             tasks.check()
         assert tasks.names == ["waits", "crashes"]
@@ -61,7 +69,7 @@ def test_a_killed_or_finished_task_fails_the_check() -> None:
 
         finished = BackgroundTasks()
         finished.start("returns", asyncio.sleep(0))
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: _fails(finished), 5, "the return was not noticed")
         with pytest.raises(BackgroundTaskError, match="returned"):
             finished.check()
         with pytest.raises(ValueError, match="already running"):

@@ -94,6 +94,7 @@ class GalleryWriterDeployment(Supervised):
         self._followed: dict[str, str] = {}  # other model -> the snapshot token last carried over
         self._others: dict[str, SnapshotStatus] = {}
         self._reembedding: ReembedProgress | None = None
+        self._reembed_starting = asyncio.Lock()
         self._sync_period_s = sync_period_s
         # Recognizer replicas learn each new revision from here before a change is answered (read-your-writes
         # without a call per batch: see serve_app/deployments/revision_watch.py).
@@ -284,6 +285,11 @@ class GalleryWriterDeployment(Supervised):
     async def reembed(self, checkpoint: str, flip: bool = False) -> dict[str, object]:
         """Start re-embedding this model's snapshot with ``checkpoint`` (in the background); returns its progress
         (``reembed_progress`` follows it). The target model's snapshot is written beside this one."""
+        # Checked and recorded under one lock: two requests at once must not both find none running.
+        async with self._reembed_starting:
+            return await self._start_reembedding(checkpoint, flip)
+
+    async def _start_reembedding(self, checkpoint: str, flip: bool) -> dict[str, object]:
         if self._reembedding is not None and self._reembedding.state == "running":
             raise GalleryError(f"a re-embedding into {self._reembedding.target_model} is already running")
         settings = self._recognition.model_copy(update={"checkpoint": checkpoint, "flip": flip})

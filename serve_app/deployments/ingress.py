@@ -24,6 +24,7 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aws_stack.stack import StackConfig
 from serve_app.api_models import (
@@ -92,6 +93,20 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
         for error in exc.errors()
     )
     return JSONResponse({"error": {"code": "bad_request", "message": problems or "invalid request"}}, status_code=422)
+
+
+#: Codes for the web framework's own refusals (a body it cannot parse, an unknown route or method).
+FRAMEWORK_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _framework_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # The framework refuses some requests itself (a multipart body without headers is "Invalid multipart data.",
+    # an unknown route 404): the same error shape as every other answer, same status and headers.
+    code = FRAMEWORK_ERROR_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return JSONResponse(
+        {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ galleries record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -109,27 +110,36 @@ def resolve_checkpoint(name: str, threshold: float | None = None) -> Checkpoint:
         return CHECKPOINTS[name]
     path = Path(name)
     if path.suffix == ".pt" and path.is_file():
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or "last_linear.weight" not in state:
-            raise UnknownCheckpointError(f"{path} is not an InceptionResnetV1 state dict (no last_linear.weight)")
-        dim = int(state["last_linear.weight"].shape[0])
-
-        def load_pt() -> nn.Module:
-            model: nn.Module = InceptionResnetV1(classify=False)
-            if dim != 512:
-                model.last_linear = nn.Linear(1792, dim, bias=False)
-                model.last_bn = nn.BatchNorm1d(dim, eps=0.001, momentum=0.1, affine=True)
-            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")}, strict=True)
-            return model
-
-        return Checkpoint(
-            name=str(path),
-            model_id=f"pt-{digest}",
-            dim=dim,
-            standardization=Standardization.FIXED,
-            threshold=threshold if threshold is not None else 0.4,
-            load=load_pt,
-        )
+        # Read, hashed and loaded once per version of the file (the model id and threshold are asked often).
+        stat = path.stat()
+        return _resolve_pt(str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(path), threshold)
     known = ", ".join(CHECKPOINTS)
     raise UnknownCheckpointError(f"unknown checkpoint {name!r}: use one of {known}, or a path to a .pt state dict")
+
+
+@functools.lru_cache(maxsize=4)
+def _resolve_pt(resolved: str, mtime_ns: int, size: int, name: str, threshold: float | None) -> Checkpoint:
+    """A ``.pt`` state dict's checkpoint; the file's modification time and size are part of the key."""
+    path = Path(resolved)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "last_linear.weight" not in state:
+        raise UnknownCheckpointError(f"{path} is not an InceptionResnetV1 state dict (no last_linear.weight)")
+    dim = int(state["last_linear.weight"].shape[0])
+
+    def load_pt() -> nn.Module:
+        model: nn.Module = InceptionResnetV1(classify=False)
+        if dim != 512:
+            model.last_linear = nn.Linear(1792, dim, bias=False)
+            model.last_bn = nn.BatchNorm1d(dim, eps=0.001, momentum=0.1, affine=True)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")}, strict=True)
+        return model
+
+    return Checkpoint(
+        name=name,
+        model_id=f"pt-{digest}",
+        dim=dim,
+        standardization=Standardization.FIXED,
+        threshold=threshold if threshold is not None else 0.4,
+        load=load_pt,
+    )
