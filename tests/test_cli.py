@@ -144,3 +144,21 @@ def test_console_script_is_installed() -> None:
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True, timeout=60)
     for command in ("enroll", "recognize", "verify", "eval", "weights"):
         assert command in out.stdout
+
+
+def test_every_command_is_registered_once_with_its_handler() -> None:
+    """The parser is the one list of commands: each leaf command carries the function that runs it."""
+    import argparse
+
+    from facerec.cli.main import build_parser
+
+    def leaves(parser: argparse.ArgumentParser, path: list[str]) -> list[tuple[list[str], argparse.ArgumentParser]]:
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not groups:
+            return [(path, parser)]
+        return [leaf for name, sub in groups[0].choices.items() for leaf in leaves(sub, [*path, name])]
+
+    found = leaves(build_parser(), [])
+    assert len(found) >= 20
+    missing = [" ".join(path) for path, parser in found if not callable(parser.get_default("run"))]
+    assert missing == []

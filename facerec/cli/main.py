@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from serve_app.settings import RecognitionSettings
@@ -30,6 +30,158 @@ def _settings(args: argparse.Namespace) -> RecognitionSettings:
     return RecognitionSettings(**overrides)
 
 
+# One handler per command, registered with its parser (``set_defaults(run=...)``): the parser is the one list of
+# commands. Each imports what it needs when it runs, so that `facerec --help` and `weights fetch` never load torch.
+def _weights_fetch(args: argparse.Namespace) -> int:
+    from serve_app.model.weights.files import fetch_keras_h5
+
+    print(fetch_keras_h5(force=args.force))
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from facerec.cli import commands
+
+    return commands.enroll(_settings(args), args.gallery, args.photos_dir)
+
+
+def _recognize(args: argparse.Namespace) -> int:
+    from facerec.cli import commands
+
+    return commands.recognize(_settings(args), args.gallery, args.images, args.top_k)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from facerec.cli import commands
+
+    return commands.verify(_settings(args), args.image_a, args.image_b)
+
+
+def _gallery_show(args: argparse.Namespace) -> int:
+    from facerec.cli import gallery_commands
+
+    return gallery_commands.show(args.gallery, args.model, args.chips)
+
+
+def _gallery_reembed(args: argparse.Namespace) -> int:
+    from facerec.cli import gallery_commands
+
+    if args.checkpoint is None:
+        log.error("reembed needs --checkpoint: the checkpoint to embed the faces with")
+        return 2
+    return gallery_commands.reembed(_settings(args), args.gallery, args.source)
+
+
+def _gallery_drop(args: argparse.Namespace) -> int:
+    from facerec.cli import gallery_commands
+
+    return gallery_commands.drop(args.gallery, args.model)
+
+
+def _gallery_import_legacy(args: argparse.Namespace) -> int:
+    from facerec.cli import commands
+
+    return commands.import_legacy(args.data_pt, args.gallery, args.model_id)
+
+
+def _aws(args: argparse.Namespace) -> int:
+    from facerec.cli import aws_commands
+
+    return aws_commands.run(args)
+
+
+def _cluster_deploy(args: argparse.Namespace) -> int:
+    from facerec.cli import cluster_commands
+
+    return cluster_commands.deploy_command(args)
+
+
+def _cluster_bake(args: argparse.Namespace) -> int:
+    from facerec.cli import cluster_commands
+
+    return cluster_commands.bake_command(args)
+
+
+def _cluster_config(args: argparse.Namespace) -> int:
+    from facerec.cli import cluster_commands
+
+    return cluster_commands.config_command(args)
+
+
+def _sim_autoscale(args: argparse.Namespace) -> int:
+    from facerec.cli.sim_commands import autoscale
+
+    return autoscale(args)
+
+
+def _sim_capacity(args: argparse.Namespace) -> int:
+    from cluster.capacity import table
+
+    print(table(args.results, args.workers, args.worker_vcpus, args.head_vcpus))
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from facerec.cli import monitor_commands
+
+    if args.grafana is not None:
+        return monitor_commands.write_grafana(args.grafana)
+    return monitor_commands.plot(args.prometheus, args.minutes, args.out)
+
+
+def _monitoring_start(args: argparse.Namespace) -> int:
+    from facerec.cli import monitoring_commands
+
+    return monitoring_commands.start(args.prometheus_port, args.grafana_port, args.dir)
+
+
+def _eval_lfw(args: argparse.Namespace) -> int:
+    from facerec.cli import commands
+
+    return commands.eval_lfw(
+        _settings(args),
+        pairs=args.pairs,
+        images=args.images,
+        calibrate=args.calibrate,
+        plot=args.plot,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+
+
+def _eval_identify(args: argparse.Namespace) -> int:
+    from facerec.cli import commands
+
+    return commands.eval_identify(
+        _settings(args),
+        images=args.images,
+        seed=args.seed,
+        gallery_photos=args.gallery_photos,
+        min_photos=args.min_photos,
+        strangers_fraction=args.strangers_fraction,
+        people_from=args.people_from,
+        calibration=args.calibration,
+        plot=args.plot,
+        embeddings_cache=args.embeddings_cache,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+
+
+def _calibrate_far(args: argparse.Namespace) -> int:
+    from facerec.cli import commands
+
+    return commands.calibrate_far(
+        _settings(args),
+        images=args.images,
+        pairs=args.pairs,
+        out=args.out,
+        embeddings_cache=args.embeddings_cache,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facerec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -39,22 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="download and verify the Keras FaceNet weights (idempotent)")
     fetch.add_argument("--force", action="store_true", help="download again even if a verified copy exists")
+    fetch.set_defaults(run=_weights_fetch)
 
     enroll = commands.add_parser("enroll", help="enrol people from PHOTOS_DIR/<person>/*.jpg")
     enroll.add_argument("--gallery", type=Path, required=True, help="gallery directory (created if missing)")
     enroll.add_argument("photos_dir", type=Path)
     _add_model_options(enroll)
+    enroll.set_defaults(run=_enroll)
 
     recognize = commands.add_parser("recognize", help="one JSON line per image: every face and who it is")
     recognize.add_argument("--gallery", type=Path, required=True)
     recognize.add_argument("--top-k", type=int, default=3)
     recognize.add_argument("images", type=Path, nargs="+")
     _add_model_options(recognize)
+    recognize.set_defaults(run=_recognize)
 
     verify = commands.add_parser("verify", help="are the main faces of two photos the same person?")
     verify.add_argument("image_a", type=Path)
     verify.add_argument("image_b", type=Path)
     _add_model_options(verify)
+    verify.set_defaults(run=_verify)
 
     gallery = commands.add_parser("gallery", help="inspect or convert galleries")
     gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
@@ -64,21 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--gallery", required=True, help="a gallery directory, or s3://bucket/prefix")
     show.add_argument("--model", help="the snapshot to detail (needed when the store has several)")
     show.add_argument("--chips", type=Path, help="write each face's chip to DIR/<person>/<face id>.jpg")
+    show.set_defaults(run=_gallery_show)
     reembed = gallery_commands.add_parser(
         "reembed", help="embed every face again with --checkpoint (same face ids), beside the current snapshot"
     )
     reembed.add_argument("--gallery", required=True, help="a gallery directory, or s3://bucket/prefix")
     reembed.add_argument("--from", dest="source", help="the model id to re-embed from (needed if several)")
     _add_model_options(reembed)
+    reembed.set_defaults(run=_gallery_reembed)
     drop = gallery_commands.add_parser("drop", help="delete one model's snapshot once a model change is confirmed")
     drop.add_argument("--gallery", required=True, help="a gallery directory, or s3://bucket/prefix")
     drop.add_argument("--model", required=True, help="the model id whose snapshot to delete")
+    drop.set_defaults(run=_gallery_drop)
     legacy = gallery_commands.add_parser("import-legacy", help="import the legacy app tier's data.pt")
     legacy.add_argument("data_pt", type=Path)
     legacy.add_argument("--gallery", type=Path, required=True)
     legacy.add_argument(
         "--model-id", required=True, help="the checkpoint that made the embeddings; they only match that one"
     )
+    legacy.set_defaults(run=_gallery_import_legacy)
 
     aws = commands.add_parser("aws", help="the S3 buckets and SQS queues of the queue contract")
     aws_commands = aws.add_subparsers(dest="aws_command", required=True)
@@ -88,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("iam", "create the cluster's head and worker roles and instance profiles (idempotent)"),
     ):
         sub = aws_commands.add_parser(name, help=text)
+        sub.set_defaults(run=_aws)
         sub.add_argument("--prefix", help="resource name prefix (default facerec, or the local stack's)")
         sub.add_argument("--region", help="AWS region (default us-east-1, or the local stack's)")
         sub.add_argument("--endpoint", help="S3/SQS endpoint URL (default: AWS, or the local moto server)")
@@ -106,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--bootstrap", type=Path, help="default ~/ray_bootstrap_config.yaml (written by ray up)")
     deploy.add_argument("--address", default="http://127.0.0.1:8265", help="the head's dashboard")
     deploy.add_argument("--print", action="store_true", help="print the rendered Serve config; deploy nothing")
+    deploy.set_defaults(run=_cluster_deploy)
     bake = cluster_commands.add_parser(
         "bake", help="build a node image (AMI) with the setup done, so new nodes start without installing"
     )
@@ -114,12 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     bake.add_argument("--region", help="default: the cluster's provider.region")
     bake.add_argument("--instance-type", help="the builder's instance type (default: the node type's)")
     bake.add_argument("--name", help="the image's name (default: <cluster>-<node type>-<UTC time>)")
+    bake.set_defaults(run=_cluster_bake)
     config = cluster_commands.add_parser(
         "config", help="write the cluster config with a baked image for every node type (for ray up)"
     )
     config.add_argument("--image", required=True, help="the AMI id printed by facerec cluster bake")
     config.add_argument("--cluster-yaml", type=Path, default=Path("cluster.yaml"))
     config.add_argument("--out", type=Path, default=Path("cluster.baked.yaml"))
+    config.set_defaults(run=_cluster_config)
 
     sim = commands.add_parser("sim", help="simulate scaling rules on arrival traces")
     sim_commands = sim.add_subparsers(dest="sim_command", required=True)
@@ -145,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale.add_argument("--trend-lookahead-s", type=float, default=0.0, help="scale on demand's growth (0: off)")
     autoscale.add_argument("--max-nodes", type=int, default=19)
     autoscale.add_argument("--plot", type=Path, help="write backlog / nodes / latency to this PNG")
+    autoscale.set_defaults(run=_sim_autoscale)
     capacity = sim_commands.add_parser(
         "capacity", help="the cluster's images/s by worker count, from measured costs and AWS's published limits"
     )
@@ -157,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     capacity.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16, 64])
     capacity.add_argument("--worker-vcpus", type=float, default=4.0, help="cluster.yaml's cpu_worker: c6i.xlarge")
     capacity.add_argument("--head-vcpus", type=float, default=2.0, help="cluster.yaml's head: m6i.large")
+    capacity.set_defaults(run=_sim_capacity)
 
     monitor = commands.add_parser("monitor", help="the service's metrics panels as a PNG, from Prometheus")
     monitor.add_argument("--prometheus", default="http://127.0.0.1:9090", help="the Prometheus to query")
@@ -165,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--grafana", type=Path, metavar="JSON", help="write the Grafana dashboard of the same panels here instead"
     )
+    monitor.set_defaults(run=_monitor)
 
     monitoring = commands.add_parser("monitoring", help="Prometheus (and Grafana) on the cluster's head")
     monitoring_commands = monitoring.add_subparsers(dest="monitoring_command", required=True)
@@ -172,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--prometheus-port", type=int, default=9090)
     start.add_argument("--grafana-port", type=int, default=3000)
     start.add_argument("--dir", type=Path, default=Path("run"), help="their data and logs")
+    start.set_defaults(run=_monitoring_start)
 
     evaluate = commands.add_parser("eval", help="accuracy on standard benchmarks")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
@@ -183,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     lfw.add_argument("--batch-size", type=int, default=32)
     lfw.add_argument("--no-progress", action="store_true")
     _add_model_options(lfw)
+    lfw.set_defaults(run=_eval_lfw)
 
     identify = eval_commands.add_parser(
         "identify", help="open-set identification: rank-1, DIR at FAR, strangers accepted (ISO/IEC 19795 terms)"
@@ -203,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument("--batch-size", type=int, default=32)
     identify.add_argument("--no-progress", action="store_true")
     _add_model_options(identify)
+    identify.set_defaults(run=_eval_identify)
 
     calibrate = commands.add_parser("calibrate", help="calibrations shipped with each checkpoint")
     calibrate_commands = calibrate.add_subparsers(dest="calibrate_command", required=True)
@@ -216,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     far.add_argument("--batch-size", type=int, default=32)
     far.add_argument("--no-progress", action="store_true")
     _add_model_options(far)
+    far.set_defaults(run=_calibrate_far)
     return parser
 
 
@@ -226,100 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # Imported per command so that `facerec --help` and `weights fetch` never load torch.
-    if args.command == "weights":
-        from serve_app.model.weights.files import fetch_keras_h5
-
-        print(fetch_keras_h5(force=args.force))
-        return 0
-    if args.command == "sim" and args.sim_command == "capacity":
-        from cluster.capacity import table
-
-        print(table(args.results, args.workers, args.worker_vcpus, args.head_vcpus))
-        return 0
-    if args.command == "sim":
-        from facerec.cli.sim_commands import autoscale as simulate_autoscale
-
-        return simulate_autoscale(args)
-    if args.command == "monitoring":
-        from facerec.cli import monitoring_commands
-
-        return monitoring_commands.start(args.prometheus_port, args.grafana_port, args.dir)
-    if args.command == "monitor":
-        from facerec.cli import monitor_commands
-
-        if args.grafana is not None:
-            return monitor_commands.write_grafana(args.grafana)
-        return monitor_commands.plot(args.prometheus, args.minutes, args.out)
-    if args.command == "cluster":
-        from facerec.cli import cluster_commands
-
-        if args.cluster_command == "bake":
-            return cluster_commands.bake_command(args)
-        if args.cluster_command == "config":
-            return cluster_commands.config_command(args)
-        return cluster_commands.deploy_command(args)
-    if args.command == "aws":
-        from facerec.cli import aws_commands
-
-        return aws_commands.run(args)
-    from facerec.cli import commands
-
-    if args.command == "enroll":
-        return commands.enroll(_settings(args), args.gallery, args.photos_dir)
-    if args.command == "recognize":
-        return commands.recognize(_settings(args), args.gallery, args.images, args.top_k)
-    if args.command == "verify":
-        return commands.verify(_settings(args), args.image_a, args.image_b)
-    if args.command == "gallery" and args.gallery_command in ("show", "reembed", "drop"):
-        from facerec.cli import gallery_commands
-
-        if args.gallery_command == "show":
-            return gallery_commands.show(args.gallery, args.model, args.chips)
-        if args.gallery_command == "reembed":
-            if args.checkpoint is None:
-                log.error("reembed needs --checkpoint: the checkpoint to embed the faces with")
-                return 2
-            return gallery_commands.reembed(_settings(args), args.gallery, args.source)
-        return gallery_commands.drop(args.gallery, args.model)
-    if args.command == "gallery" and args.gallery_command == "import-legacy":
-        return commands.import_legacy(args.data_pt, args.gallery, args.model_id)
-    if args.command == "eval" and args.eval_command == "identify":
-        return commands.eval_identify(
-            _settings(args),
-            images=args.images,
-            seed=args.seed,
-            gallery_photos=args.gallery_photos,
-            min_photos=args.min_photos,
-            strangers_fraction=args.strangers_fraction,
-            people_from=args.people_from,
-            calibration=args.calibration,
-            plot=args.plot,
-            embeddings_cache=args.embeddings_cache,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-    if args.command == "calibrate":
-        return commands.calibrate_far(
-            _settings(args),
-            images=args.images,
-            pairs=args.pairs,
-            out=args.out,
-            embeddings_cache=args.embeddings_cache,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-    if args.command == "eval":
-        return commands.eval_lfw(
-            _settings(args),
-            pairs=args.pairs,
-            images=args.images,
-            calibrate=args.calibrate,
-            plot=args.plot,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-    raise AssertionError(f"unhandled command {args.command}")
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)
 
 
 if __name__ == "__main__":
