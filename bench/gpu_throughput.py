@@ -4,6 +4,7 @@
         [--state-dict PATH] [--out FILE]
     .venv/bin/python bench/gpu_throughput.py --device cpu --images 16          # smoke test without a GPU
     .venv/bin/python bench/gpu_throughput.py --export-state-dict PATH         # shipped weights -> float16 .pt
+    PYTHONPATH=. python3 bench/gpu_throughput.py --agreement-only [--check 16] [--images 512] ...  # TF32 study
 
 Loads the shipped default models (``RecognitionConfig()``: checkpoint facenet-keras-128, MTCNN) on ``--device``
 and measures, on LFW photos in ``model_throughput``'s order:
@@ -18,6 +19,21 @@ and measures, on LFW photos in ``model_throughput``'s order:
 size of the Keras HDF5 file, for machines the HDF5 file cannot be carried to) instead of the HDF5 file; the
 network, folding and precision are the shipped ones. Prints one JSON object; on CUDA it is also written to
 bench/results/gpu/gpu_throughput.json (and to ``--out``).
+
+``--agreement-only`` measures nothing else but how far the device's results are from the CPU's float32 ones on the
+first ``--check`` photos, under each of :data:`TF32_MODES` (torch's defaults; TF32 off in cuDNN and matmul, with
+``cudnn.benchmark`` off; the same with ``cudnn.deterministic``; TF32 on in both): per photo, the main face's box
+(max absolute coordinate difference, pixels), the cosine of the full pipeline's embedding, the cosine of the device
+embedder on the CPU detector's crops (embedding alone, detection excluded), and the cosine of the CPU embedder on
+the device's crops (detection alone). It also times decode + detect + embed at batch 32 (``--images`` photos) with
+the default flags and with TF32 off. On CUDA the JSON goes to bench/results/gpu/gpu_agreement.json (and ``--out``).
+
+The first such run on an H200 (torch 2.11, cuDNN 9.19; ``--state-dict`` weights) was::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
+        .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit
+    PYTHONUNBUFFERED=1 python3 bench/gpu_throughput.py --device cuda --agreement-only --check 16 --images 512 \\
+        --lfw .devcarry/lfw --state-dict .devcarry/weights/facenet_keras_128_fp16.pt --out $OUT/gpu_agreement.json
 """
 
 from __future__ import annotations
@@ -47,6 +63,20 @@ from serve_app.settings import RecognitionConfig, load_models
 LFW_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw-view1" / "images"
 RESULTS = results_dir() / "gpu"
 PIPELINE_BATCHES = (1, 8, 32, 64)
+#: Backend flags per agreement mode (``None``: torch's default, left as found). cuDNN convolutions use TF32 by
+#: default; matmul (the detector's and embedder's linear layers) does not.
+TF32_MODES: dict[str, dict[str, bool | None]] = {
+    "default": {"matmul_tf32": None, "cudnn_tf32": None, "cudnn_benchmark": None, "cudnn_deterministic": None},
+    "tf32_off": {"matmul_tf32": False, "cudnn_tf32": False, "cudnn_benchmark": False, "cudnn_deterministic": None},
+    "tf32_off_deterministic": {
+        "matmul_tf32": False,
+        "cudnn_tf32": False,
+        "cudnn_benchmark": False,
+        "cudnn_deterministic": True,
+    },
+    "tf32_all_on": {"matmul_tf32": True, "cudnn_tf32": True, "cudnn_benchmark": None, "cudnn_deterministic": None},
+}
+TIMED_MODES = ("default", "tf32_off")
 EMBED_BATCHES = (32, 128)
 
 
@@ -169,6 +199,135 @@ def agreement(models: Models, reference: Models, payloads: Sequence[bytes]) -> d
     }
 
 
+def backend_flags() -> dict[str, Any]:
+    """The TF32 / cuDNN flags in force (and, where this torch has them, the newer ``fp32_precision`` settings)."""
+    flags: dict[str, Any] = {
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+    }
+    for name, owner in (("matmul_fp32_precision", "cuda.matmul"), ("conv_fp32_precision", "cudnn.conv")):
+        try:
+            target: Any = torch.backends
+            for part in owner.split("."):
+                target = getattr(target, part)
+            flags[name] = str(target.fp32_precision)
+        except Exception:  # older torch, or the legacy/new API mix check refused to answer
+            continue
+    return flags
+
+
+def set_backend_flags(mode: dict[str, bool | None], defaults: dict[str, Any]) -> None:
+    """Set the legacy TF32 / cuDNN flags of ``mode``; ``None`` restores the value in ``defaults``."""
+
+    def pick(key: str) -> bool:
+        value = mode[key]
+        return bool(defaults[key]) if value is None else value
+
+    torch.backends.cuda.matmul.allow_tf32 = pick("matmul_tf32")
+    torch.backends.cudnn.allow_tf32 = pick("cudnn_tf32")
+    torch.backends.cudnn.benchmark = pick("cudnn_benchmark")
+    torch.backends.cudnn.deterministic = pick("cudnn_deterministic")
+
+
+def _cosines(ours: Sequence[np.ndarray | None], theirs: Sequence[np.ndarray | None]) -> list[float | None]:
+    return [
+        None if a is None or b is None else round(float(np.dot(a, b)), 6) for a, b in zip(ours, theirs, strict=True)
+    ]
+
+
+def _summary(values: Sequence[float | None], worst: Callable[[Sequence[float]], float]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(worst(present), 6) if present else None
+
+
+def _embed_each(embedder: Embedder, crops: Sequence[torch.Tensor | None]) -> list[np.ndarray | None]:
+    """One embedding per crop (``None`` stays ``None``), all present crops in one ``embed`` call."""
+    present = [c for c in crops if c is not None]
+    if not present:
+        return [None] * len(crops)
+    vectors = iter(embedder.embed(torch.cat(present)))
+    return [None if c is None else next(vectors) for c in crops]
+
+
+def _main_faces(detector: FaceDetector, images: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
+    """Each photo's subject (as ``embed_main_faces`` picks it) and its crop (``None`` where none)."""
+    subjects = [found.subject() for found in detector.detect_all(images)]
+    crops = [
+        None if face is None else detector.crops(image, [face]) for image, face in zip(images, subjects, strict=True)
+    ]
+    return subjects, crops
+
+
+def tf32_agreement(
+    models: Models, reference: Models, payloads: Sequence[bytes], timing_payloads: Sequence[bytes]
+) -> dict[str, Any]:
+    """Device vs CPU float32 under each of :data:`TF32_MODES`: boxes, full, embed-only and detect-only cosines."""
+    device = models.embedder.device
+    images = [decode_image(p) for p in payloads]
+    cpu_subjects, cpu_crops = _main_faces(reference.detector, images)
+    cpu_vectors = _embed_each(reference.embedder, cpu_crops)
+    defaults = backend_flags()
+    out: dict[str, Any] = {
+        "images": len(images),
+        "faces_found_cpu": sum(face is not None for face in cpu_subjects),
+        "torch_default_flags": defaults,
+        "modes": {},
+    }
+    try:
+        for name, mode in TF32_MODES.items():
+            set_backend_flags(mode, defaults)
+            row: dict[str, Any] = {"flags": backend_flags()}
+            _main_faces(models.detector, images[:4])  # warm-up: kernel choice under these flags
+            subjects, crops = _main_faces(models.detector, images)
+            box_diff = [
+                None if a is None or b is None else round(max(abs(x - y) for x, y in zip(a.box, b.box, strict=True)), 4)
+                for a, b in zip(subjects, cpu_subjects, strict=True)
+            ]
+            full = _cosines(_embed_each(models.embedder, crops), cpu_vectors)
+            embed_only = _cosines(_embed_each(models.embedder, cpu_crops), cpu_vectors)
+            again = _cosines(_embed_each(models.embedder, cpu_crops), _embed_each(models.embedder, cpu_crops))
+            detect_only = _cosines(_embed_each(reference.embedder, crops), cpu_vectors)
+            row.update(
+                {
+                    "faces_found_device": sum(face is not None for face in subjects),
+                    "full_min_cosine": _summary(full, min),
+                    "embed_only_min_cosine": _summary(embed_only, min),
+                    "detect_only_min_cosine": _summary(detect_only, min),
+                    "box_max_abs_diff_px": _summary(box_diff, max),
+                    "embed_repeat_min_cosine": _summary(again, min),
+                    "per_photo": {
+                        "box_max_abs_diff_px": box_diff,
+                        "full_cosine": full,
+                        "embed_only_cosine": embed_only,
+                        "detect_only_cosine": detect_only,
+                    },
+                }
+            )
+            if name in TIMED_MODES and timing_payloads:
+                try:
+                    pipeline(models, timing_payloads[:64], 32)  # warm-up: batch 32 shapes under these flags
+                    row["pipeline_batch_32"] = [
+                        timed(device, partial(pipeline, models, timing_payloads, 32), len(timing_payloads))
+                        for _ in range(2)
+                    ]
+                except Exception as exc:
+                    row["pipeline_batch_32_failure"] = where_it_failed(exc)
+            out["modes"][name] = row
+    finally:
+        set_backend_flags(TF32_MODES["default"], defaults)
+    timed_rates = {
+        name: max(r["per_s"] for r in out["modes"][name]["pipeline_batch_32"])
+        for name in TIMED_MODES
+        if "pipeline_batch_32" in out["modes"].get(name, {})
+    }
+    out["pipeline_batch_32_images_per_s"] = timed_rates
+    if len(timed_rates) == len(TIMED_MODES) and timed_rates["default"]:
+        out["tf32_off_throughput_ratio"] = round(timed_rates["tf32_off"] / timed_rates["default"], 3)
+    return out
+
+
 def gpu_facts(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {"gpu": None}
@@ -193,6 +352,11 @@ def main() -> None:
     parser.add_argument("--state-dict", type=Path, help="embedder weights from --export-state-dict, not the HDF5")
     parser.add_argument("--check", type=int, default=16, help="photos compared against the CPU models (0: none)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--agreement-only",
+        action="store_true",
+        help="only the device-vs-CPU agreement under each TF32 mode, and batch-32 pipeline speed with TF32 off",
+    )
     parser.add_argument("--export-state-dict", type=Path, help="write the shipped weights as float16 .pt and exit")
     args = parser.parse_args()
     if args.export_state_dict:
@@ -224,6 +388,18 @@ def main() -> None:
     sync(device)
     result["load_s"] = round(time.perf_counter() - started, 2)
     result["embed_precision"] = models.embedder.precision
+
+    if args.agreement_only:
+        result["benchmark"] = "gpu_agreement"
+        try:
+            reference = load_models(settings, device=torch.device("cpu"))
+            reference.embedder.precision = "float32"
+            result["check_photos"] = [p.name for p in sorted(args.lfw.glob("*/*.jpg"))[: args.check]]
+            result["tf32_agreement"] = tf32_agreement(models, reference, payloads[: args.check], payloads)
+        except Exception as exc:
+            result["failures"].append({"stage": "tf32 agreement", **where_it_failed(exc)})
+        write_result(result, device, "gpu_agreement.json", args.out)
+        return
 
     if args.check and device.type != "cpu":
         try:
@@ -263,14 +439,18 @@ def main() -> None:
     result["embed_faces"] = len(faces)
     result["embed_faces_per_s"] = {k: r["per_s"] for k, r in embed_rows.items()}
     result["embed"] = embed_rows
-    result["machine"] = describe()
+    write_result(result, device, "gpu_throughput.json", args.out)
 
+
+def write_result(result: dict[str, Any], device: torch.device, name: str, out: Path | None) -> None:
+    """Print ``result`` as one JSON line; on CUDA also write it to bench/results/gpu/``name``; and to ``out``."""
+    result["machine"] = describe()
     text = json.dumps(result, indent=1) + "\n"
     if device.type == "cuda":
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "gpu_throughput.json").write_text(text)
-    if args.out:
-        args.out.write_text(text)
+        (RESULTS / name).write_text(text)
+    if out:
+        out.write_text(text)
     print(json.dumps(result))
 
 

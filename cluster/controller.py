@@ -181,6 +181,7 @@ class RayActuator:
         self._nodes: int | None = None
         #: What each per-node deployment was last set to, and when (absent: not set, or not deployed then).
         self._per_node_set: dict[tuple[str, str], tuple[int, float]] = {}
+        self._missing: set[tuple[str, str]] = set()
 
     def set_nodes(self, nodes: int) -> None:
         """Ask the autoscaler for ``nodes`` worker nodes, and one replica of each per-node deployment on each."""
@@ -206,9 +207,12 @@ class RayActuator:
                 continue
             if self._scale(*target, wanted, missing_ok=True):
                 self._per_node_set[target] = (wanted, now)
+                self._missing.discard(target)
             else:
                 self._per_node_set.pop(target, None)
-                log.info("per-node deployment %s/%s is not deployed: left alone", *target)
+                if target not in self._missing:  # said once, not every period
+                    log.info("per-node deployment %s/%s is not deployed: left alone until it is", *target)
+                    self._missing.add(target)
 
     def set_replicas(self, replicas: int) -> None:
         self._scale(*self._recognizer, replicas)

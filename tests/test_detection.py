@@ -121,3 +121,20 @@ def test_main_face_of_a_real_lfw_photo_with_a_background_face(detector: FaceDete
         assert abs(cx - 125) < 40 and abs(cy - 125) < 40, path.name
         checked += 1
     assert checked >= 1
+
+
+def test_a_cuda_detector_runs_its_convolutions_without_tf32() -> None:
+    """TF32 moved an MTCNN box by 4.7 px on a GPU (bench/results/gpu/gpu_agreement.json): CUDA runs in float32."""
+    import torch
+
+    from serve_app.model.detector import exact_convolutions_on
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        exact_convolutions_on(torch.device("cpu"))  # the CPU has no TF32: nothing changes
+        assert torch.backends.cudnn.allow_tf32
+        exact_convolutions_on(torch.device("cuda"))
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -108,12 +108,26 @@ class FaceDetections:
         return None if weak is None else self.weak[weak]
 
 
+def exact_convolutions_on(device: torch.device) -> None:
+    """On a CUDA device, convolutions in full float32 (no TF32), as on the CPU.
+
+    cuDNN's TF32 (torch's default for convolutions) moved one LFW photo's MTCNN box by 4.7 px on an H200, and that
+    face's embedding to a cosine of 0.966 against the CPU's; with TF32 off every box and embedding matched the CPU's
+    (cosine 1.000000, 16 of 16; bench/results/gpu/gpu_agreement.json). A gallery enrolled on CPU replicas must
+    match on GPU ones, so exactness wins over the 10-30 % that TF32 saves there. Process-wide, like the flag.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class FaceDetector:
     """Batched MTCNN. Images of equal (downscaled) size share one pass through the network pyramid."""
 
     def __init__(self, config: DetectorConfig | None = None, device: torch.device | None = None) -> None:
         self.config = config or DetectorConfig()
         self.device = device or torch.device("cpu")
+        exact_convolutions_on(self.device)
         # MTCNN() only loads the pnet/rnet/onet weights bundled in the wheel; it downloads nothing.
         mtcnn = MTCNN(device=self.device)
         mtcnn.eval()
