@@ -246,10 +246,15 @@ def fake_cluster(
         **RAY_ENVIRONMENT,
         **(environment or {}),
     }
-    head_cpus = int((head or HeadNode()).resources.get("CPU", 1))
+    head_resources = (head or HeadNode()).resources
+    head_cpus = int(head_resources.get("CPU", 1))
+    # `ray up` gives the head its node type's resources (RAY_OVERRIDE_RESOURCES); a head started by hand needs
+    # them on its command line (the autoscaling config's head entry is only the autoscaler's bookkeeping).
+    custom = {name: amount for name, amount in head_resources.items() if name not in ("CPU", "GPU", "memory")}
     with (temp / "head.log").open("wb") as log:
         process = subprocess.Popen(
             [str(RAY), "start", "--head", "--block", "--disable-usage-stats", f"--num-cpus={head_cpus}"]
+            + [f"--resources={json.dumps(custom)}"]
             + ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
             + [f"--port={gcs_port}"]
             + [f"--{flag}={free_port()}" for flag in PORT_FLAGS]
