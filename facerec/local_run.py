@@ -30,6 +30,11 @@ from serve_app import SHIPPED_CONFIG
 
 log = logging.getLogger("facerec.local")
 
+#: One machine only: replicas write their log lines 100 at a time (or at once for an error), which saves the
+#: request path a file write per request. Not on the cluster, where the controller's decisions and the replicas'
+#: warnings must be readable as they happen.
+LOCAL_TUNING = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "100"}
+
 RUN_DIR = Path("run")
 PID_FILE = RUN_DIR / "facerec.pid"
 CONFIG = SHIPPED_CONFIG
@@ -134,7 +139,7 @@ def run(
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             # The Serve settings every cluster node starts with too (the worker proxy port has no effect here).
-            for name, value in serve_tuning().items():
+            for name, value in {**serve_tuning(), **LOCAL_TUNING}.items():
                 os.environ.setdefault(name, value)
             # The dashboard reads it when it starts: its Metrics tab and charts query this Prometheus.
             os.environ["RAY_PROMETHEUS_HOST"] = f"http://127.0.0.1:{prometheus_port}"

@@ -61,6 +61,8 @@ def test_make_run_and_the_cluster_nodes_read_the_same_serve_settings() -> None:
     """`make run` parses cluster/serve_tuning.env; each cluster node sources it in sh: both see the same values."""
     parsed = serve_tuning()
     assert parsed["RAY_SERVE_LOG_TO_STDERR"] == "0" and parsed["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    # Unbuffered on the cluster: a buffer would hold the controller's decisions until it filled.
+    assert "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE" not in parsed
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     script = f'set -a; . "{SERVE_TUNING_FILE}"; set +a; env'
     shell = subprocess.run(["sh", "-c", script], env=clean, capture_output=True, text=True, check=True, timeout=30)
