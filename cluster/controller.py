@@ -35,8 +35,9 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve import Application
 
-from aws_stack.clients import AwsClients
+from aws_stack.clients import AwsClients, aws_client
 from aws_stack.stack import StackConfig, queue_counts, queue_urls
+from cluster.load_balancer import LoadBalancerArgs, TargetSync, alive_nodes
 from cluster.policy import Decision, Observation, PolicyConfig, PolicyState, decide
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
 from serve_app.metrics import controller_gauges
@@ -67,6 +68,8 @@ class ControllerArgs(BaseModel):
     dashboard_url: str = Field("http://127.0.0.1:8265", description="the head's dashboard (Serve's scaling API)")
     #: Ingress reports older than this are ignored (the replica that sent them has gone).
     report_ttl_s: float = Field(15.0, gt=0)
+    #: The load balancer whose targets follow the nodes (the workers' proxies, or the head's while none runs).
+    load_balancer: LoadBalancerArgs | None = None
     #: Set to the node count with every node decision (their applications need ``external_scaler_enabled``).
     #: An application that is not deployed is skipped: the Recognizer's scaling never waits on it.
     per_node: list[PerNodeDeployment] = Field(default_factory=list)
@@ -276,6 +279,10 @@ class ControllerDeployment(Supervised):
         self._args = args
         self._reports = InFlightReports(args.report_ttl_s)
         self._actuator = RayActuator(args)
+        self._targets: TargetSync | None = None
+        if args.load_balancer is not None:
+            elbv2 = aws_client("elbv2", region=args.stack.region, endpoint=args.stack.endpoint)
+            self._targets = TargetSync(elbv2, args.load_balancer)
         self._controller = QueueController(args.policy, SqsBacklog(args.stack), self._reports.total, self._actuator)
         self._gauges = controller_gauges()
         self._last: dict[str, object] = {}
@@ -288,6 +295,9 @@ class ControllerDeployment(Supervised):
             try:
                 step = await asyncio.to_thread(self._controller.step)
                 await asyncio.to_thread(self._actuator.keep_per_node)
+                if self._targets is not None:
+                    workers, head = await asyncio.to_thread(alive_nodes, next(iter(self._args.node_bundle)))
+                    await asyncio.to_thread(self._targets.sync, workers, head)
                 replicas, nodes = await asyncio.to_thread(
                     cluster_state, self._args.recognition_app, self._args.recognizer_deployment, self._args.node_bundle
                 )

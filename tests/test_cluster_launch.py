@@ -71,6 +71,10 @@ def test_iam_policies_name_only_this_projects_resources() -> None:
                 assert all(":demo-" in r or ":::demo-" in r for r in _as_list(statement["Resource"])), statement
     head_actions = {action for s in head["Statement"] for action in _as_list(s["Action"])}
     assert "iam:PassRole" in head_actions and "ec2:TerminateInstances" in head_actions
+    # The controller changes only this cluster's target groups (reading target health takes no resource scope).
+    retarget = {"elasticloadbalancing:RegisterTargets", "elasticloadbalancing:DeregisterTargets"}
+    scoped = {r for s in head["Statement"] if retarget & set(_as_list(s["Action"])) for r in _as_list(s["Resource"])}
+    assert scoped == {"arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/demo-*/*"}
     terminate = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
     assert terminate["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": "demo"}}
     # A worker reads the gallery and the inputs, consumes the request queue, writes results and answers: nothing

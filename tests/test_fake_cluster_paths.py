@@ -27,7 +27,7 @@ import pytest
 import requests
 from botocore.exceptions import BotoCoreError
 
-from aws_stack.clients import AwsClients
+from aws_stack.clients import AwsClients, aws_client
 from aws_stack.stack import StackConfig, provision, status
 from cluster.deploy import deploy, render_serve_config
 from cluster.fake_cluster import RAY_ENVIRONMENT, FakeCluster, WorkerType, cluster_worker_resources, fake_cluster
@@ -44,7 +44,25 @@ START_LIMIT_S = 600
 PER_IMAGE = {("facerec", "Recognizer"), ("bridge", "SqsBridge"), ("facerec", "Ingress")}
 
 
-def _config(stack: StackConfig, cluster: FakeCluster) -> dict[str, Any]:
+def _target_group(moto_endpoint: str) -> tuple[Any, str]:
+    """A load balancer target group in moto (nothing connects to what is registered in it)."""
+    ec2 = aws_client("ec2", region="us-east-1", endpoint=moto_endpoint)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    elbv2 = aws_client("elbv2", region="us-east-1", endpoint=moto_endpoint)
+    created = elbv2.create_target_group(
+        Name=f"fp-{uuid.uuid4().hex[:8]}", Protocol="HTTP", Port=8001, VpcId=vpc, TargetType="ip"
+    )
+    return elbv2, str(created["TargetGroups"][0]["TargetGroupArn"])
+
+
+def _targets(elbv2: Any, group: str) -> set[tuple[str, int]]:
+    described = elbv2.describe_target_health(TargetGroupArn=group)["TargetHealthDescriptions"]
+    return {
+        (t["Target"]["Id"], int(t["Target"]["Port"])) for t in described if t["TargetHealth"]["State"] != "draining"
+    }
+
+
+def _config(stack: StackConfig, cluster: FakeCluster, target_group: str) -> dict[str, Any]:
     config = render_serve_config(stack)
     config["http_options"].update({"host": "127.0.0.1", "port": cluster.http_port})
     apps = {app["name"]: app for app in config["applications"]}
@@ -56,6 +74,12 @@ def _config(stack: StackConfig, cluster: FakeCluster) -> dict[str, Any]:
     apps["bridge"]["args"].update({"wait_time_s": 1})
     controller = apps["controller"]["args"]
     controller.update({"period_s": 1.0, "dashboard_url": cluster.dashboard})
+    # The balancer's targets: the fake workers' shared proxy port, or the head's.
+    controller["load_balancer"] = {
+        "target_group_arn": target_group,
+        "worker_port": cluster.worker_http_port,
+        "head_port": cluster.http_port,
+    }
     controller["policy"].update({"min_replicas": WORKERS, "max_replicas": WORKERS, "max_nodes": WORKERS})
     return config
 
@@ -84,7 +108,7 @@ def _placed_on_workers(cluster: FakeCluster) -> bool:
 
 
 @pytest.fixture(scope="module")
-def running(moto_endpoint: str) -> Iterator[tuple[FakeCluster, Stack]]:
+def running(moto_endpoint: str) -> Iterator[tuple[FakeCluster, Stack, tuple[Any, str]]]:
     stack_config = StackConfig(
         prefix=f"fp{uuid.uuid4().hex[:8]}", endpoint=moto_endpoint, visibility_timeout_s=20, max_receive_count=10
     )
@@ -93,11 +117,12 @@ def running(moto_endpoint: str) -> Iterator[tuple[FakeCluster, Stack]]:
     worker = WorkerType("cpu_worker", cluster_worker_resources(2), min_workers=WORKERS, max_workers=WORKERS)
     with fake_cluster([worker]) as cluster:
         wait_until(lambda: len(cluster.worker_nodes()) == WORKERS, START_LIMIT_S, "the workers did not start", 1)
-        deploy(_config(stack_config, cluster), cluster.dashboard)
+        balancer = _target_group(moto_endpoint)
+        deploy(_config(stack_config, cluster, balancer[1]), cluster.dashboard)
         wait_until(lambda: _placed_on_workers(cluster), START_LIMIT_S, "per-image work not on the workers", 1)
         wait_until(lambda: _healthy(cluster.workers_http), START_LIMIT_S, "the workers' proxies do not answer", 1)
         enrol(cluster.workers_http, timeout=START_LIMIT_S)
-        yield cluster, stack
+        yield cluster, stack, balancer
 
 
 def _healthy(url: str) -> bool:
@@ -125,8 +150,14 @@ def _post(url: str, name: str, data: bytes, attempts: int = 5) -> tuple[int, str
     return 0, "gave up", attempts
 
 
-def test_both_paths_answer_every_photo_right_with_the_work_on_the_workers(running: tuple[FakeCluster, Stack]) -> None:
-    cluster, stack = running
+def test_both_paths_answer_every_photo_right_with_the_work_on_the_workers(
+    running: tuple[FakeCluster, Stack, tuple[Any, str]],
+) -> None:
+    cluster, stack, (elbv2, group) = running
+    # The controller put the workers' proxies behind the balancer and took the head's out (every fake node has
+    # the address 127.0.0.1: one target, on the workers' port).
+    wanted = {("127.0.0.1", cluster.worker_http_port)}
+    wait_until(lambda: _targets(elbv2, group) == wanted, START_LIMIT_S, "the balancer's targets did not follow", 1)
     items, answers = numbered(60)
     ids = enqueue(stack, items)
     photos = pool()
@@ -184,10 +215,10 @@ def _raylet_of(node_id: str) -> int:
     raise AssertionError(f"no raylet for node {node_id}")
 
 
-def test_a_worker_node_killed_mid_run_loses_nothing(running: tuple[FakeCluster, Stack]) -> None:
+def test_a_worker_node_killed_mid_run_loses_nothing(running: tuple[FakeCluster, Stack, tuple[Any, str]]) -> None:
     """Queue path: every request answered once, right (the dead node's messages reappear). HTTP path: every
     request answered right, some after a retry the client saw it needed (a reset connection or a 5xx)."""
-    cluster, stack = running
+    cluster, stack, _ = running
     items, answers = numbered(120)
     ids = enqueue(stack, items)
     photos = pool()
