@@ -51,6 +51,10 @@ RAY_ENVIRONMENT = {
 }
 
 
+#: A folder to copy the cluster's logs into when it is torn down (unset: they go with the cluster).
+KEEP_LOGS_ENV = "FACEREC_FAKE_CLUSTER_LOGS"
+
+
 class FakeClusterError(RuntimeError):
     """The fake cluster did not come up, or a condition on it did not hold in time."""
 
@@ -274,4 +278,7 @@ def fake_cluster(
         yield cluster
     finally:
         _end_processes_of(process, temp)
+        if keep := os.environ.get(KEEP_LOGS_ENV):  # every node's logs, for a failure to be read afterwards
+            with contextlib.suppress(OSError):
+                shutil.copytree(temp / "session_latest" / "logs", Path(keep) / temp.name, symlinks=False)
         shutil.rmtree(temp, ignore_errors=True)

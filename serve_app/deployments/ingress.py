@@ -121,6 +121,9 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 for _lost in REPLICA_LOST:
     app.add_exception_handler(_lost, _unavailable)
+# Any other failure of Ray itself (an actor that could not be placed on a node going away, a lost object) is the
+# cluster's, not the request's: the client may send it again (503 with Retry-After), never a bare 500.
+app.add_exception_handler(RayError, _unavailable)
 
 
 @app.exception_handler(GalleryStoreError)

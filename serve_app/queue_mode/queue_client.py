@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import RayError
 
 from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, queue_urls
@@ -116,7 +116,7 @@ class QueueClient:
             body = await self._wait(correlation_id, filename, deadline)
         except asyncio.CancelledError:
             # The client went away: its answer, when it comes, is nobody's (and the inbox stops waiting for it).
-            with contextlib.suppress(RayActorError, ActorUnavailableError):
+            with contextlib.suppress(RayError):
                 self.inbox().forget.remote(correlation_id)
             raise
         if body is None:
@@ -134,7 +134,10 @@ class QueueClient:
             try:
                 body: str | None = await self.inbox().wait.remote(correlation_id, remaining, stem)
                 return body
-            except (RayActorError, ActorUnavailableError) as error:
+            except RayError as error:
+                # Died, unreachable, or could not be placed (its node is going away): start it again and go on
+                # waiting; if this replica's node is the one going, the client's connection goes with it and the
+                # client sends again.
                 log.warning("answer inbox lost while waiting for %s (%s): starting it again", filename, error)
                 self._inbox = None
                 await asyncio.sleep(INBOX_RETRY_S)
