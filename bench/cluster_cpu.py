@@ -59,7 +59,7 @@ from cluster.fake_cluster import (
     free_port,
     wait_for,
 )
-from facerec.local_run import moto_server
+from facerec.local_run import local_aws_environment, moto_server
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = results_dir()
@@ -275,15 +275,9 @@ def queue_path(stack: StackConfig, clients: AwsClients, photos: list[Photo]) -> 
 @contextlib.contextmanager
 def local_aws(port: int) -> Iterator[str]:
     with moto_server(port) as endpoint:
-        saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL": endpoint,
-                "AWS_ACCESS_KEY_ID": "moto-local",
-                "AWS_SECRET_ACCESS_KEY": "moto-local",
-                "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            }
-        )
+        environment = local_aws_environment(endpoint)
+        saved = {k: os.environ.get(k) for k in environment}
+        os.environ.update(environment)
         try:
             yield endpoint
         finally:

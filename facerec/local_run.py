@@ -79,7 +79,7 @@ def moto_server(port: int) -> Iterator[str]:
             process.kill()
 
 
-def _local_aws_environment(endpoint: str) -> dict[str, str]:
+def local_aws_environment(endpoint: str) -> dict[str, str]:
     return {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "moto-local",
@@ -126,7 +126,7 @@ def run(
     PID_FILE.write_text(str(os.getpid()))
     try:
         with moto_server(moto_port) as endpoint:
-            os.environ.update(_local_aws_environment(endpoint))
+            os.environ.update(local_aws_environment(endpoint))
             from aws_stack.clients import AwsClients
             from aws_stack.stack import StackConfig, provision
 

@@ -151,3 +151,17 @@ def enrol(url: str, people: list[str] = ENROLLED, timeout: float = 120) -> None:
             timeout=timeout,
         )
         assert response.status_code == 201, response.text
+
+
+def moto_target_group(moto_endpoint: str) -> tuple[Any, str]:
+    """An ELBv2 target group of type `ip` in moto, and its ELBv2 client. Its VPC and the addresses the tests
+    register are loopback ones: moto only records them, and nothing ever connects to a target."""
+    from aws_stack.clients import aws_client
+
+    ec2 = aws_client("ec2", region="us-east-1", endpoint=moto_endpoint)
+    vpc = ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
+    elbv2 = aws_client("elbv2", region="us-east-1", endpoint=moto_endpoint)
+    created = elbv2.create_target_group(
+        Name=f"tg-{uuid.uuid4().hex[:8]}", Protocol="HTTP", Port=8001, VpcId=vpc, TargetType="ip"
+    )
+    return elbv2, str(created["TargetGroups"][0]["TargetGroupArn"])

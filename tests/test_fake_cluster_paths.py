@@ -27,12 +27,21 @@ import pytest
 import requests
 from botocore.exceptions import BotoCoreError
 
-from aws_stack.clients import AwsClients, aws_client
+from aws_stack.clients import AwsClients
 from aws_stack.stack import StackConfig, provision, status
 from cluster.deploy import deploy, render_serve_config
 from cluster.fake_cluster import RAY_ENVIRONMENT, FakeCluster, WorkerType, cluster_worker_resources, fake_cluster
 from serve_app.queue_mode.answer_inbox import INBOX_NAMESPACE
-from tests.queue_helpers import Stack, collect_responses, enqueue, enrol, numbered, pool, receive_responses
+from tests.queue_helpers import (
+    Stack,
+    collect_responses,
+    enqueue,
+    enrol,
+    moto_target_group,
+    numbered,
+    pool,
+    receive_responses,
+)
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -42,17 +51,6 @@ START_LIMIT_S = 600
 #: The Serve deployments that do per-image work, by application: all on worker nodes (and the head's one
 #: standby ingress).
 PER_IMAGE = {("facerec", "Recognizer"), ("bridge", "SqsBridge"), ("facerec", "Ingress")}
-
-
-def _target_group(moto_endpoint: str) -> tuple[Any, str]:
-    """A load balancer target group in moto (nothing connects to what is registered in it)."""
-    ec2 = aws_client("ec2", region="us-east-1", endpoint=moto_endpoint)
-    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    elbv2 = aws_client("elbv2", region="us-east-1", endpoint=moto_endpoint)
-    created = elbv2.create_target_group(
-        Name=f"fp-{uuid.uuid4().hex[:8]}", Protocol="HTTP", Port=8001, VpcId=vpc, TargetType="ip"
-    )
-    return elbv2, str(created["TargetGroups"][0]["TargetGroupArn"])
 
 
 def _targets(elbv2: Any, group: str) -> set[tuple[str, int]]:
@@ -117,7 +115,7 @@ def running(moto_endpoint: str) -> Iterator[tuple[FakeCluster, Stack, tuple[Any,
     worker = WorkerType("cpu_worker", cluster_worker_resources(2), min_workers=WORKERS, max_workers=WORKERS)
     with fake_cluster([worker]) as cluster:
         wait_until(lambda: len(cluster.worker_nodes()) == WORKERS, START_LIMIT_S, "the workers did not start", 1)
-        balancer = _target_group(moto_endpoint)
+        balancer = moto_target_group(moto_endpoint)
         deploy(_config(stack_config, cluster, balancer[1]), cluster.dashboard)
         wait_until(lambda: _placed_on_workers(cluster), START_LIMIT_S, "per-image work not on the workers", 1)
         wait_until(lambda: _healthy(cluster.workers_http), START_LIMIT_S, "the workers' proxies do not answer", 1)

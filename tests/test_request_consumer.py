@@ -49,18 +49,10 @@ def send(clients: AwsClients, config: StackConfig, urls: QueueUrls, key: str, da
 
 
 def consumer(clients: AwsClients, config: StackConfig, urls: QueueUrls, recognize: object) -> RequestConsumer:
-    processor = RequestProcessor(
-        s3=clients.s3,
-        sqs=clients.sqs,
-        in_bucket=config.in_bucket,
-        out_bucket=config.out_bucket,
-        response_queue_url=urls.responses,
-        recognize=recognize,  # type: ignore[arg-type]
-    )
     return RequestConsumer(
         clients.sqs,
         urls.requests,
-        processor,
+        _processor(clients, config, urls, recognize),
         ConsumerConfig(max_in_flight=8, wait_time_s=1, visibility_timeout_s=5, backoff_base_s=1),
     )
 
