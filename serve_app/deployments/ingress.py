@@ -7,6 +7,7 @@ wrong. Gallery changes need ``X-API-Key`` when ``FACEREC_API_KEY`` is set in the
 
 import asyncio
 import hmac
+import inspect
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -119,11 +120,26 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _ray_error(request: Request, exc: Exception) -> Response:
+    # An error raised inside another deployment arrives as a RayTaskError that is also an instance of its cause
+    # (Ray builds the class from both), and RayError comes first in that class's MRO: the handler is looked up
+    # here by the cause (a gallery store out of reach is "gallery_unavailable", an APIError its own answer).
+    cause = exc.cause if isinstance(exc, RayTaskError) else None
+    if isinstance(cause, Exception) and not isinstance(cause, RayError):
+        for klass in type(cause).__mro__:
+            handler = app.exception_handlers.get(klass)
+            if handler is not None:
+                answer = handler(request, cause)
+                return await answer if inspect.isawaitable(answer) else answer
+        raise cause  # a bug in the deployment that raised it: a 500, as it would be in the ingress itself
+    return await _unavailable(request, exc)
+
+
 for _lost in REPLICA_LOST:
-    app.add_exception_handler(_lost, _unavailable)
+    app.add_exception_handler(_lost, _ray_error)
 # Any other failure of Ray itself (an actor that could not be placed on a node going away, a lost object) is the
 # cluster's, not the request's: the client may send it again (503 with Retry-After), never a bare 500.
-app.add_exception_handler(RayError, _unavailable)
+app.add_exception_handler(RayError, _ray_error)
 
 
 @app.exception_handler(GalleryStoreError)
