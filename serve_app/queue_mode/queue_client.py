@@ -131,14 +131,19 @@ class QueueClient:
         """
         stem = output_key(filename)
         while (remaining := deadline - time.monotonic()) > 0:
+            inbox = self.inbox()
             try:
-                body: str | None = await self.inbox().wait.remote(correlation_id, remaining, stem)
+                body: str | None = await inbox.wait.remote(correlation_id, remaining, stem)
                 return body
             except RayError as error:
                 # Died, unreachable, or could not be placed (its node is going away): start it again and go on
                 # waiting; if this replica's node is the one going, the client's connection goes with it and the
                 # client sends again.
                 log.warning("answer inbox lost while waiting for %s (%s): starting it again", filename, error)
-                self._inbox = None
+                if self._inbox is inbox:
+                    # Only the handle that failed: the waits that fail with it learn of it one by one, and one that
+                    # dropped the inbox already started again would drop its only owning handle, and Ray would end
+                    # the new inbox as out of scope under every request waiting on it.
+                    self._inbox = None
                 await asyncio.sleep(INBOX_RETRY_S)
         return None
