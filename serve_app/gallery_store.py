@@ -7,17 +7,24 @@ checkpoints cannot be mixed), and the face chips they share:
 * ``gallery.npz``: the snapshot of the model it records, in a store that began before snapshots were kept per
   model (and what an unbound store, ``Gallery.save`` or the legacy import of old versions wrote); a model's
   own ``models/<model id>.npz``, once it exists, comes first;
+* ``models/<model id>.changes/<revision>.npz``: the changes made to that model's gallery since its snapshot (each
+  one a :class:`~serve_app.model.gallery_change.GalleryChange`, the revision zero-padded to 12 digits). The
+  snapshot is the base: it records the revision it holds, and the gallery is the base plus every change after it,
+  in order (:func:`serve_app.gallery_journal.load_gallery`). A change is written only if no object of its
+  revision exists (S3's ``If-None-Match: *``; locally, a hard link that fails if the name is taken), so of two
+  writers that staged the same revision exactly one stores it and the other learns it lost;
 * ``models/<model id>.partial.npz``: a re-embedding in progress (never served; see ``facerec gallery reembed``);
 * ``chips/<face id>.jpg``: the aligned crop each enrolled face was embedded from. Face ids are kept across models,
   so every model's snapshot refers to the same chips.
 
 A store object is bound to one model (:meth:`GalleryStore.for_model`), and ``token()`` (has it changed since I last
-read it?), ``read()`` and ``write()`` address that model's snapshot; an unbound store addresses ``gallery.npz``.
-Writes replace a whole snapshot atomically (S3 ``PutObject`` is atomic per object; locally, write-then-rename), so
-a reader sees the old snapshot or the new one, never a mixture.
+read it?), ``read()`` and ``write()`` address that model's snapshot (the base), and ``write_change()`` /
+``read_change()`` its changes; an unbound store addresses ``gallery.npz``. A base is replaced atomically (S3
+``PutObject`` is atomic per object; locally, write-then-rename), so a reader sees the old base or the new one,
+never a mixture; a change is written once and never replaced.
 
-The GalleryWriter stores a face's chip before the snapshot that names it, and deletes it after its own snapshot
-no longer names it. Another model's snapshot may still name that face until it follows the removal (see
+The GalleryWriter stores a face's chip before the change that names it, and deletes it after the change that
+removes it. Another model's snapshot may still name that face until it follows the removal (see
 :mod:`serve_app.deployments.gallery_writer`); it already holds the face's embedding, and a re-embedding reports
 such a face as having no usable chip.
 """
@@ -25,7 +32,9 @@ such a face as having no usable chip.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +53,10 @@ MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 PARTIAL_SUFFIX = ".partial.npz"
 #: S3 object metadata on each snapshot: which model it records, so a HEAD tells (no download of the snapshot).
 MODEL_METADATA = "model-id"
+#: S3 object metadata on each snapshot: the revision it holds (a HEAD tells whether a newer base was written).
+REVISION_METADATA = "revision"
+CHANGES_SUFFIX = ".changes"
+CHANGE_KEY = re.compile(r"(\d{12})\.npz")
 
 
 class GalleryStoreError(RuntimeError):
@@ -78,8 +91,19 @@ class GalleryStore(ABC):
     def _get(self, key: str) -> bytes | None: ...
 
     @abstractmethod
-    def _put(self, key: str, data: bytes, content_type: str, model_id: str | None = None) -> None:
-        """Write an object; a snapshot's ``model_id`` goes with it where the store can keep it (S3 metadata)."""
+    def _put(
+        self, key: str, data: bytes, content_type: str, model_id: str | None = None, revision: int | None = None
+    ) -> None:
+        """Write an object; a snapshot's ``model_id`` and ``revision`` go with it where the store can keep them
+        (S3 metadata)."""
+
+    @abstractmethod
+    def _put_new(self, key: str, data: bytes) -> bool:
+        """Write an object only if none exists under ``key``: ``False`` (nothing written) when one does."""
+
+    @abstractmethod
+    def _revision_of(self, key: str) -> int | None:
+        """The revision a snapshot holds, read as cheaply as the store allows (``None``: no snapshot)."""
 
     @abstractmethod
     def _model_of(self, key: str) -> str | None:
@@ -141,12 +165,48 @@ class GalleryStore(ABC):
         return self._get(self.snapshot_key())
 
     def write(self, data: bytes) -> None:
-        """Replace the snapshot atomically."""
+        """Replace the snapshot (the base) atomically."""
         try:
-            model_id: str | None = str(snapshot_meta(data)["model_id"])
+            meta = snapshot_meta(data)
+            model_id: str | None = str(meta["model_id"])
+            revision: int | None = int(str(meta.get("revision", 0)))
         except GalleryError:
-            model_id = None  # not a gallery (a caller's mistake, or a test's stand-in bytes): stored as it is
-        self._put(self.snapshot_key(), data, "application/octet-stream", model_id)
+            model_id = revision = None  # not a gallery (a caller's mistake, or a test's stand-in bytes): as it is
+        self._put(self.snapshot_key(), data, "application/octet-stream", model_id, revision)
+
+    def base_revision(self) -> int | None:
+        """The revision the bound model's snapshot holds (``None`` while there is none), without reading it."""
+        return self._revision_of(self.snapshot_key())
+
+    # --- the bound model's changes since its snapshot -----------------------------------------------------------
+    def _changes_folder(self) -> str:
+        if self.model_id is None:
+            raise ValueError("changes belong to a model: bind the store with for_model()")
+        return f"{MODELS_FOLDER}/{self.model_id}{CHANGES_SUFFIX}"
+
+    def _change_key(self, revision: int) -> str:
+        return f"{self._changes_folder()}/{revision:012d}.npz"
+
+    def write_change(self, revision: int, data: bytes) -> bool:
+        """Store the change that makes ``revision``, unless one is stored already: ``False`` then (another writer
+        stored that revision first; nothing was written)."""
+        return self._put_new(self._change_key(revision), data)
+
+    def read_change(self, revision: int) -> bytes | None:
+        """The change that makes ``revision`` (``None`` if there is none, or it was cleaned up after a base)."""
+        return self._get(self._change_key(revision))
+
+    def change_revisions(self) -> list[int]:
+        """The revisions of every change stored, in order."""
+        found = []
+        for key in self._list(self._changes_folder()):
+            match = CHANGE_KEY.fullmatch(key.rsplit("/", 1)[-1])
+            if match:
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def delete_changes(self, revisions: list[int]) -> None:
+        self._delete([self._change_key(revision) for revision in revisions])
 
     # --- every model's snapshots ------------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotInfo]:
@@ -183,7 +243,7 @@ class GalleryStore(ABC):
         return self._get(self._partial_key())
 
     def write_partial(self, data: bytes) -> None:
-        self._put(self._partial_key(), data, "application/octet-stream", self.model_id)
+        self._put(self._partial_key(), data, "application/octet-stream", self.model_id)  # never a base
 
     def delete_partial(self) -> None:
         self._delete([self._partial_key()])
@@ -227,14 +287,38 @@ class LocalGalleryStore(GalleryStore):
         except FileNotFoundError:
             return None
 
-    def _put(self, key: str, data: bytes, content_type: str, model_id: str | None = None) -> None:
+    def _put(
+        self, key: str, data: bytes, content_type: str, model_id: str | None = None, revision: int | None = None
+    ) -> None:
         write_atomically(self.directory / key, data)
+
+    def _put_new(self, key: str, data: bytes) -> bool:
+        target = self.directory / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, target)  # atomic, and refused if the name exists: the local If-None-Match
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def _model_of(self, key: str) -> str | None:
         try:
             return str(snapshot_meta(self.directory / key)["model_id"])  # the archive's meta member only
         except GalleryError:
             return None  # gone meanwhile, or not a gallery: nobody's snapshot
+
+    def _revision_of(self, key: str) -> int | None:
+        try:
+            return int(str(snapshot_meta(self.directory / key).get("revision", 0)))
+        except GalleryError:
+            return None
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:
@@ -269,8 +353,12 @@ class S3GalleryStore(GalleryStore):
         response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._full(key))
         return None if response is None else bytes(response["Body"].read())
 
-    def _put(self, key: str, data: bytes, content_type: str, model_id: str | None = None) -> None:
+    def _put(
+        self, key: str, data: bytes, content_type: str, model_id: str | None = None, revision: int | None = None
+    ) -> None:
         metadata = {MODEL_METADATA: model_id} if model_id else {}
+        if revision is not None:
+            metadata[REVISION_METADATA] = str(revision)
         self._call(
             self.client.put_object,
             Bucket=self.bucket,
@@ -279,6 +367,34 @@ class S3GalleryStore(GalleryStore):
             ContentType=content_type,
             Metadata=metadata,
         )
+
+    def _put_new(self, key: str, data: bytes) -> bool:
+        try:
+            self._call(
+                self.client.put_object,
+                Bucket=self.bucket,
+                Key=self._full(key),
+                Body=data,
+                ContentType="application/octet-stream",
+                IfNoneMatch="*",
+                passing=("PreconditionFailed", "ConditionalRequestConflict", "412", "409"),
+            )
+        except _RefusedError:
+            return False
+        return True
+
+    def _revision_of(self, key: str) -> int | None:
+        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self._full(key))
+        if head is None:
+            return None
+        recorded = head.get("Metadata", {}).get(REVISION_METADATA)
+        if recorded is not None:
+            return int(recorded)
+        data = self._get(key)  # written before the metadata existed: read the snapshot's own meta
+        try:
+            return None if data is None else int(str(snapshot_meta(data).get("revision", 0)))
+        except GalleryError:
+            return None
 
     def _model_of(self, key: str) -> str | None:
         head = self._call(self.client.head_object, Bucket=self.bucket, Key=self._full(key))
@@ -307,18 +423,26 @@ class S3GalleryStore(GalleryStore):
             keys += [f"{folder}/{item['Key'][len(start) :]}" for item in page.get("Contents", [])]
         return keys
 
-    def _call(self, operation: Any, **kwargs: Any) -> Any:
-        """One S3 call; ``None`` for a missing object, :class:`GalleryStoreError` for any other failure."""
+    def _call(self, operation: Any, passing: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        """One S3 call; ``None`` for a missing object, :class:`_RefusedError` for an error code in ``passing`` (a
+        condition that failed), :class:`GalleryStoreError` for any other failure."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return operation(**kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            code = exc.response.get("Error", {}).get("Code")
+            if code in passing or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) in passing:
+                raise _RefusedError(str(code)) from exc
+            if code in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise GalleryStoreError(f"s3://{self.bucket}/{self.prefix}: {exc}") from exc
         except BotoCoreError as exc:
             raise GalleryStoreError(f"cannot reach s3://{self.bucket}/{self.prefix}: {exc}") from exc
+
+
+class _RefusedError(Exception):
+    """A conditional write found its condition false (the object exists already)."""
 
 
 def _chip_key(face_id: str) -> str:

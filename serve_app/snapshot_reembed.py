@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from serve_app.gallery_journal import load_gallery
 from serve_app.gallery_store import GalleryStore
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Gallery, GalleryError
@@ -18,9 +19,11 @@ from serve_app.model.reembedding import CarryOverReport, carry_over, chip_embedd
 
 
 def load_snapshot(store: GalleryStore) -> Gallery | None:
-    """The bound model's snapshot (``None`` while it has none)."""
-    data = store.read()
-    return None if data is None else Gallery.from_bytes(data, expected_model_id=store.model_id)
+    """The bound model's gallery: its snapshot and the changes after it (``None`` while it has neither)."""
+    if store.model_id is None:
+        data = store.read()
+        return None if data is None else Gallery.from_bytes(data)
+    return load_gallery(store, store.model_id)
 
 
 def source_model(store: GalleryStore, target_model: str, named: str | None = None) -> str:
@@ -79,9 +82,9 @@ def _start(target_store: GalleryStore, model_id: str, dim: int) -> Gallery:
 
     A partial grows from the snapshot it started from, so its revision is at least that snapshot's; a snapshot
     newer than the partial (its model's writer changed it since) wins, and the partial is left behind."""
-    partial_data, snapshot_data = target_store.read_partial(), target_store.read()
+    partial_data = target_store.read_partial()
     partial = None if partial_data is None else Gallery.from_bytes(partial_data, expected_model_id=model_id)
-    snapshot = None if snapshot_data is None else Gallery.from_bytes(snapshot_data, expected_model_id=model_id)
+    snapshot = load_gallery(target_store, model_id, dim)
     if partial is not None and (snapshot is None or partial.revision >= snapshot.revision):
         return partial
     return snapshot if snapshot is not None else Gallery(model_id, dim)

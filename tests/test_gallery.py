@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import serve_app.model.gallery as gallery_module
+import serve_app.model.gallery_rows as gallery_rows
 from serve_app.model.gallery import GALLERY_FILENAME, Gallery, GalleryError, ModelMismatchError
 
 MODEL = "test-model"
@@ -146,16 +146,16 @@ def test_match_agrees_with_a_brute_force_per_person_maximum(
 ) -> None:
     """The candidate search (float32 or float16, whichever this CPU runs faster) then float32 re-scoring gives the
     exact per-person ranking and scores, whichever kernel picked the candidates."""
-    build = gallery_module._PersonIndex.build
-    monkeypatch.setattr(
-        gallery_module._PersonIndex, "build", classmethod(lambda cls, labels, rows: build(labels, rows, half_for))
-    )
     rng = np.random.default_rng(7)
     gallery = Gallery("m", 128)
     centres = rng.normal(size=(300, 128))
     for person in range(300):
         faces = centres[person] + 0.6 * rng.normal(size=(1 + person % 7, 128))
         gallery.add(f"p{person:03d}", faces, "m")
+    # Removals move rows around (the last row fills the gap): the answers must not care.
+    for person in range(0, 300, 17):
+        gallery.remove_face(f"p{person:03d}", gallery.faces_of(f"p{person:03d}")[0])
+    gallery._store.force_half(half_for)
     queries = centres[rng.integers(0, 300, size=50)] + 0.8 * rng.normal(size=(50, 128))
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     queries = queries.astype(np.float32)
@@ -175,7 +175,7 @@ def test_match_agrees_with_a_brute_force_per_person_maximum(
 def test_chip_flags_follow_their_faces_through_changes_and_snapshots(gallery: Gallery) -> None:
     ids = gallery.add("dave", np.stack([unit(1, 1, 0), unit(1, 1, 1)]), MODEL, [True, False])
     assert gallery.face_records("dave") == [(ids[0], True), (ids[1], False)]
-    gallery.match(unit(1, 1, 0)[None], threshold=0.5)  # matching regroups the rows by person
+    gallery.match(unit(1, 1, 0)[None], threshold=0.5)  # matching changes nothing
     gallery.remove_person("bob")
     loaded = Gallery.from_bytes(gallery.to_bytes())
     assert loaded.face_records("dave") == [(ids[0], True), (ids[1], False)]
@@ -207,7 +207,7 @@ def test_a_large_gallery_times_the_two_candidate_products_once_and_matches_exact
     """From TIMED_FROM_ROWS faces the index measures float16 against float32 on its own rows (once per process
     and size class) and keeps a float16 copy only if it wins somewhere; the answers are the exact ones either way."""
     rng = np.random.default_rng(3)
-    rows = gallery_module.TIMED_FROM_ROWS
+    rows = gallery_rows.TIMED_FROM_ROWS
     gallery = Gallery("m", 64)
     vectors = rng.normal(size=(rows, 64)).astype(np.float32)
     gallery.add_faces([f"p{i // 4:05d}" for i in range(rows)], vectors, "m")
@@ -216,7 +216,91 @@ def test_a_large_gallery_times_the_two_candidate_products_once_and_matches_exact
     batch = gallery.match(queries, threshold=0.5)
     assert [m.name for m in batch] == ["p00001", "p00249", f"p{(rows - 1) // 4:05d}"]
     assert [gallery.match(q[None], threshold=0.5)[0].name for q in queries] == [m.name for m in batch]
-    index = gallery._person_index()
-    assert (index.rows_half is not None) == any(index.half_for)
     key = (1 << (rows - 1).bit_length(), 64)
-    assert gallery_module._HALF_WINS[key] == index.half_for
+    assert gallery_rows._HALF_WINS[key] == gallery.coarse_in_half_for
+
+
+def test_one_person_with_thousands_of_faces_does_not_hide_the_others() -> None:
+    """Candidates gathered to a small depth first: a query nearest a person with 5,000 faces still gets its top
+    people right (the depth grows for that query only), and every other query is unaffected."""
+    rng = np.random.default_rng(11)
+    gallery = Gallery("m", 64)
+    crowd_centre = rng.normal(size=64)
+    gallery.add("crowd", crowd_centre + 0.3 * rng.normal(size=(5000, 64)), "m")
+    centres = rng.normal(size=(40, 64))
+    for person in range(40):
+        gallery.add(f"p{person:02d}", centres[person] + 0.3 * rng.normal(size=(3, 64)), "m")
+    queries = np.concatenate([crowd_centre[None], centres[:5]]) + 0.2 * rng.normal(size=(6, 64))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    rows, names = gallery.embeddings, np.asarray(gallery.names)
+    people = sorted(set(gallery.names))
+    brute = np.stack([(queries @ rows[names == p].T).max(axis=1) for p in people], axis=1)
+    for query, match in enumerate(gallery.match(queries, threshold=0.3, top_k=3)):
+        order = np.argsort(-brute[query], kind="stable")[:3]
+        assert [c.name for c in match.candidates] == [people[i] for i in order]
+    assert gallery.match(queries[:1], 0.3)[0].name == "crowd"
+
+
+def test_a_long_run_of_changes_keeps_every_lookup_in_step_with_a_plain_model() -> None:
+    """Adds, removals of faces and of people, and forgets in random order: faces, people, chips, embeddings and
+    matching all agree with a plain dictionary of what should be there, and with a snapshot read back."""
+    rng = np.random.default_rng(5)
+    gallery = Gallery("m", 16)
+    expected: dict[str, tuple[str, bool, np.ndarray]] = {}  # face id -> (person, chip, normalised vector)
+    for step in range(600):
+        action = rng.random()
+        if action < 0.6 or not expected:
+            name = f"p{rng.integers(0, 30):02d}"
+            vectors = rng.normal(size=(int(rng.integers(1, 4)), 16)).astype(np.float32)
+            chips = [bool(c) for c in rng.integers(0, 2, size=len(vectors))]
+            ids = gallery.add(name, vectors, "m", chips)
+            for face_id, vector, chip in zip(ids, vectors, chips, strict=True):
+                expected[face_id] = (name, chip, vector / np.linalg.norm(vector))
+        elif action < 0.8:
+            face_id = sorted(expected)[int(rng.integers(0, len(expected)))]
+            assert gallery.remove_face(expected[face_id][0], face_id)
+            del expected[face_id]
+        elif action < 0.9:
+            name = expected[sorted(expected)[int(rng.integers(0, len(expected)))]][0]
+            of_person = [f for f, (n, _, _) in expected.items() if n == name]
+            assert gallery.remove_person(name) == len(of_person)
+            for face_id in of_person:
+                del expected[face_id]
+        else:
+            forgotten = set(sorted(expected)[: int(rng.integers(1, 3))]) | {f"{step:012x}"}
+            assert gallery.forget(forgotten) == len(forgotten) - 1
+            for face_id in forgotten:
+                expected.pop(face_id, None)
+        if step % 50 == 0 or step == 599:
+            for copy in (gallery, Gallery.from_bytes(gallery.to_bytes())):
+                assert sorted(copy.faces()) == sorted((n, f, c) for f, (n, c, _) in expected.items())
+                people: dict[str, int] = {}
+                for name, _, _ in expected.values():
+                    people[name] = people.get(name, 0) + 1
+                assert copy.people() == dict(sorted(people.items()))
+                for face_id, (name, _, vector) in expected.items():
+                    assert np.allclose(copy.embedding_of(face_id), vector, atol=1e-6)
+                    assert copy.person_of(face_id) == name
+                rows = copy.embeddings
+                for row, name in enumerate(copy.names):
+                    assert np.allclose(rows[row], expected[copy.faces()[row][1]][2], atol=1e-6)
+                    assert copy.faces()[row][0] == name
+    removed = gallery.removed_ids
+    assert not removed & set(expected)
+    probe = next(iter(expected.values()))
+    assert gallery.match(probe[2][None], threshold=0.99)[0].name == probe[0]
+
+
+def test_adding_one_face_to_a_large_gallery_copies_nothing_but_that_face() -> None:
+    """Appends go into spare capacity: the rows keep their memory (no copy of the whole matrix per change) until
+    the capacity doubles; removals move one row."""
+    gallery = Gallery("m", 32)
+    rng = np.random.default_rng(2)
+    gallery.add_faces([f"p{i // 4}" for i in range(4000)], rng.normal(size=(4000, 32)).astype(np.float32), "m")
+    gallery.add("first", rng.normal(size=(1, 32)), "m")  # full: the capacity doubles once, here
+    before = gallery.embeddings.__array_interface__["data"][0]
+    for person in range(50):
+        gallery.add(f"new{person}", rng.normal(size=(1, 32)), "m")
+        gallery.remove_face(f"p{person}", gallery.faces_of(f"p{person}")[0])
+    assert gallery.embeddings.__array_interface__["data"][0] == before
+    assert len(gallery) == 4001

@@ -97,13 +97,15 @@ def test_both_replicas_follow_an_enrolment(shared: str) -> None:
 
     wait_until(both_current, 10 * REFRESH_S + 10, "a replica did not pick up the enrolment")
     assert all(recognize_name(shared) == "q:obama" for _ in range(6))
-    # The snapshot is in S3, where any later replica will find it, beside the chips of its two faces.
+    # In S3, where any later replica will find it: the model's base snapshot and the one change that enrolled the
+    # two faces (README, The shared gallery), beside the chips of its two faces.
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]]
     chips = sorted(f"gallery/chips/{face['face_id']}.jpg" for face in response.json()["enrolled"])
     from serve_app.settings import RecognitionSettings
 
     model_id = RecognitionSettings().model_id
-    assert keys == [*chips, f"gallery/models/{model_id}.npz"]  # one snapshot per model (README, Changing the model)
+    change = f"gallery/models/{model_id}.changes/{revision:012d}.npz"
+    assert keys == [*chips, change, f"gallery/models/{model_id}.npz"]
 
 
 def test_a_replica_killed_under_load_costs_no_request_and_its_successor_loads_the_gallery(shared: str) -> None:

@@ -12,6 +12,8 @@ from tqdm import tqdm
 
 from serve_app.evaluation.identify import (
     CachedEmbeddings,
+    IdentifyEvaluation,
+    IdentifySplit,
     OperatingPoint,
     build_gallery,
     evaluate_identification,
@@ -31,6 +33,7 @@ from serve_app.model.enrollment import embed_for_enrolment
 from serve_app.model.gallery import Gallery, GalleryError
 from serve_app.model.images import InvalidImageError, decode_image
 from serve_app.model.open_set import (
+    Calibration,
     CalibrationError,
     calibration_path,
     far_at_threshold,
@@ -290,23 +293,15 @@ def eval_identify(
     """Open-set identification (``serve_app.evaluation.identify``) on an LFW-style folder, as one JSON line."""
     from serve_app.evaluation.identify import margin_sweep
 
-    if not images.is_dir():
-        log.error("%s is not a directory of <Name>/<Name>_NNNN.jpg", images)
-        return EXIT_BAD_INPUT
-    people = {name.split("/")[0] for name in read_pairs(people_from).images()} if people_from else None
-    try:
-        split = split_people(
-            list_photos(images, people),
-            seed=seed,
-            gallery_photos=gallery_photos,
-            min_photos=min_photos,
-            strangers_fraction=strangers_fraction,
-        )
-    except ValueError as exc:
-        log.error("%s", exc)
-        return EXIT_BAD_INPUT
-    if not (split.gallery and split.probes and split.strangers):
-        log.error("%s gives no enrolled people, known probes or strangers with these settings", images)
+    split_settings = {
+        "seed": seed,
+        "gallery_photos": gallery_photos,
+        "min_photos": min_photos,
+        "strangers_fraction": strangers_fraction,
+        "people_from": str(people_from) if people_from else None,
+    }
+    split = _identify_split(images, people_from, seed, gallery_photos, min_photos, strangers_fraction)
+    if split is None:
         return EXIT_BAD_INPUT
     models = _models(settings)
     calibration_file = calibration or calibration_path(settings.checkpoint, settings.flip)
@@ -334,35 +329,11 @@ def eval_identify(
     # The threshold the service itself would use for a gallery of this size (its configured rule), and why.
     service = models.threshold_rule.for_gallery(gallery_size)
     service_point = operating_point(result.best_scores, result.correct, result.stranger_scores, service.value)
-    calibrated: dict[str, object] | None = None
-    derived_points: dict[str, OperatingPoint] = {}
-    if impostors is not None:
-        # The threshold the service would derive for a gallery of this split's size, measured on its strangers.
-        targets = []
-        for target in FAR_TARGETS:
-            point = operating_point(
-                result.best_scores,
-                result.correct,
-                result.stranger_scores,
-                threshold_for_far(impostors, target, gallery_size),
-            )
-            derived_points[f"derived for FAR {target:.1%}"] = point
-            low, high = wilson_interval(point.false_accepts, len(split.strangers))
-            targets.append({"target_far": target, **point.as_dict(), "far_ci95": [round(low, 5), round(high, 5)]})
-        calibrated = {
-            "calibration": str(calibration_file),
-            "gallery_size": gallery_size,
-            "at_target_far": targets,
-            # The model's FAR against the one measured on these strangers, at thresholds chosen without it.
-            "model_vs_measured_far": [
-                {
-                    "threshold": round(point.threshold, 4),
-                    "predicted": round(far_at_threshold(impostors, point.threshold, gallery_size), 5),
-                    "measured": round(point.far, 5),
-                }
-                for point in (result.at_operating_threshold, *result.at_far.values())
-            ],
-        }
+    calibrated, derived_points = (
+        _calibrated_report(result, impostors, calibration_file, gallery_size, len(split.strangers))
+        if impostors is not None
+        else (None, {})
+    )
     if plot is not None:
         title = f"{images.parent.name}/{images.name}: {models.embedder.model_id}, {gallery_size} people enrolled"
         plot_det(result, plot, title, derived_points)
@@ -370,11 +341,7 @@ def eval_identify(
         {
             "protocol": "open-set identification (ISO/IEC 19795): rank-1, DIR at FAR, FAR at the operating threshold",
             "split": {
-                "seed": seed,
-                "gallery_photos": gallery_photos,
-                "min_photos": min_photos,
-                "strangers_fraction": strangers_fraction,
-                "people_from": str(people_from) if people_from else None,
+                **split_settings,
                 "enrolled_people": gallery_size,
                 "gallery_faces": len(gallery),
                 "known_probes": len(split.probes),
@@ -405,6 +372,68 @@ def eval_identify(
         }
     )
     return 0
+
+
+def _identify_split(
+    images: Path, people_from: Path | None, seed: int, gallery_photos: int, min_photos: int, strangers_fraction: float
+) -> IdentifySplit | None:
+    """The people enrolled, their probes and the strangers (``None``, said why, when there can be none)."""
+    if not images.is_dir():
+        log.error("%s is not a directory of <Name>/<Name>_NNNN.jpg", images)
+        return None
+    people = {name.split("/")[0] for name in read_pairs(people_from).images()} if people_from else None
+    try:
+        split = split_people(
+            list_photos(images, people),
+            seed=seed,
+            gallery_photos=gallery_photos,
+            min_photos=min_photos,
+            strangers_fraction=strangers_fraction,
+        )
+    except ValueError as exc:
+        log.error("%s", exc)
+        return None
+    if not (split.gallery and split.probes and split.strangers):
+        log.error("%s gives no enrolled people, known probes or strangers with these settings", images)
+        return None
+    return split
+
+
+def _calibrated_report(
+    result: IdentifyEvaluation,
+    impostors: Calibration,
+    calibration_file: Path,
+    gallery_size: int,
+    strangers: int,
+) -> tuple[dict[str, object], dict[str, OperatingPoint]]:
+    """The thresholds the service would derive for this gallery size from ``impostors``, measured on the split's
+    strangers, and the model's FAR against the measured one at thresholds chosen without them."""
+    targets = []
+    derived_points: dict[str, OperatingPoint] = {}
+    for target in FAR_TARGETS:
+        point = operating_point(
+            result.best_scores,
+            result.correct,
+            result.stranger_scores,
+            threshold_for_far(impostors, target, gallery_size),
+        )
+        derived_points[f"derived for FAR {target:.1%}"] = point
+        low, high = wilson_interval(point.false_accepts, strangers)
+        targets.append({"target_far": target, **point.as_dict(), "far_ci95": [round(low, 5), round(high, 5)]})
+    calibrated: dict[str, object] = {
+        "calibration": str(calibration_file),
+        "gallery_size": gallery_size,
+        "at_target_far": targets,
+        "model_vs_measured_far": [
+            {
+                "threshold": round(point.threshold, 4),
+                "predicted": round(far_at_threshold(impostors, point.threshold, gallery_size), 5),
+                "measured": round(point.far, 5),
+            }
+            for point in (result.at_operating_threshold, *result.at_far.values())
+        ],
+    }
+    return calibrated, derived_points
 
 
 def calibrate_far(

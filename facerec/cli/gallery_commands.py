@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from serve_app.gallery_journal import load_gallery
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Gallery, GalleryError
@@ -42,10 +43,9 @@ def show(gallery: str, model: str | None = None, chips_dir: Path | None = None) 
         snapshots = []
         loaded: Gallery | None = None
         for info in infos:
-            data = store.read_snapshot(info)
-            if data is None:
+            snapshot = load_gallery(store.for_model(info.model_id), info.model_id)  # its base and changes
+            if snapshot is None:
                 continue
-            snapshot = Gallery.from_bytes(data)
             snapshots.append(
                 {"model_id": info.model_id, "revision": snapshot.revision, "faces": len(snapshot), "key": info.key}
             )

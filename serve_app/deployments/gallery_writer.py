@@ -1,8 +1,13 @@
 """The GalleryWriter deployment: the single writer of the shared gallery.
 
-Every change (enrol, remove) goes through this one replica, which applies it under a lock to the newest
-snapshot in the store and writes the result back. Serialising writers here is what makes two concurrent
-enrolments keep each other's faces; Recognizer replicas only ever read the store.
+Every change (enrol, remove) goes through this one replica. Changes that arrive together are staged together and
+stored as one change object of the next revision (a group commit: see :mod:`serve_app.model.gallery_change`),
+so a change costs what it changes, not the gallery, and concurrent enrolments share one write. The change object
+of a revision can be stored only once (a conditional write), so a second writer (a restart, a model switch) that
+staged the same revision learns it lost, takes the other's change, and stages its own again on top: no writer
+overwrites another's change. After enough changes the writer compacts: it writes its gallery as the new base
+snapshot and cleans up the changes that base holds (recognition never waits for that). Recognizer replicas only
+ever read the store, applying each change they have not seen.
 
 The writer owns its model's snapshot (a store keeps one per model, see :mod:`serve_app.gallery_store`). A model
 change (``recognition.checkpoint`` in the config, then ``serve deploy``) starts a writer of the new model while the
@@ -25,17 +30,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from serve_app.deployments.revision_watch import RevisionWatchers
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
+from serve_app.gallery_journal import behind_the_base, load_gallery, read_changes
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.metrics import metrics
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Gallery, GalleryError, ModelMismatchError
+from serve_app.model.gallery_change import StagedChange, apply_change
 from serve_app.model.reembedding import CarryOverReport, EmbedChips, carry_over, chip_embedder, plan_carry_over
 from serve_app.settings import RecognitionConfig
 from serve_app.snapshot_reembed import faces_to_embed, reembed_snapshot
@@ -45,8 +52,17 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 T = TypeVar("T")
 
 #: Faces carried over per turn of the lock (about 5 s of embedding here): an enrolment waits at most that long
-#: behind a long catch-up, and each turn reads and writes the snapshot once.
+#: behind a long catch-up, and each turn stores one change.
 CARRY_OVER_CHUNK = 512
+#: Requests staged into one change at most (the rest wait for the next commit, a moment later).
+MAX_GROUP = 256
+#: Times a commit is staged again after another writer stored its revision first.
+COMMIT_ATTEMPTS = 8
+#: A new base snapshot once this many changes were stored since the last (or their bytes reach a quarter of the
+#: base's): a replica that joins reads the base and at most about this many small changes.
+COMPACT_AFTER_CHANGES = 1000
+#: Changes kept after a compaction, for replicas part-way through reading them (older ones read the new base).
+RETAINED_CHANGES = 256
 
 
 @dataclass
@@ -72,6 +88,32 @@ class ReembedProgress:
     started_at: float = field(default_factory=time.time)
 
 
+@dataclass
+class _Request:
+    """One change waiting for the next commit, and what to do around the write (chips)."""
+
+    change: Callable[[StagedChange], Any]
+    before_store: Callable[[Any], None] | None
+    after_store: Callable[[Any], None] | None
+    answer: asyncio.Future[tuple[Any, int]]
+
+
+def _settle(
+    answer: asyncio.Future[tuple[Any, int]], result: tuple[Any, int] | None = None, error: Exception | None = None
+) -> None:
+    """Answer a request, unless it was answered already or its caller went away (the change stands either way)."""
+    if answer.done():
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(result)  # type: ignore[arg-type]
+
+
+class WriterLostRaceError(GalleryStoreError):
+    """Another writer stored every revision this one staged, COMMIT_ATTEMPTS times running."""
+
+
 class GalleryWriterDeployment(Supervised):
     def __init__(
         self,
@@ -87,12 +129,19 @@ class GalleryWriterDeployment(Supervised):
         self._dim = checkpoint.dim
         self._uri, self._endpoint = gallery_uri, gallery_endpoint
         self._store: GalleryStore = open_gallery_store(gallery_uri, gallery_endpoint, model_id=self._model_id)
+        #: Held while the gallery in memory changes (a commit applying, a catch-up) or must not (a compaction
+        #: serialising it, a carry-over planning against it).
         self._lock = asyncio.Lock()
         self._gallery = self._load()
+        self._waiting: list[_Request] = []
+        self._arrived = asyncio.Event()
+        self._stored_since_base = 0
+        self._compacting: asyncio.Task[int] | None = None
         self._embedder: Embedder | None = None
         self._embedder_lock = asyncio.Lock()
         self._followed: dict[str, str] = {}  # other model -> the snapshot token last carried over
         self._others: dict[str, SnapshotStatus] = {}
+        self._other_galleries: dict[str, Gallery] = {}  # other model -> its gallery as last followed
         self._reembedding: ReembedProgress | None = None
         self._reembed_starting = asyncio.Lock()
         self._sync_period_s = sync_period_s
@@ -102,57 +151,143 @@ class GalleryWriterDeployment(Supervised):
         metrics().gallery_faces.set(len(self._gallery))
         self._background = BackgroundTasks()
         self._background.start("other models' snapshots", self._follow_other_models())
+        self._background.start("group commits", self._commit_forever())
         log.info(
             "GalleryWriter of %s on %s: revision %d", self._model_id, self._store.describe(), self._gallery.revision
         )
 
     def _load(self) -> Gallery:
-        data = self._store.read()
-        if data is None:
-            return Gallery(self._model_id, self._dim)
-        return Gallery.from_bytes(data, expected_model_id=self._model_id)
+        loaded = load_gallery(self._store, self._model_id, self._dim)
+        if loaded is not None:
+            return loaded
+        # A new model's gallery starts as an empty base (revision 0): the store then lists this model's snapshot
+        # (another model's writer follows it) before its first change.
+        empty = Gallery(self._model_id, self._dim)
+        self._store.write(empty.to_bytes())
+        return empty
 
     async def _mutate(
         self,
-        change: Callable[[Gallery], T],
+        change: Callable[[StagedChange], T],
         before_store: Callable[[T], None] | None = None,
         after_store: Callable[[T], None] | None = None,
     ) -> tuple[T, int]:
-        """Apply ``change`` (in a thread: a carry-over embeds chips) and store the result; ``before_store`` /
-        ``after_store`` run (in a thread) around the snapshot's write when the change changed anything: chips
-        are stored before the snapshot that names them and deleted after the one that no longer does."""
+        """Stage ``change`` (in a thread: a carry-over embeds chips) with whatever else arrives meanwhile, store
+        them as one change, and answer ``(what change returned, the revision that holds it)`` once stored and
+        known to every watching replica. ``before_store`` / ``after_store`` run (in a thread) around the write
+        when the change changed anything: chips are stored before the change that names them and deleted after
+        the one that no longer does. The gallery in memory never holds a change the store does not have."""
+        answer: asyncio.Future[tuple[Any, int]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Request(change, before_store, after_store, answer))
+        self._arrived.set()
+        outcome, revision = await answer
+        return outcome, revision
+
+    async def _commit_forever(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._waiting:
+                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+                try:
+                    await self._commit(group)
+                except Exception as exc:  # whatever it was, every request of the group hears of it
+                    for request in group:
+                        _settle(request.answer, error=exc)
+                    if not isinstance(exc, (GalleryStoreError, GalleryError)):
+                        log.exception("a group commit failed")
+
+    async def _commit(self, group: list[_Request]) -> None:
         async with self._lock:
-            # Apply the change to the store's newest snapshot, freshly read (in case anything else wrote it: an
-            # operator restoring a backup, a previous writer replica), and keep it only once it is stored: the
-            # gallery in memory never holds a change the store does not have.
-            stored = await asyncio.to_thread(self._load)
-            candidate = stored if stored.revision >= self._gallery.revision else self._copy()
-            before = candidate.revision
-            outcome = await asyncio.to_thread(change, candidate)
-            if candidate.revision != before:
-                if before_store is not None:
-                    await asyncio.to_thread(before_store, outcome)
-                await asyncio.to_thread(self._store.write, candidate.to_bytes())
-                if after_store is not None:
+            for _ in range(COMMIT_ATTEMPTS):
+                if await self._catch_up_if_behind():
+                    metrics().gallery_faces.set(len(self._gallery))
+                staged = StagedChange(self._gallery)
+                accepted: list[tuple[_Request, Any]] = []
+                for request in group:
+                    if request.answer.done():
+                        continue  # failed on its own in an earlier attempt
+                    mark = staged.checkpoint()
                     try:
-                        await asyncio.to_thread(after_store, outcome)
-                    except GalleryStoreError as exc:  # the change is stored; an unreferenced chip is harmless
-                        log.warning("could not delete the chips of removed faces: %s", exc)
-            changed = candidate.revision != self._gallery.revision
-            self._gallery = candidate
-            metrics().gallery_faces.set(len(self._gallery))
-            if changed:
+                        accepted.append((request, await asyncio.to_thread(request.change, staged)))
+                    except Exception as exc:  # this request's own failure (unknown face, wrong model): its alone
+                        staged.rollback(mark)
+                        _settle(request.answer, error=exc)
+                if staged.empty:
+                    for request, outcome in accepted:
+                        _settle(request.answer, (outcome, self._gallery.revision))
+                    return
+                for request, outcome in accepted:
+                    if request.before_store is not None:
+                        await asyncio.to_thread(request.before_store, outcome)
+                change = staged.change(self._gallery.revision + 1)
+                data = change.to_bytes()
+                if not await asyncio.to_thread(self._store.write_change, change.revision, data):
+                    log.warning("another writer stored revision %d first: staging again on top of it", change.revision)
+                    continue
+                apply_change(self._gallery, change)
+                self._stored_since_base += 1
+                metrics().gallery_faces.set(len(self._gallery))
+                for request, outcome in accepted:
+                    if request.after_store is not None:
+                        try:
+                            await asyncio.to_thread(request.after_store, outcome)
+                        except GalleryStoreError as exc:  # the change is stored; an unreferenced chip is harmless
+                            log.warning("could not delete the chips of removed faces: %s", exc)
                 late = await self._watchers.published(self._model_id)
                 if late:
-                    log.warning("replicas %s did not acknowledge revision %d in time", late, candidate.revision)
-            return outcome, self._gallery.revision
+                    log.warning("replicas %s did not acknowledge revision %d in time", late, change.revision)
+                for request, outcome in accepted:
+                    _settle(request.answer, (outcome, change.revision))
+                self._compact_when_due()
+                return
+        raise WriterLostRaceError(f"another writer stored each of the last {COMMIT_ATTEMPTS} revisions first")
 
-    def _copy(self) -> Gallery:
-        # The store went back to an older revision than this writer wrote (restored by hand): never go back.
-        log.warning(
-            "the store holds an older gallery than this writer wrote; keeping revision %d", self._gallery.revision
-        )
-        return Gallery.from_bytes(self._gallery.to_bytes(), expected_model_id=self._model_id)
+    async def _catch_up_if_behind(self) -> bool:
+        """Take what another writer stored (its changes, or a base newer than this gallery); under the lock."""
+        changes = await asyncio.to_thread(read_changes, self._store, self._gallery.revision)
+        for change in changes:
+            apply_change(self._gallery, change)
+        if changes:
+            log.warning(
+                "took %d changes another writer stored (now at revision %d)", len(changes), self._gallery.revision
+            )
+            return True
+        if await asyncio.to_thread(behind_the_base, self._store, self._gallery.revision):
+            self._gallery = await asyncio.to_thread(self._load)
+            log.warning(
+                "the store has a newer snapshot than this writer: read it (revision %d)", self._gallery.revision
+            )
+            return True
+        return False
+
+    # --- compaction -----------------------------------------------------------------------------------------
+    def _compact_when_due(self) -> None:
+        if self._stored_since_base >= COMPACT_AFTER_CHANGES and (self._compacting is None or self._compacting.done()):
+            self._compacting = asyncio.get_running_loop().create_task(self.compact())
+
+    async def compact(self) -> int:
+        """Write the gallery as the new base snapshot and clean up the changes it holds (all but the last
+        ``RETAINED_CHANGES``); returns the base's revision. Commits wait only while the gallery is serialised."""
+        async with self._lock:
+            revision = self._gallery.revision
+            data = await asyncio.to_thread(self._gallery.to_bytes)
+            self._stored_since_base = 0
+        try:
+            if await asyncio.to_thread(behind_the_base, self._store, revision - 1):
+                return revision  # a base as new is there already (another writer's, or this one's)
+            await asyncio.to_thread(self._store.write, data)
+            stored = await asyncio.to_thread(self._store.change_revisions)
+            doomed = [r for r in stored if r <= revision - RETAINED_CHANGES]
+            if doomed:
+                await asyncio.to_thread(self._store.delete_changes, doomed)
+            self._base_revision = revision
+            log.info(
+                "compacted: base at revision %d (%d bytes), %d changes cleaned up", revision, len(data), len(doomed)
+            )
+        except GalleryStoreError as exc:
+            log.warning("compaction failed (the changes stay; tried again after the next ones): %s", exc)
+        return revision
 
     async def _own_embedder(self) -> Embedder:
         """This writer's model, loaded the first time a chip must be embedded (most writers never need it)."""
@@ -200,7 +335,7 @@ class GalleryWriterDeployment(Supervised):
         return list(ids), revision
 
     async def remove_person(self, name: str) -> tuple[int, int]:
-        def remove(g: Gallery) -> tuple[int, list[str]]:
+        def remove(g: StagedChange) -> tuple[int, list[str]]:
             with_chips = [face_id for face_id, chip in g.face_records(name) if chip]
             return g.remove_person(name), with_chips
 
@@ -236,18 +371,30 @@ class GalleryWriterDeployment(Supervised):
         for gone in set(self._others) - {info.model_id for info in listed}:  # dropped by an operator
             self._others.pop(gone, None)
             self._followed.pop(gone, None)
+            self._other_galleries.pop(gone, None)
         for info in listed:
             token = await asyncio.to_thread(self._store.snapshot_token, info)
-            if token is None or self._followed.get(info.model_id) == token:
+            if token is None:
                 continue
-            data = await asyncio.to_thread(self._store.read_snapshot, info)
-            if data is None:
-                continue
-            source = await asyncio.to_thread(Gallery.from_bytes, data)
+            other = self._store.for_model(info.model_id)
+            source = self._other_galleries.get(info.model_id)
+            if source is None or self._followed.get(info.model_id) != token:
+                # A new base (compacted, or written whole): read it and the changes after it.
+                source = await asyncio.to_thread(load_gallery, other, info.model_id)
+                if source is None:
+                    continue
+            else:
+                changes = await asyncio.to_thread(read_changes, other, source.revision)
+                if not changes:
+                    continue
+                for change in changes:
+                    apply_change(source, change)
+            self._other_galleries[info.model_id] = source
             self._others[info.model_id] = SnapshotStatus(
-                info.model_id, len(source), len(source.people()), source.revision
+                info.model_id, len(source), source.person_count(), source.revision
             )
-            plan = await asyncio.to_thread(plan_carry_over, source, self._gallery)
+            async with self._lock:  # the gallery must not change under the plan
+                plan = await asyncio.to_thread(plan_carry_over, source, self._gallery)
             if not plan.changes_nothing:
                 reports.append(await self._carry_over(source))
             self._followed[info.model_id] = token
@@ -277,7 +424,7 @@ class GalleryWriterDeployment(Supervised):
         return total
 
     def _carry_chunk(
-        self, source: Gallery, embed: EmbedChips, skip: frozenset[str], target: Gallery
+        self, source: Gallery, embed: EmbedChips, skip: frozenset[str], target: StagedChange
     ) -> CarryOverReport:
         return carry_over(source, target, self._store.read_chip, embed, limit=CARRY_OVER_CHUNK, skip=skip)
 
@@ -298,7 +445,9 @@ class GalleryWriterDeployment(Supervised):
         target_model = target.model_id_for(flip)
         if target_model == self._model_id:
             raise GalleryError(f"the gallery is already embedded with {self._model_id}")
-        source = self._gallery
+        async with self._lock:  # a copy: the gallery in memory changes with every commit meanwhile
+            data = await asyncio.to_thread(self._gallery.to_bytes)
+        source = await asyncio.to_thread(Gallery.from_bytes, data)
         store = open_gallery_store(self._uri, self._endpoint)
         total = await asyncio.to_thread(faces_to_embed, store, source, target_model, target.dim)
         progress = ReembedProgress(target_model, total=total)
@@ -359,6 +508,6 @@ class GalleryWriterDeployment(Supervised):
     def snapshots(self) -> list[SnapshotStatus]:
         """This model's snapshot (active) and the others this writer has seen in the store."""
         own = SnapshotStatus(
-            self._model_id, len(self._gallery), len(self._gallery.people()), self._gallery.revision, active=True
+            self._model_id, len(self._gallery), self._gallery.person_count(), self._gallery.revision, active=True
         )
         return [own, *sorted(self._others.values(), key=lambda s: s.model_id)]

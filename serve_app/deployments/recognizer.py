@@ -2,9 +2,12 @@
 
 Concurrent requests (HTTP and queue alike) are gathered by a :class:`~serve_app.deployments.batching.Batcher`
 and run as one batch on a worker thread, so the event loop keeps accepting requests while torch computes.
-The gallery copy follows the store (this model's snapshot): a background task polls the store's change token
-every ``gallery_refresh_s`` seconds, and each batch of recognitions first asks the GalleryWriter which revision it
-last wrote and refreshes if that is newer (read-your-writes after an enrolment, whichever replica made it).
+The gallery copy follows the store (this model's snapshot and the changes after it, see
+:mod:`serve_app.gallery_journal`): a background task looks for the next change every ``gallery_refresh_s`` seconds,
+and each batch of recognitions first learns which revision the GalleryWriter last stored and applies the changes
+up to it if that is newer (read-your-writes after an enrolment, whichever replica made it). A change is applied in
+place, costing what it changes; the snapshot is read whole only at start and when a replica fell so far behind
+that the changes it needs were cleaned up after a newer snapshot.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.deployments.batching import Batcher
 from serve_app.deployments.revision_watch import UNKNOWN_REVISION
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
+from serve_app.gallery_journal import behind_the_base, load_gallery, read_changes
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.jobs import (
     Detections,
@@ -40,6 +44,7 @@ from serve_app.jobs import (
 from serve_app.metrics import metrics
 from serve_app.model.enrollment import EnrolmentPhoto
 from serve_app.model.gallery import Gallery, GalleryError
+from serve_app.model.gallery_change import GalleryChange, apply_change
 from serve_app.model.recognizer import ImageResult, Recognizer
 from serve_app.results import threshold_to_dict
 from serve_app.settings import RecognitionConfig
@@ -83,11 +88,7 @@ class RecognizerDeployment(Supervised):
             options.gallery_uri, options.gallery_endpoint, model_id=self._model_id
         )
         self._writer = writer
-        self._token: str | None = None
-        read = self._read_gallery()
-        gallery = Gallery(models.embedder.model_id, models.embedder.dim)
-        if read is not None:
-            self._token, gallery = read
+        gallery = self._read_gallery() or Gallery(models.embedder.model_id, models.embedder.dim)
         self._recognizer = Recognizer(
             models.detector,
             models.embedder,
@@ -114,32 +115,34 @@ class RecognizerDeployment(Supervised):
         log.info("Recognizer ready: %s, gallery %s (%d faces)", self._model_id, self._store.describe(), len(gallery))
 
     # --- gallery following --------------------------------------------------------------------------------
-    def _read_gallery(self) -> tuple[str, Gallery] | None:
-        """The store's snapshot and the change token it was read under (``None``: no snapshot yet)."""
-        token = self._store.token()
-        if token is None:
-            return None
-        data = self._store.read()
-        if data is None:
-            return None
-        return token, Gallery.from_bytes(data, expected_model_id=self._model_id)
+    def _read_gallery(self) -> Gallery | None:
+        """The store's gallery: the snapshot and every change after it (``None``: nothing stored yet)."""
+        return load_gallery(self._store, self._model_id)
 
-    async def _refresh(self, force: bool = False) -> None:
+    async def _refresh(self, until: int | None = None) -> None:
+        """Apply the changes stored since this replica's revision (up to ``until`` when the writer said how far it
+        is: fetched in parallel); read the snapshot again only when the changes it needs were compacted away."""
         async with self._refresh_lock:
-            token = await asyncio.to_thread(self._store.token)
-            if token == self._token and not force:
-                return
-            read = await asyncio.to_thread(self._read_gallery)
-            if read is None:
-                return
-            # The token is recorded only with the gallery it belongs to, so a read that is abandoned half-way
-            # (a timed-out forced refresh) is simply done again by the next poll.
-            token, gallery = read
-            if gallery.revision >= self._recognizer.gallery.revision:
-                self._recognizer.gallery = gallery  # one reference swap: a running batch keeps its old copy
-                self._token = token
+            gallery = self._recognizer.gallery
+            changes = await asyncio.to_thread(read_changes, self._store, gallery.revision, until)
+            if changes:
+                await asyncio.to_thread(self._apply, gallery, changes)
                 self._publish_gallery_metrics()
-                log.info("gallery refreshed to revision %d (%d faces)", gallery.revision, len(gallery))
+                log.info("gallery at revision %d: %d changes applied", gallery.revision, len(changes))
+                return
+            if not await asyncio.to_thread(behind_the_base, self._store, gallery.revision):
+                return
+            fresh = await asyncio.to_thread(self._read_gallery)
+            if fresh is not None and fresh.revision > gallery.revision:
+                self._recognizer.gallery = fresh  # one reference swap: a running batch keeps its old copy
+                self._publish_gallery_metrics()
+                log.info("gallery read again at revision %d (%d faces)", fresh.revision, len(fresh))
+
+    def _apply(self, gallery: Gallery, changes: list[GalleryChange]) -> None:
+        with self._recognizer.gallery_lock:  # not while a batch matches against it
+            for change in changes:
+                apply_change(gallery, change)
+            self._recognizer.gallery_changed()
 
     async def _poll_gallery(self) -> None:
         while True:
@@ -154,7 +157,7 @@ class RecognizerDeployment(Supervised):
     def _publish_gallery_metrics(self) -> None:
         gallery = self._recognizer.gallery
         self._metrics.gallery_faces.set(len(gallery))
-        self._metrics.gallery_people.set(len(gallery.people()))
+        self._metrics.gallery_people.set(gallery.person_count())
         self._metrics.gallery_revision.set(gallery.revision)
 
     # --- requests: one method per job kind; concurrent calls of every kind share one batch queue -----------
@@ -226,7 +229,7 @@ class RecognizerDeployment(Supervised):
         store_was_away = time.monotonic() - self._forced_refresh_failed_at < FORCED_REFRESH_TIMEOUT_S * 2
         if newest > self._recognizer.gallery.revision and not store_was_away:
             try:
-                await asyncio.wait_for(self._refresh(force=True), FORCED_REFRESH_TIMEOUT_S)
+                await asyncio.wait_for(self._refresh(until=newest), FORCED_REFRESH_TIMEOUT_S)
             except (TimeoutError, GalleryStoreError, GalleryError) as exc:
                 # Not again for a while: every batch would wait out the same timeout.
                 self._forced_refresh_failed_at = time.monotonic()
@@ -267,5 +270,5 @@ class RecognizerDeployment(Supervised):
             "threshold": threshold_to_dict(self._recognizer.match_threshold),
             "gallery_revision": gallery.revision,
             "gallery_faces": len(gallery),
-            "gallery_people": len(gallery.people()),
+            "gallery_people": gallery.person_count(),
         }

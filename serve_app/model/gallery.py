@@ -1,12 +1,9 @@
 """The gallery: enrolled people, each with one or more face embeddings, and matching against them.
 
 A person's similarity is that of their closest enrolled face, so several photos of one person widen the net
-instead of averaging it away. Matching a batch of queries is one matrix product (queries x enrolled faces) to
-find candidate faces, then exact float32 scores for those candidates only: the ``k`` best people are always
-among the people of the ``k * most_faces`` best faces. The candidate product runs in float16 where that is
-faster on this CPU (it halves the bytes read: about twice as fast at a million faces on an AVX-512 BF16 EPYC)
-and in float32 where it is not (one query on an AMX Xeon, any query with kernels capped at AVX2): a large
-gallery times both once per process (:func:`coarse_in_half`). The scores reported are always the float32 ones.
+instead of averaging it away. Matching a batch of queries is one matrix product (queries x enrolled faces, in
+float16 where this CPU runs that faster: see :mod:`serve_app.model.gallery_rows`) to find candidate faces, then
+exact float32 scores for those candidates only: the scores reported are always the float32 ones.
 
 Serialised format (``gallery.npz``, see :meth:`Gallery.to_bytes`): a NumPy ``.npz`` archive, readable without
 pickles, holding
@@ -35,7 +32,6 @@ import os
 import pickle
 import struct
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serve_app.model.gallery_rows import INITIAL_CAPACITY, RowStore
+
 FORMAT_NAME = "facerec-gallery"
-#: Below this many faces either candidate product takes well under a millisecond: float32, nothing timed.
-TIMED_FROM_ROWS = 50_000
-#: The query counts timed for the choice: one face, and a batch of them.
-TIMED_QUERIES = (1, 16)
 FORMAT_VERSION = 1
+#: Candidate faces gathered first for each query (more only when they hold fewer than ``k`` people).
+FIRST_DEPTH = 64
 GALLERY_FILENAME = "gallery.npz"
 
 
@@ -84,17 +80,28 @@ class Match:
 
 
 class Gallery:
-    """People and their embeddings for one embedding model. Not thread-safe: callers serialise mutations."""
+    """People and their embeddings for one embedding model. Not thread-safe: callers serialise mutations.
+
+    A change costs what it changes: faces are appended into spare capacity and a removed face's row is filled by
+    the last row (:class:`~serve_app.model.gallery_rows.RowStore`), and the lookups (face id -> row, person ->
+    faces) are kept up to date with it. Matching needs no regrouping of the rows after a change.
+    """
 
     def __init__(self, model_id: str, dim: int) -> None:
         self.model_id = model_id
         self.dim = dim
-        self._embeddings = np.empty((0, dim), dtype=np.float32)
+        self._store = RowStore(dim)
+        # Per row, in step with the row store.
         self._names: list[str] = []
         self._face_ids: list[str] = []
         self._has_chip: list[bool] = []
+        self._row_of: dict[str, int] = {}
+        #: Each person's face ids in the order they were enrolled (a dict as an ordered set).
+        self._faces_of: dict[str, dict[str, None]] = {}
+        #: Person numbers, the row store's labels: a number is never reused while this gallery lives.
+        self._person_number: dict[str, int] = {}
+        self._person_name: list[str] = []
         self._removed: set[str] = set()
-        self._index: _PersonIndex | None = None
         #: Increases with every change; shared copies compare revisions to know which is newer.
         self.revision = 0
 
@@ -103,22 +110,21 @@ class Gallery:
         """Number of enrolled faces."""
         return len(self._names)
 
+    def person_count(self) -> int:
+        """How many people have at least one face."""
+        return len(self._faces_of)
+
     def people(self) -> dict[str, int]:
         """Each enrolled person with their number of faces, sorted by name."""
-        counts: dict[str, int] = {}
-        for name in self._names:
-            counts[name] = counts.get(name, 0) + 1
-        return dict(sorted(counts.items()))
+        return {name: len(faces) for name, faces in sorted(self._faces_of.items())}
 
     def faces_of(self, name: str) -> list[str]:
-        """The face ids enrolled for ``name`` (empty if unknown)."""
-        return [fid for n, fid in zip(self._names, self._face_ids, strict=True) if n == name]
+        """The face ids enrolled for ``name`` (empty if unknown), in the order they were enrolled."""
+        return list(self._faces_of.get(name, ()))
 
     def face_records(self, name: str) -> list[tuple[str, bool]]:
         """``(face id, has a chip)`` for each face of ``name`` (empty if unknown)."""
-        return [
-            (fid, chip) for n, fid, chip in zip(self._names, self._face_ids, self._has_chip, strict=True) if n == name
-        ]
+        return [(fid, self._has_chip[self._row_of[fid]]) for fid in self._faces_of.get(name, ())]
 
     def faces(self) -> list[tuple[str, str, bool]]:
         """``(name, face id, has a chip)`` for every enrolled face."""
@@ -126,19 +132,34 @@ class Gallery:
 
     def face_ids(self) -> set[str]:
         """Every enrolled face's id."""
-        return set(self._face_ids)
+        return set(self._row_of)
+
+    def has_face(self, face_id: str) -> bool:
+        return face_id in self._row_of
+
+    def person_of(self, face_id: str) -> str | None:
+        """The person ``face_id`` belongs to (``None`` if it is not enrolled)."""
+        row = self._row_of.get(face_id)
+        return None if row is None else self._names[row]
 
     @property
     def removed_ids(self) -> frozenset[str]:
         """The ids of every face ever removed from this gallery (they never return under the same id)."""
         return frozenset(self._removed)
 
+    def was_removed(self, face_id: str) -> bool:
+        return face_id in self._removed
+
     @property
     def embeddings(self) -> np.ndarray:
         """A read-only view of all enrolled embeddings, row ``i`` belonging to ``names[i]``."""
-        view = self._embeddings.view()
+        view = self._store.rows.view()
         view.flags.writeable = False
         return view
+
+    def embedding_of(self, face_id: str) -> np.ndarray:
+        """One enrolled face's (normalised) embedding, a copy."""
+        return np.array(self._store.rows[self._row_of[face_id]])
 
     @property
     def names(self) -> list[str]:
@@ -170,6 +191,22 @@ class Gallery:
     ) -> list[str]:
         """:meth:`add` for faces of several people at once (``names[i]`` owns row ``i``): one change, one copy of
         the embeddings however many people (a re-embedding adds thousands)."""
+        names, vectors, chips, ids = self.checked_faces(names, embeddings, model_id, has_chip, face_ids)
+        self._append(names, vectors, chips, ids)
+        self.revision += 1
+        return ids
+
+    def checked_faces(
+        self,
+        names: Sequence[str],
+        embeddings: np.ndarray,
+        model_id: str,
+        has_chip: Sequence[bool] | None = None,
+        face_ids: Sequence[str] | None = None,
+        also_taken: Callable[[str], bool] | None = None,
+    ) -> tuple[list[str], np.ndarray, list[bool], list[str]]:
+        """What :meth:`add_faces` would add (names, normalised rows, chip flags, new face ids), checked, without
+        adding it; ``also_taken`` marks further ids as used (changes staged but not applied yet)."""
         if model_id != self.model_id:
             raise ModelMismatchError(f"embeddings from {model_id!r} cannot join a gallery of {self.model_id!r}")
         names = [name.strip() for name in names]
@@ -192,48 +229,73 @@ class Gallery:
             ids = [uuid.uuid4().hex[:12] for _ in range(len(vectors))]
         else:
             ids = [str(f) for f in face_ids]
-            taken = (set(ids) & (set(self._face_ids) | self._removed)) or (len(set(ids)) != len(ids))
-            if len(ids) != len(vectors) or taken:
+            staged = also_taken or (lambda _: False)
+            taken = any(f in self._row_of or f in self._removed or staged(f) for f in ids)
+            if len(ids) != len(vectors) or taken or len(set(ids)) != len(ids):
                 raise GalleryError(f"face ids must be {len(vectors)} new, distinct ids")
-        self._embeddings = np.concatenate([self._embeddings, vectors])
+        return names, vectors, chips, ids
+
+    def _append(self, names: list[str], vectors: np.ndarray, chips: list[bool], ids: list[str]) -> None:
+        labels = np.empty(len(names), dtype=np.int64)
+        for i, (name, face_id) in enumerate(zip(names, ids, strict=True)):
+            number = self._person_number.get(name)
+            if number is None:
+                number = self._person_number[name] = len(self._person_name)
+                self._person_name.append(name)
+            labels[i] = number
+            self._row_of[face_id] = len(self._names) + i
+            self._faces_of.setdefault(name, {})[face_id] = None
+        self._store.append(vectors, labels)
         self._names.extend(names)
         self._face_ids.extend(ids)
         self._has_chip.extend(chips)
-        self._index = None
-        self.revision += 1
-        return ids
 
     def remove_person(self, name: str) -> int:
         """Forget ``name`` entirely; returns how many faces were removed (0 if unknown)."""
-        return self._remove(lambda n, _fid: n == name)
+        doomed = self.faces_of(name)
+        for face_id in doomed:
+            self._remove_row(face_id)
+        if doomed:
+            self.revision += 1
+        return len(doomed)
 
     def remove_face(self, name: str, face_id: str) -> bool:
         """Forget one face of ``name``; ``True`` if it existed."""
-        return self._remove(lambda n, fid: n == name and fid == face_id) == 1
+        if face_id not in self._faces_of.get(name, ()):
+            return False
+        self._remove_row(face_id)
+        self.revision += 1
+        return True
 
     def forget(self, face_ids: set[str] | frozenset[str]) -> int:
         """Remove these faces wherever they are, and remember every one of these ids as removed (also ids this
         gallery never had: another model's snapshot removed them); returns how many faces were removed."""
-        before = self.revision
-        removed = self._remove(lambda _n, fid: fid in face_ids)
-        if not self._removed.issuperset(face_ids):
+        present = [face_id for face_id in face_ids if face_id in self._row_of]
+        for face_id in present:
+            self._remove_row(face_id)
+        if present or not self._removed.issuperset(face_ids):
             self._removed.update(face_ids)
-            self.revision = before + 1
-        return removed
-
-    def _remove(self, doomed: Callable[[str, str], bool]) -> int:
-        keep = [not doomed(n, f) for n, f in zip(self._names, self._face_ids, strict=True)]
-        removed = len(keep) - sum(keep)
-        if removed:
-            self._removed.update(f for f, k in zip(self._face_ids, keep, strict=True) if not k)
-            mask = np.asarray(keep, dtype=bool)
-            self._embeddings = self._embeddings[mask]
-            self._names = [n for n, k in zip(self._names, keep, strict=True) if k]
-            self._face_ids = [f for f, k in zip(self._face_ids, keep, strict=True) if k]
-            self._has_chip = [c for c, k in zip(self._has_chip, keep, strict=True) if k]
-            self._index = None
             self.revision += 1
-        return removed
+        return len(present)
+
+    def _remove_row(self, face_id: str) -> None:
+        row = self._row_of.pop(face_id)
+        name = self._names[row]
+        faces = self._faces_of[name]
+        del faces[face_id]
+        if not faces:
+            del self._faces_of[name]
+        self._removed.add(face_id)
+        moved = self._store.remove(row)
+        last = len(self._names) - 1
+        if moved is not None:
+            self._names[row], self._face_ids[row], self._has_chip[row] = (
+                self._names[last],
+                self._face_ids[last],
+                self._has_chip[last],
+            )
+            self._row_of[self._face_ids[row]] = row
+        del self._names[last], self._face_ids[last], self._has_chip[last]
 
     # --- matching -------------------------------------------------------------------------------------------
     def match(self, queries: np.ndarray, threshold: float, top_k: int = 3, min_margin: float = 0.0) -> list[Match]:
@@ -241,51 +303,51 @@ class Gallery:
 
         A face is named when its best person reaches ``threshold`` and leads the second-best person by at least
         ``min_margin`` (a face between two people is nobody's for sure).
+
+        A person's score is that of their closest face, so the ``k`` best people are the first ``k`` distinct
+        people among the faces in order of score. Candidate faces are gathered to a depth that starts small and
+        grows (by four) only for a query whose candidates hold fewer than ``k`` people, so one person with
+        thousands of faces costs only the queries that are closest to that person.
         """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if len(queries) == 0:
             return []
         if not self._names:
             return [Match(None, -1.0, 0.0, ()) for _ in range(len(queries))]
-        index = self._person_index()
-        k = min(max(top_k, 2), len(index.people))
-        depth = min(k * index.most_faces, len(self._names))
+        k = min(max(top_k, 2), len(self._faces_of))
+        rows, labels = self._store.rows, self._store.labels
         with torch.inference_mode():
-            rows = index.rows_for(len(queries))
-            coarse = torch.nn.functional.linear(torch.from_numpy(queries).to(rows.dtype), rows)
-            faces = torch.topk(coarse, depth, dim=1, sorted=False).indices.numpy()
-        # Exact scores of the candidate faces only: (Q, depth).
-        exact = np.einsum("qd,qkd->qk", queries, self._embeddings[faces])
+            coarse = self._store.coarse(queries)
         matches = []
         for row in range(len(queries)):
-            order = np.argsort(-exact[row], kind="stable")
-            best_of: dict[int, tuple[float, int]] = {}
-            for face, score in zip(faces[row, order].tolist(), exact[row, order].tolist(), strict=True):
-                best_of.setdefault(int(index.row_person[face]), (score, face))  # first seen is the person's best
-                if len(best_of) == k:
+            depth = min(len(rows), max(FIRST_DEPTH, 8 * k))
+            while True:
+                faces = torch.topk(coarse[row], depth, sorted=False).indices.numpy()
+                exact = rows[faces] @ queries[row]  # exact float32 scores of the candidates only
+                order = np.argsort(-exact, kind="stable")
+                best_of: dict[int, tuple[float, int]] = {}
+                for face, score in zip(faces[order].tolist(), exact[order].tolist(), strict=True):
+                    best_of.setdefault(int(labels[face]), (score, face))  # first seen is the person's best
+                    if len(best_of) == k:
+                        break
+                if len(best_of) == k or depth == len(rows):
                     break
-            ranked = [(person, score) for person, (score, _) in best_of.items()]
-            best = ranked[0][1]
-            second = ranked[1][1] if len(ranked) > 1 else -1.0
+                depth = min(len(rows), depth * 4)
+            ranked = list(best_of.items())
+            best = ranked[0][1][0]
+            second = ranked[1][1][0] if len(ranked) > 1 else -1.0
             candidates = tuple(
-                Candidate(index.people[p], float(score), self._face_ids[face])
-                for p, (score, face) in list(best_of.items())[:top_k]
+                Candidate(self._person_name[p], float(score), self._face_ids[face])
+                for p, (score, face) in ranked[:top_k]
             )
-            name = index.people[ranked[0][0]] if best >= threshold and best - second >= min_margin else None
+            name = self._person_name[ranked[0][0]] if best >= threshold and best - second >= min_margin else None
             matches.append(Match(name, float(best), float(best - second), candidates))
         return matches
 
-    def _person_index(self) -> _PersonIndex:
-        if self._index is None:
-            # Group the rows by person once per change, so matching needs no gather of the (N, dim) matrix.
-            labels = np.asarray(self._names, dtype=np.str_)
-            order = np.argsort(labels, kind="stable")
-            self._embeddings = np.ascontiguousarray(self._embeddings[order])
-            self._names = [self._names[i] for i in order]
-            self._face_ids = [self._face_ids[i] for i in order]
-            self._has_chip = [self._has_chip[i] for i in order]
-            self._index = _PersonIndex.build(labels[order], self._embeddings)
-        return self._index
+    @property
+    def coarse_in_half_for(self) -> tuple[bool, bool]:
+        """Whether matching runs its candidate product in float16 for one query, and for a batch."""
+        return self._store.half_for
 
     # --- persistence ----------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -297,14 +359,21 @@ class Gallery:
             "dim": self.dim,
             "revision": self.revision,
         }
+        # Person by person, each person's faces in the order they were enrolled (rows in memory are not: a removal
+        # fills its row with the last one), so a gallery read back lists everyone's faces as this one does.
+        order = np.fromiter(
+            (self._row_of[face_id] for faces in self._faces_of.values() for face_id in faces),
+            dtype=np.intp,
+            count=len(self._names),
+        )
         buffer = io.BytesIO()
         np.savez(
             buffer,
             meta=np.array(json.dumps(meta)),
-            embeddings=self._embeddings,
-            names=np.array(self._names, dtype=np.str_),
-            face_ids=np.array(self._face_ids, dtype=np.str_),
-            has_chip=np.array(self._has_chip, dtype=bool),
+            embeddings=self._store.rows[order],
+            names=np.array([self._names[row] for row in order], dtype=np.str_),
+            face_ids=np.array([self._face_ids[row] for row in order], dtype=np.str_),
+            has_chip=np.array([self._has_chip[row] for row in order], dtype=bool),
             removed_ids=np.array(sorted(self._removed), dtype=np.str_),
         )
         return buffer.getvalue()
@@ -333,8 +402,10 @@ class Gallery:
             raise GalleryError("gallery file is inconsistent: embeddings, names and face ids differ in length")
         if has_chip is not None and len(has_chip) != len(names):
             raise GalleryError("gallery file is inconsistent: chip flags and names differ in length")
-        gallery._embeddings, gallery._names, gallery._face_ids = embeddings, names, face_ids
-        gallery._has_chip = has_chip if has_chip is not None else [False] * len(names)
+        if len(set(face_ids)) != len(face_ids):
+            raise GalleryError("gallery file is inconsistent: a face id appears twice")
+        gallery._store = RowStore(gallery.dim, capacity=max(INITIAL_CAPACITY, len(names)))
+        gallery._append(names, embeddings, has_chip if has_chip is not None else [False] * len(names), face_ids)
         gallery._removed = removed
         gallery.revision = int(meta.get("revision", 0))
         return gallery
@@ -375,93 +446,6 @@ class Gallery:
             rows = [i for i, n in enumerate(names) if str(n) == name]
             gallery.add(name, vectors[rows], model_id)
         return gallery
-
-
-#: Per process: (rows rounded up to a power of two, dim) -> whether float16 wins for one query and for a batch.
-_HALF_WINS: dict[tuple[int, int], tuple[bool, bool]] = {}
-
-
-def coarse_in_half(rows: torch.Tensor, half: torch.Tensor) -> tuple[bool, bool]:
-    """Whether the float16 candidate product beats the float32 one on this CPU, for one query and for a batch.
-
-    Measured, not assumed: float16 halves the bytes a product reads, but not every CPU has fast float16 kernels
-    (on an AMX Xeon one query takes 29-33 ms in float16 against 23 ms in float32 at a million faces; with kernels
-    capped at AVX2 a batch of 16 takes 190 ms against 69). Timed once per process and gallery size class, on the
-    gallery's own rows (best of three, after a warm-up); both products give the same answers, as the candidates
-    are re-scored in float32.
-    """
-    key = (1 << max(0, len(rows) - 1).bit_length(), rows.shape[1])
-    if key not in _HALF_WINS:
-        wins = []
-        generator = torch.Generator().manual_seed(0)
-        with torch.inference_mode():
-            for count in TIMED_QUERIES:
-                queries = torch.nn.functional.normalize(torch.randn(count, rows.shape[1], generator=generator), dim=1)
-                best = {}
-                for matrix in (rows, half):
-                    probe = queries.to(matrix.dtype)
-                    torch.nn.functional.linear(probe, matrix)
-                    times = []
-                    for _ in range(3):
-                        started = time.perf_counter()
-                        torch.nn.functional.linear(probe, matrix)
-                        times.append(time.perf_counter() - started)
-                    best[matrix.dtype] = min(times)
-                wins.append(best[torch.float16] < best[torch.float32])
-        _HALF_WINS[key] = (wins[0], wins[1])
-    return _HALF_WINS[key]
-
-
-@dataclass(frozen=True)
-class _PersonIndex:
-    """The rows grouped by person: who owns each row, and the rows for the coarse product (float32, and a float16
-    copy where that is faster on this CPU)."""
-
-    people: list[str]
-    #: ``row_person[i]`` is the index in ``people`` of row ``i``'s person.
-    row_person: np.ndarray
-    #: Faces of the person with the most: the top ``k * most_faces`` faces always hold the top ``k`` people.
-    most_faces: int
-    #: The gallery's float32 rows (shared, not copied).
-    rows: torch.Tensor
-    #: A float16 copy for the query counts where it is faster (``None`` where it never is).
-    rows_half: torch.Tensor | None
-    #: Whether to use ``rows_half`` for one query, and for several.
-    half_for: tuple[bool, bool]
-
-    def rows_for(self, queries: int) -> torch.Tensor:
-        if self.rows_half is not None and self.half_for[0 if queries == 1 else 1]:
-            return self.rows_half
-        return self.rows
-
-    @classmethod
-    def build(
-        cls, sorted_labels: np.ndarray, rows: np.ndarray, half_for: tuple[bool, bool] | None = None
-    ) -> _PersonIndex:
-        """``half_for`` forces the choice of :func:`coarse_in_half` (tests); by default a gallery of at least
-        ``TIMED_FROM_ROWS`` faces measures it and a smaller one uses float32."""
-        change = np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1
-        starts = np.concatenate([[0], change]).astype(np.intp)
-        counts = np.diff(np.append(starts, len(sorted_labels)))
-        rows32 = torch.from_numpy(rows)
-        half: torch.Tensor | None = None
-        if half_for is None:
-            half_for = (False, False)
-            if len(rows) >= TIMED_FROM_ROWS:
-                half = rows32.to(torch.float16)
-                half_for = coarse_in_half(rows32, half)
-        if not any(half_for):
-            half = None
-        elif half is None:
-            half = rows32.to(torch.float16)
-        return cls(
-            people=[str(sorted_labels[s]) for s in starts],
-            row_person=np.repeat(np.arange(len(starts), dtype=np.intp), counts),
-            most_faces=int(counts.max()),
-            rows=rows32,
-            rows_half=half,
-            half_for=half_for,
-        )
 
 
 def snapshot_meta(source: bytes | Path) -> dict[str, object]:

@@ -6,6 +6,7 @@ every embedding is matched with one matrix product.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class Recognizer:
         self.detector = detector
         self.embedder = embedder
         self.threshold_rule = threshold if isinstance(threshold, ThresholdRule) else ThresholdRule(threshold)
+        #: Held while matching, and by whoever changes the gallery in place (a replica applying stored changes).
+        self.gallery_lock = threading.Lock()
         self.gallery = gallery
         self.top_k = top_k
         #: Uploads over this many pixels are refused before decoding (``AppArgs.max_pixels`` in the service).
@@ -108,7 +111,11 @@ class Recognizer:
     def gallery(self, gallery: Gallery) -> None:
         # One assignment swaps the gallery and its threshold together: a false-accept-rate threshold follows the
         # number of people enrolled.
-        self._gallery, self._match_threshold = gallery, self.threshold_rule.for_gallery(len(gallery.people()))
+        self._gallery, self._match_threshold = gallery, self.threshold_rule.for_gallery(gallery.person_count())
+
+    def gallery_changed(self) -> None:
+        """The gallery was changed in place (under :attr:`gallery_lock`): its threshold follows it."""
+        self._match_threshold = self.threshold_rule.for_gallery(self._gallery.person_count())
 
     @property
     def match_threshold(self) -> MatchThreshold:
@@ -154,7 +161,8 @@ class Recognizer:
         crops = [self.detector.crops(image, list(faces)) for image, faces in zip(images, embedded, strict=True)]
         embeddings = self.embedder.embed(torch.cat(crops)) if crops else np.empty((0, self.embedder.dim))
         started = timer.add("embed", started)
-        matches = gallery.match(embeddings, threshold=used.value, top_k=top_k, min_margin=used.min_margin)
+        with self.gallery_lock:
+            matches = gallery.match(embeddings, threshold=used.value, top_k=top_k, min_margin=used.min_margin)
         timer.add("match", started)
 
         results = []

@@ -20,9 +20,10 @@ silently.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -88,7 +89,29 @@ class CarryOverReport:
         }
 
 
-def plan_carry_over(source: Gallery, target: Gallery) -> CarryOverPlan:
+class CarryOverTarget(Protocol):
+    """What a carry-over changes: a gallery, or changes staged on one (the GalleryWriter's group commit)."""
+
+    model_id: str
+
+    def face_ids(self) -> set[str]: ...
+
+    @property
+    def removed_ids(self) -> frozenset[str]: ...
+
+    def forget(self, face_ids: set[str] | frozenset[str]) -> int: ...
+
+    def add_faces(
+        self,
+        names: Sequence[str],
+        embeddings: np.ndarray,
+        model_id: str,
+        has_chip: Sequence[bool] | None = None,
+        face_ids: Sequence[str] | None = None,
+    ) -> list[str]: ...
+
+
+def plan_carry_over(source: Gallery, target: CarryOverTarget) -> CarryOverPlan:
     have = target.face_ids() | target.removed_ids
     to_embed: list[tuple[str, str]] = []
     without_chip: list[tuple[str, str]] = []
@@ -101,13 +124,13 @@ def plan_carry_over(source: Gallery, target: Gallery) -> CarryOverPlan:
 
 def carry_over(
     source: Gallery,
-    target: Gallery,
+    target: CarryOverTarget,
     read_chip: ReadChip,
     embed_chips: EmbedChips,
     *,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
-    save: Callable[[Gallery], None] | None = None,
+    save: Callable[[Any], None] | None = None,
     save_every: int = 1024,
     limit: int | None = None,
     skip: frozenset[str] = frozenset(),
