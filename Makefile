@@ -82,7 +82,7 @@ stop:
 # Every benchmark, one after another on this machine (about 25 minutes on 2 cores), then the summary table
 # (bench/results/summary.md, the README's table). Results and plots land in bench/results/; each records the
 # CPU's ISA. The HTTP and queue benchmarks start the service exactly as `make run` does.
-BENCHMARKS := model_throughput detection_steps embedding_peak app_tier_baseline gallery_scale cold_start small_faces http_load queue_throughput
+BENCHMARKS := model_throughput detection_steps embedding_peak app_tier_baseline gallery_scale gallery_changes cold_start small_faces http_load queue_throughput
 bench: install
 	@for name in $(BENCHMARKS); do echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py || exit 1; done
 	$(BIN)/python bench/report.py

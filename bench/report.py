@@ -236,6 +236,35 @@ def gallery_scale(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def gallery_changes(r: dict[str, Any]) -> list[Row]:
+    targets = r["targets_at_1m"]
+    rows: list[Row] = []
+    for size in r["sizes"]:
+        at_1m = size["faces"] >= 1_000_000
+        enrolment, named = size["enrolment"], size["named_after_answer"]
+        rows += [
+            (
+                f"enrolments/s, {size['faces']:,} faces ({enrolment['clients']} clients)",
+                number(enrolment["per_s"], "/s"),
+                f"≥ {targets['enrolments_per_s']:g}/s" if at_1m else "",
+                met(enrolment["per_s"] >= targets["enrolments_per_s"]) if at_1m else "",
+            ),
+            (
+                f"bytes moved per enrolled face (chips apart), {size['faces']:,} faces",
+                f"{enrolment['bytes_per_face_without_chips']:,} B",
+                f"< {targets['bytes_per_face']:,} B" if at_1m else "",
+                met(enrolment["bytes_per_face_without_chips"] < targets["bytes_per_face"]) if at_1m else "",
+            ),
+            (
+                f"answer -> both replicas name the face, {size['faces']:,} faces",
+                f"{number(named['median_ms'], 'ms')} median, {number(named['max_ms'], 'ms')} max",
+                f"≤ {targets['named_within_s']:g} s" if at_1m else "",
+                met(named["max_ms"] <= 1000 * targets["named_within_s"]) if at_1m else "",
+            ),
+        ]
+    return rows
+
+
 def generic(r: dict[str, Any]) -> list[Row]:
     """Any benchmark this report does not know: its top-level numbers."""
     return [
@@ -252,6 +281,7 @@ SUMMARISERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "embedding_peak": embedding_peak,
     "app_tier_baseline": app_tier_baseline,
     "gallery_scale": gallery_scale,
+    "gallery_changes": gallery_changes,
     "cold_start": cold_start,
     "small_faces": small_faces,
 }
