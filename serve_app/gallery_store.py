@@ -14,6 +14,8 @@ checkpoints cannot be mixed), and the face chips they share:
   revision exists (S3's ``If-None-Match: *``; locally, a hard link that fails if the name is taken), so of two
   writers that staged the same revision exactly one stores it and the other learns it lost;
 * ``models/<model id>.partial.npz``: a re-embedding in progress (never served; see ``facerec gallery reembed``);
+* ``access/keys/<key id>.json``: the API keys (name, scopes, the key's SHA-256, when created and revoked; never the
+  key itself), see :mod:`serve_app.access.keys`;
 * ``chips/<face id>.jpg``: the aligned crop each enrolled face was embedded from. Face ids are kept across models,
   so every model's snapshot refers to the same chips.
 
@@ -47,6 +49,9 @@ from serve_app.model.gallery import GALLERY_FILENAME, GalleryError, snapshot_met
 CHIPS_FOLDER = "chips"
 #: The folder of per-model snapshots.
 MODELS_FOLDER = "models"
+#: The folder of API key records.
+KEYS_FOLDER = "access/keys"
+KEY_ID_PATTERN = re.compile(r"[0-9a-f]{8,32}")
 FACE_ID_PATTERN = re.compile(r"[0-9a-f]{1,32}")
 #: Model ids as the checkpoint registry makes them (``facenet-keras-ms-celeb-128-v1+flip``, ``pt-<hash>``).
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -247,6 +252,17 @@ class GalleryStore(ABC):
 
     def delete_partial(self) -> None:
         self._delete([self._partial_key()])
+
+    # --- API key records ----------------------------------------------------------------------------------------
+    def write_key_record(self, key_id: str, data: bytes) -> None:
+        self._put(_key_record(key_id), data, "application/json")
+
+    def read_key_record(self, key_id: str) -> bytes | None:
+        return self._get(_key_record(key_id))
+
+    def key_ids(self) -> list[str]:
+        names = [key.rsplit("/", 1)[-1] for key in self._list(KEYS_FOLDER)]
+        return sorted(n.removesuffix(".json") for n in names if KEY_ID_PATTERN.fullmatch(n.removesuffix(".json")))
 
     # --- chips ------------------------------------------------------------------------------------------------
     def write_chip(self, face_id: str, data: bytes) -> None:
@@ -450,6 +466,12 @@ def _chip_key(face_id: str) -> str:
     if not FACE_ID_PATTERN.fullmatch(face_id):
         raise ValueError(f"not a face id: {face_id!r}")
     return f"{CHIPS_FOLDER}/{face_id}.jpg"
+
+
+def _key_record(key_id: str) -> str:
+    if not KEY_ID_PATTERN.fullmatch(key_id):
+        raise ValueError(f"not a key id: {key_id!r}")
+    return f"{KEYS_FOLDER}/{key_id}.json"
 
 
 def _checked_model(model_id: str) -> str:

@@ -78,6 +78,16 @@ def _gallery_drop(args: argparse.Namespace) -> int:
     return gallery_commands.drop(args.gallery, args.model)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from facerec.cli import keys_commands
+
+    if args.keys_command == "create":
+        return keys_commands.create(args.gallery, args.name, args.scope)
+    if args.keys_command == "revoke":
+        return keys_commands.revoke(args.gallery, args.key)
+    return keys_commands.list_keys(args.gallery)
+
+
 def _gallery_import_legacy(args: argparse.Namespace) -> int:
     from facerec.cli import commands
 
@@ -239,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-id", required=True, help="the checkpoint that made the embeddings; they only match that one"
     )
     legacy.set_defaults(run=_gallery_import_legacy)
+
+    keys = commands.add_parser("keys", help="API keys with scopes, kept (hashed) beside a gallery")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="make a key (printed once) with one or more scopes")
+    create.add_argument("--name", required=True, help="who or what the key is for (shown in lists and logs)")
+    create.add_argument("--scope", action="append", required=True, choices=("recognize", "manage"))
+    revoke = keys_commands.add_parser("revoke", help="revoke a key by its id or name")
+    revoke.add_argument("key", metavar="ID_OR_NAME")
+    listed = keys_commands.add_parser("list", help="every key's name, scopes and dates (never a key)")
+    for sub in (create, revoke, listed):
+        sub.add_argument("--gallery", required=True, help="the gallery store: DIR or s3://bucket/prefix")
+        sub.set_defaults(run=_keys)
 
     aws = commands.add_parser("aws", help="the S3 buckets and SQS queues of the queue contract")
     aws_commands = aws.add_subparsers(dest="aws_command", required=True)

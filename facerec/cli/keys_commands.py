@@ -1,0 +1,47 @@
+"""``facerec keys create | list | revoke``: the API keys kept beside a gallery (see serve_app/access/keys.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from serve_app.access.keys import ApiKeyError, KeyRing
+from serve_app.gallery_store import GalleryStoreError, open_gallery_store
+
+log = logging.getLogger("facerec")
+
+EXIT_BAD_INPUT = 2
+
+
+def create(gallery: str, name: str, scopes: list[str]) -> int:
+    """Make a key and print it once, with its record (the key is kept nowhere: copy it now)."""
+    try:
+        key, record = KeyRing(open_gallery_store(gallery)).create(name, scopes)
+    except (ApiKeyError, GalleryStoreError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    print(json.dumps({**record.public(), "key": key}))
+    log.warning("the key above is shown only this once: the store keeps its hash, not the key")
+    return 0
+
+
+def list_keys(gallery: str) -> int:
+    """Every key's record (active and revoked), one JSON line each; never a key or its hash."""
+    try:
+        records = KeyRing(open_gallery_store(gallery)).records()
+    except (GalleryStoreError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    for record in records:
+        print(json.dumps(record.public()))
+    return 0
+
+
+def revoke(gallery: str, id_or_name: str) -> int:
+    try:
+        record = KeyRing(open_gallery_store(gallery)).revoke(id_or_name)
+    except (ApiKeyError, GalleryStoreError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    print(json.dumps(record.public()))
+    return 0
