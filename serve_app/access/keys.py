@@ -78,7 +78,7 @@ def digest(key: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")  # orders keys made within one second
 
 
 class KeyRing:
