@@ -34,9 +34,7 @@ such a face as having no usable chip.
 from __future__ import annotations
 
 import copy
-import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,20 +307,7 @@ class LocalGalleryStore(GalleryStore):
         write_atomically(self.directory / key, data)
 
     def _put_new(self, key: str, data: bytes) -> bool:
-        target = self.directory / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.link(tmp, target)  # atomic, and refused if the name exists: the local If-None-Match
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        return write_atomically(self.directory / key, data, only_if_new=True)  # a hard link: the local If-None-Match
 
     def _model_of(self, key: str) -> str | None:
         try:

@@ -460,8 +460,10 @@ def snapshot_meta(source: bytes | Path) -> dict[str, object]:
     return meta
 
 
-def write_atomically(target: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``target``, fsync it, then rename it over ``target``."""
+def write_atomically(target: Path, data: bytes, *, only_if_new: bool = False) -> bool:
+    """Write to a temporary file beside ``target``, fsync it, then rename it over ``target``; with ``only_if_new``,
+    hard-link it to ``target`` instead, which the file system refuses if ``target`` exists (``False``: nothing
+    written). Readers see the old file or the new one, never half."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
     try:
@@ -469,7 +471,16 @@ def write_atomically(target: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        Path(tmp).replace(target)
+        if not only_if_new:
+            Path(tmp).replace(target)
+            return True
+        try:
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # the name that stays is the target's
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

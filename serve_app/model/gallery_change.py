@@ -196,10 +196,9 @@ class StagedChange:
         return len(present)
 
     def _remove(self, face_id: str) -> None:
-        if self._added.pop(face_id, None) is None:
-            self._removed[face_id] = None
-        else:
-            self._removed[face_id] = None  # added and removed in one change: its id stays used
+        # A face added and removed in one change is not added, but its id stays used (a tombstone) all the same.
+        self._added.pop(face_id, None)
+        self._removed[face_id] = None
 
     # --- one request's part -----------------------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, tuple[str, bool, np.ndarray]], dict[str, None]]:
