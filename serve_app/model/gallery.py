@@ -32,6 +32,7 @@ import os
 import pickle
 import struct
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serve_app.model.gallery_index import FaceIndex, IndexPolicy
 from serve_app.model.gallery_rows import INITIAL_CAPACITY, RowStore
 
 FORMAT_NAME = "facerec-gallery"
@@ -104,6 +106,12 @@ class Gallery:
         self._removed: set[str] = set()
         #: Increases with every change; shared copies compare revisions to know which is newer.
         self.revision = 0
+        # An approximate index over a large gallery (see :mod:`serve_app.model.gallery_index`): by key, whether
+        # the key's row is in it yet, and how far its filling has come.
+        self._index: FaceIndex | None = None
+        self._in_index = np.zeros(0, dtype=bool)
+        self._fill_cursor = 0
+        self._index_considered_at = 0
 
     # --- contents -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -245,7 +253,14 @@ class Gallery:
             labels[i] = number
             self._row_of[face_id] = len(self._names) + i
             self._faces_of.setdefault(name, {})[face_id] = None
-        self._store.append(vectors, labels)
+        keys = self._store.append(vectors, labels)
+        if self._index is not None:
+            if self._store.next_key > len(self._in_index):
+                grown = np.zeros(max(self._store.next_key, 2 * len(self._in_index)), dtype=bool)
+                grown[: len(self._in_index)] = self._in_index
+                self._in_index = grown
+            self._index.add(vectors, keys)
+            self._in_index[keys] = True
         self._names.extend(names)
         self._face_ids.extend(ids)
         self._has_chip.extend(chips)
@@ -286,6 +301,10 @@ class Gallery:
         if not faces:
             del self._faces_of[name]
         self._removed.add(face_id)
+        key = self._store.keys[row]
+        if self._index is not None and self._in_index[key]:
+            self._index.remove(np.array([key]))
+            self._in_index[key] = False
         moved = self._store.remove(row)
         last = len(self._names) - 1
         if moved is not None:
@@ -298,7 +317,9 @@ class Gallery:
         del self._names[last], self._face_ids[last], self._has_chip[last]
 
     # --- matching -------------------------------------------------------------------------------------------
-    def match(self, queries: np.ndarray, threshold: float, top_k: int = 3, min_margin: float = 0.0) -> list[Match]:
+    def match(
+        self, queries: np.ndarray, threshold: float, top_k: int = 3, min_margin: float = 0.0, *, exact: bool = False
+    ) -> list[Match]:
         """Match each row of ``queries`` (``(Q, dim)``, L2-normalised) against every enrolled person at once.
 
         A face is named when its best person reaches ``threshold`` and leads the second-best person by at least
@@ -308,6 +329,9 @@ class Gallery:
         people among the faces in order of score. Candidate faces are gathered to a depth that starts small and
         grows (by four) only for a query whose candidates hold fewer than ``k`` people, so one person with
         thousands of faces costs only the queries that are closest to that person.
+
+        With an index (:attr:`index`) the candidates come from it, unless ``exact``; they are scored exactly either
+        way.
         """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if len(queries) == 0:
@@ -316,22 +340,37 @@ class Gallery:
             return [Match(None, -1.0, 0.0, ()) for _ in range(len(queries))]
         k = min(max(top_k, 2), len(self._faces_of))
         rows, labels = self._store.rows, self._store.labels
-        with torch.inference_mode():
-            coarse = self._store.coarse(queries)
+        first_depth = min(len(rows), max(FIRST_DEPTH, 8 * k))
+        index = None if exact else self.index
+        coarse: torch.Tensor | None = None
+        if index is not None:
+            found = index.search(queries, first_depth)
+        else:
+            with torch.inference_mode():
+                coarse = self._store.coarse(queries)
         matches = []
         for row in range(len(queries)):
-            depth = min(len(rows), max(FIRST_DEPTH, 8 * k))
+            depth = first_depth
             while True:
-                faces = torch.topk(coarse[row], depth, sorted=False).indices.numpy()
-                exact = rows[faces] @ queries[row]  # exact float32 scores of the candidates only
-                order = np.argsort(-exact, kind="stable")
+                if coarse is not None:
+                    faces = torch.topk(coarse[row], depth, sorted=False).indices.numpy()
+                else:
+                    assert index is not None
+                    keys = found[row] if depth == first_depth else index.search(queries[row : row + 1], depth)[0]
+                    faces = self._store.rows_of_keys(keys[keys >= 0])
+                scores = rows[faces] @ queries[row]  # exact float32 scores of the candidates only
+                order = np.argsort(-scores, kind="stable")
                 best_of: dict[int, tuple[float, int]] = {}
-                for face, score in zip(faces[order].tolist(), exact[order].tolist(), strict=True):
+                for face, score in zip(faces[order].tolist(), scores[order].tolist(), strict=True):
                     best_of.setdefault(int(labels[face]), (score, face))  # first seen is the person's best
                     if len(best_of) == k:
                         break
                 if len(best_of) == k or depth == len(rows):
                     break
+                if coarse is None and len(faces) < depth:
+                    # The probed cells hold too few people for this query: exact search answers it.
+                    with torch.inference_mode():
+                        coarse = self._store.coarse(queries)
                 depth = min(len(rows), depth * 4)
             ranked = list(best_of.items())
             best = ranked[0][1][0]
@@ -343,6 +382,74 @@ class Gallery:
             name = self._person_name[ranked[0][0]] if best >= threshold and best - second >= min_margin else None
             matches.append(Match(name, float(best), float(best - second), candidates))
         return matches
+
+    # --- the approximate index (built by :func:`serve_app.model.gallery_index.build_index`) --------------------
+    @property
+    def index(self) -> FaceIndex | None:
+        """The approximate index matching uses (``None``: exact search; also while one is being filled)."""
+        return self._index if self._index is not None and self._index.complete else None
+
+    def index_due(self, policy: IndexPolicy) -> bool:
+        """Whether to consider an index now: large enough, none yet, and not yet considered at this size class
+        (a gallery that was fast enough is timed again when its size doubles)."""
+        return (
+            len(self) >= policy.considered_from
+            and self._index is None
+            and self._size_class() != self._index_considered_at
+        )
+
+    def index_considered(self) -> None:
+        """An index was considered at this size (see :meth:`index_due`)."""
+        self._index_considered_at = self._size_class()
+
+    def _size_class(self) -> int:
+        return 1 << max(0, len(self) - 1).bit_length()
+
+    def exact_query_seconds(self) -> float:
+        """One query's exact matching time on this gallery (best of three after a warm-up)."""
+        query = _normalise(np.random.default_rng(0).standard_normal((1, self.dim)).astype(np.float32))
+        times = []
+        for attempt in range(4):
+            started = time.perf_counter()
+            self.match(query, threshold=1.0, exact=True)
+            if attempt:
+                times.append(time.perf_counter() - started)
+        return min(times)
+
+    def sample_rows(self, count: int) -> np.ndarray:
+        """A copy of ``count`` rows drawn at random (all rows when there are fewer)."""
+        rows = self._store.rows
+        if count >= len(rows):
+            return np.array(rows)
+        return rows[np.sort(np.random.default_rng(0).choice(len(rows), count, replace=False))]
+
+    def attach_index(self, index: FaceIndex) -> None:
+        """Mirror every change into ``index`` from now on; :meth:`fill_index` adds the rows there already."""
+        self._index = index
+        self._in_index = np.zeros(max(1, self._store.next_key), dtype=bool)
+        self._fill_cursor = 0
+
+    def fill_index(self, chunk: int) -> bool:
+        """Add up to ``chunk`` more rows to the attached index; ``True`` once every row is in it (then it is
+        complete, and matching uses it). A removal may move a row not yet added below the cursor: the last step
+        checks every row."""
+        index = self._index
+        if index is None or index.complete:
+            return True
+        stop = min(self._fill_cursor + chunk, len(self))
+        if stop < len(self):
+            span = slice(self._fill_cursor, stop)
+            self._fill_cursor = stop
+        else:
+            span = slice(0, len(self))
+        keys = self._store.keys[span]
+        missing = ~self._in_index[keys]
+        index.add(self._store.rows[span][missing], keys[missing])
+        self._in_index[keys[missing]] = True
+        index.complete = stop >= len(self)
+        if index.complete:
+            self._store.drop_half()  # candidates come from the index now: 2 bytes a coordinate saved
+        return index.complete
 
     @property
     def coarse_in_half_for(self) -> tuple[bool, bool]:

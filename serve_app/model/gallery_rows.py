@@ -61,15 +61,25 @@ def coarse_in_half(rows: torch.Tensor, half: torch.Tensor) -> tuple[bool, bool]:
 
 
 class RowStore:
-    """``(n, dim)`` float32 rows with spare capacity, a per-row integer label, and the float16 mirror."""
+    """``(n, dim)`` float32 rows with spare capacity, a per-row integer label, and the float16 mirror.
+
+    Each row also has a key that does not change when rows move (numbered from 0 in the order rows were appended,
+    never reused): an index over the rows (:mod:`serve_app.model.gallery_index`) names rows by key.
+    """
 
     def __init__(self, dim: int, capacity: int = INITIAL_CAPACITY) -> None:
         self.dim = dim
         self._rows = np.empty((max(1, capacity), dim), dtype=np.float32)
         self._labels = np.empty(max(1, capacity), dtype=np.int64)
+        self._keys = np.empty(max(1, capacity), dtype=np.int64)
+        #: ``_row_of_key[key]`` is the key's row, ``-1`` once removed (grown like the rows).
+        self._row_of_key = np.empty(max(1, capacity), dtype=np.int64)
+        self.next_key = 0
         self._half: np.ndarray | None = None
         self._half_for: tuple[bool, bool] | None = None  # decided for the size class it was timed at
         self._timed_class = 0
+        #: No float16 mirror (an index chooses the candidates: the mirror would only cost memory).
+        self._without_half = False
         self.n = 0
 
     @property
@@ -82,28 +92,51 @@ class RowStore:
         """``labels[i]`` is row ``i``'s owner (a person number)."""
         return self._labels[: self.n]
 
-    def append(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+    @property
+    def keys(self) -> np.ndarray:
+        """``keys[i]`` is row ``i``'s key."""
+        return self._keys[: self.n]
+
+    def rows_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """The rows of these keys (``-1`` for a key removed since)."""
+        rows: np.ndarray = self._row_of_key[keys]
+        return rows
+
+    def append(self, vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Append rows; returns their keys."""
         needed = self.n + len(vectors)
         if needed > len(self._rows):
             capacity = max(needed, 2 * len(self._rows))
             self._rows = _grown(self._rows, capacity, self.n)
             self._labels = _grown(self._labels, capacity, self.n)
+            self._keys = _grown(self._keys, capacity, self.n)
             if self._half is not None:
                 self._half = _grown(self._half, capacity, self.n)
+        keys = np.arange(self.next_key, self.next_key + len(vectors), dtype=np.int64)
+        if self.next_key + len(keys) > len(self._row_of_key):
+            capacity = max(self.next_key + len(keys), 2 * len(self._row_of_key))
+            self._row_of_key = _grown(self._row_of_key, capacity, self.next_key)
         self._rows[self.n : needed] = vectors
         self._labels[self.n : needed] = labels
+        self._keys[self.n : needed] = keys
+        self._row_of_key[keys] = np.arange(self.n, needed)
         if self._half is not None:
             self._half[self.n : needed] = vectors
         self.n = needed
+        self.next_key += len(keys)
+        return keys
 
     def remove(self, row: int) -> int | None:
         """Remove ``row`` by moving the last row into its place; returns the row that moved there (``None`` when
         ``row`` was the last)."""
         last = self.n - 1
         moved = None
+        self._row_of_key[self._keys[row]] = -1
         if row != last:
             self._rows[row] = self._rows[last]
             self._labels[row] = self._labels[last]
+            self._keys[row] = self._keys[last]
+            self._row_of_key[self._keys[row]] = row
             if self._half is not None:
                 self._half[row] = self._half[last]
             moved = last
@@ -122,7 +155,7 @@ class RowStore:
     def _half_rows(self) -> np.ndarray | None:
         """The float16 mirror where it wins on this CPU: timed when the store first reaches a size class of at
         least ``TIMED_FROM_ROWS`` rows (and again at each larger class), kept up to date by every change."""
-        if self.n < TIMED_FROM_ROWS:
+        if self.n < TIMED_FROM_ROWS or self._without_half:
             return self._half
         size_class = 1 << max(0, self.n - 1).bit_length()
         if size_class != self._timed_class:
@@ -137,6 +170,11 @@ class RowStore:
     def half_for(self) -> tuple[bool, bool]:
         """Whether the float16 mirror serves one query, and a batch (``(False, False)``: float32 only)."""
         return self._half_for if self._half is not None and self._half_for is not None else (False, False)
+
+    def drop_half(self) -> None:
+        """Free the float16 mirror for good (the product runs in float32 from now on)."""
+        self._without_half = True
+        self._half, self._half_for = None, None
 
     def force_half(self, half_for: tuple[bool, bool]) -> None:
         """Use the float16 mirror as ``half_for`` says, whatever the timing would (tests of both kernels)."""

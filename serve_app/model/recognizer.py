@@ -17,6 +17,7 @@ import torch
 from serve_app.model.detector import DetectedFace, FaceDetections, FaceDetector
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Candidate, Gallery
+from serve_app.model.gallery_index import DEFAULT_INDEX_POLICY, IndexPolicy, build_index
 from serve_app.model.images import DEFAULT_MAX_PIXELS, DecodedImage, InvalidImageError, decode_timed
 from serve_app.model.match_threshold import MatchThreshold, ThresholdRule
 
@@ -90,6 +91,7 @@ class Recognizer:
         threshold: float | ThresholdRule,
         top_k: int = 3,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        index_policy: IndexPolicy | None = DEFAULT_INDEX_POLICY,
     ) -> None:
         if gallery.model_id != embedder.model_id:
             raise ValueError(f"gallery model {gallery.model_id!r} != embedder model {embedder.model_id!r}")
@@ -98,6 +100,8 @@ class Recognizer:
         self.threshold_rule = threshold if isinstance(threshold, ThresholdRule) else ThresholdRule(threshold)
         #: Held while matching, and by whoever changes the gallery in place (a replica applying stored changes).
         self.gallery_lock = threading.Lock()
+        self.index_policy = index_policy
+        self._indexing: threading.Thread | None = None
         self.gallery = gallery
         self.top_k = top_k
         #: Uploads over this many pixels are refused before decoding (``AppArgs.max_pixels`` in the service).
@@ -112,10 +116,36 @@ class Recognizer:
         # One assignment swaps the gallery and its threshold together: a false-accept-rate threshold follows the
         # number of people enrolled.
         self._gallery, self._match_threshold = gallery, self.threshold_rule.for_gallery(gallery.person_count())
+        self._index_if_due()
 
     def gallery_changed(self) -> None:
         """The gallery was changed in place (under :attr:`gallery_lock`): its threshold follows it."""
         self._match_threshold = self.threshold_rule.for_gallery(self._gallery.person_count())
+        self._index_if_due()
+
+    def _index_if_due(self) -> None:
+        """Build an approximate index for a large gallery in the background (:mod:`serve_app.model.gallery_index`):
+        matching stays exact until it is complete. ``index_policy=None``: never."""
+        policy = self.index_policy
+        if policy is None or not self._gallery.index_due(policy):
+            return
+        if self._indexing is not None and self._indexing.is_alive():
+            return  # the running build looks again when it ends
+        self._indexing = threading.Thread(target=self._build_indexes, args=(policy,), name="gallery-index", daemon=True)
+        self._indexing.start()
+
+    def _build_indexes(self, policy: IndexPolicy) -> None:
+        # Until the gallery served is indexed or needs none (it may be replaced by a fresh copy meanwhile).
+        while True:
+            gallery = self._gallery
+            build_index(gallery, self.gallery_lock, policy)
+            if gallery is self._gallery or not self._gallery.index_due(policy):
+                return
+
+    def wait_for_index(self, timeout: float | None = None) -> None:
+        """Wait until a running index build ends (tests and benchmarks)."""
+        if self._indexing is not None:
+            self._indexing.join(timeout)
 
     @property
     def match_threshold(self) -> MatchThreshold:
