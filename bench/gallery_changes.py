@@ -202,7 +202,9 @@ def measure_size(size: int, args: argparse.Namespace, counter: ByteCounter, real
         writer = GalleryWriterDeployment(uri, CONFIG, sync_period_s=3600)
         # Enrolments from concurrent clients, one face each.
         before, cpu_before = counter.snapshot(), time.process_time()
-        queue = [(f"new-{i:05d}", matrix[i % len(matrix)]) for i in range(args.enrolments)]
+        # New faces of their own (copies of real ones would tie with them, and ties make top-1 arbitrary).
+        fresh = distractors(matrix, args.enrolments, seed=size + 1)
+        queue = [(f"new-{i:05d}", fresh[i]) for i in range(args.enrolments)]
         answered: list[int] = []
 
         async def client() -> None:
