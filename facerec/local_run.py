@@ -195,7 +195,8 @@ def run(
                     f"  local AWS  {endpoint}   (moto S3 + SQS; `facerec aws status` shows the queues)\n"
                     f"  queues     requests {stack.request_queue}, responses {stack.response_queue}, "
                     f"dead letters {stack.dead_letter_queue}\n"
-                    f"  buckets    in {stack.in_bucket}, out {stack.out_bucket}, gallery {stack.gallery_uri}\n",
+                    f"  buckets    in {stack.in_bucket}, out {stack.out_bucket}, gallery {stack.gallery_uri}\n"
+                    f"{access_line(stack.gallery_uri)}\n",
                     flush=True,
                 )
                 stop.wait()
@@ -203,6 +204,19 @@ def run(
         PID_FILE.unlink(missing_ok=True)
         (RUN_DIR / "aws.json").unlink(missing_ok=True)
     return 0
+
+
+def access_line(gallery_uri: str) -> str:
+    """The banner's word on API keys: open on loopback until one is made, and how to make one."""
+    from serve_app.access.keys import KeyRing
+    from serve_app.gallery_store import open_gallery_store
+
+    if os.environ.get("FACEREC_API_KEY") or KeyRing(open_gallery_store(gallery_uri)).records():
+        return "  access     API keys required on every route but /healthz (`facerec keys list`)"
+    return (
+        "  access     OPEN: no API key exists, so anyone who can reach 127.0.0.1 may use every route;\n"
+        f"             make one: facerec keys create --gallery {gallery_uri} --name me --scope manage"
+    )
 
 
 def main() -> None:

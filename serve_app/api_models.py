@@ -193,6 +193,9 @@ class Health(BaseModel):
     gallery_revision: int | None = None
     gallery_faces: int | None = None
     gallery_people: int | None = None
+    api_key_required: bool | None = Field(
+        None, description="whether the API needs X-API-Key (once keys exist; the gallery's figures are then omitted)"
+    )
 
 
 class QueueBacklog(BaseModel):
@@ -201,11 +204,18 @@ class QueueBacklog(BaseModel):
     dead_letters: int = Field(description="requests on the dead-letter queue")
 
 
+class CallerKey(BaseModel):
+    name: str = Field(description="the key's name (never the key)")
+    scopes: list[str] = Field(description="recognize, manage")
+
+
 class ServiceStatus(Health):
     """``GET /v1/status``: what the console's Status screen shows."""
 
+    key: CallerKey | None = Field(None, description="the key this request came with (null: no key needed)")
+
     replicas_ready: int | None = Field(None, description="Recognizer replicas running (null: Serve did not say)")
-    api_key_required: bool = Field(description="whether gallery changes need X-API-Key")
+    api_key_required: bool = Field(description="whether the API needs X-API-Key (every route but /healthz)")
     queue: QueueBacklog | None = Field(None, description="the SQS bridge's queues (null: no bridge runs here)")
 
 

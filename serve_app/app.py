@@ -18,8 +18,9 @@ from ray import serve
 from ray.serve import Application
 
 from aws_stack.stack import StackConfig
+from serve_app.access.settings import AccessConfig
 from serve_app.deployments.gallery_writer import GalleryWriterDeployment
-from serve_app.deployments.ingress import IngressDeployment, IngressLimits, QueueSettings
+from serve_app.deployments.ingress import AccessWiring, IngressDeployment, IngressLimits, QueueSettings
 from serve_app.deployments.recognizer import RecognizerDeployment, RecognizerOptions
 from serve_app.deployments.serving_recognizer import ServingRecognizer
 from serve_app.model.images import DEFAULT_MAX_PIXELS
@@ -128,6 +129,8 @@ class AppArgs(BaseModel):
     controller_app: str | None = None
     #: The SQS bridge's Serve application, asked for the queues' backlog by ``GET /v1/status`` (if it runs).
     bridge_app: str | None = "bridge"
+    #: API keys: how the service applies them (the keys themselves: ``facerec keys create``).
+    access: AccessConfig = Field(default_factory=AccessConfig)
 
 
 def ingress_in_recognizer(config: AppArgs) -> bool:
@@ -196,6 +199,7 @@ def build_app(args: AppArgs) -> Application:
         max_body_bytes=config.max_upload_bytes * config.max_enrol_photos + 64 * 1024,
         max_enrol_photos=config.max_enrol_photos,
     )
+    access = AccessWiring(config.access, config.gallery_uri, config.gallery_endpoint)
     recognizer_deployment = serve.deployment(
         name="Recognizer",
         ray_actor_options=actor_options,
@@ -204,7 +208,7 @@ def build_app(args: AppArgs) -> Application:
     )
     if ingress_in_recognizer(config):
         return recognizer_deployment(ServingRecognizer).bind(
-            options, writer, limits, model_id, threshold, config.bridge_app
+            options, writer, limits, model_id, threshold, config.bridge_app, access
         )
     recognizer = recognizer_deployment(RecognizerDeployment).bind(options, writer)
     queue = None
@@ -219,5 +223,5 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=1000,
     )(IngressDeployment)
     return ingress.bind(
-        recognizer, writer, limits, model_id, threshold, queue, config.controller_app, config.bridge_app
+        recognizer, writer, limits, model_id, threshold, queue, config.controller_app, config.bridge_app, access
     )

@@ -41,8 +41,6 @@ def serve_cluster(moto_endpoint: str) -> Iterator[ServeCluster]:
     Started after the moto server, so that Ray's workers inherit the AWS settings pointing at it.
     """
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    # Inherited by every Ray process (as `make run` does), never passed in a runtime_env that Ray would log.
-    os.environ["FACEREC_API_KEY"] = API_KEY
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray

@@ -76,3 +76,27 @@ def test_the_command_line_prints_a_key_once_and_lists_without_it(
     assert json.loads(capsys.readouterr().out)["revoked"] is not None
     assert KeyRing(open_gallery_store(gallery)).authenticate(key) is None
     assert main(["keys", "revoke", "--gallery", gallery, created["id"]]) == 2  # already revoked: said, not done twice
+
+
+def test_a_cluster_is_not_deployed_to_serve_the_gallery_without_a_key(
+    moto_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cluster.deploy
+    from aws_stack.stack import StackConfig
+
+    deployed: list[object] = []
+    monkeypatch.setattr("facerec.cli.cluster_commands.deploy", lambda config, address: deployed.append(config))
+    prefix = f"keyless-{uuid.uuid4().hex[:6]}"
+    bootstrap = tmp_path / "bootstrap.yaml"
+    bootstrap.write_text(f"cluster_name: {prefix}\nprovider:\n  region: us-east-1\n")
+    gallery = StackConfig(prefix=prefix, region="us-east-1").gallery_uri
+    assert main(["cluster", "deploy", "--bootstrap", str(bootstrap)]) == 2
+    assert deployed == [] and f"facerec keys create --gallery {gallery}" in caplog.text
+    # A revoked key is no key.
+    ring = KeyRing(open_gallery_store(gallery))
+    _, record = ring.create("operators", ["manage"])
+    ring.revoke(record.id)
+    assert main(["cluster", "deploy", "--bootstrap", str(bootstrap)]) == 2 and deployed == []
+    ring.create("clients", ["recognize"])
+    assert main(["cluster", "deploy", "--bootstrap", str(bootstrap)]) == 0
+    assert len(deployed) == 1 and cluster.deploy.stack_from_bootstrap(bootstrap).prefix == prefix

@@ -1,10 +1,12 @@
 """The web console in a real browser: Playwright driving the system's headless Chromium against a live app.
 
-Every flow a person would try: open the service's address, recognise a two-person photo and find both boxes
-where the API puts them, name an Unknown face (the API key asked for first) and see the next recognition name
-it, look at the people with their chips, remove them, compare two photos, read the status, send a file that is
-not a photo, and use it all at phone width. No console error and no failed request, except the refusal that
-the non-photo is meant to get. With ``FACEREC_SCREENSHOTS=DIR`` (``make screenshots``) each screen is saved.
+The service has API keys (made in its gallery store before it starts), so the console asks for one first.
+Every flow a person would try: open the service's address, give the key, recognise a two-person photo and find
+both boxes where the API puts them, name an Unknown face and see the next recognition name it, look at the people
+with their chips, remove them, compare two photos, read the status, send a file that is not a photo, give a wrong
+key and then the right one, use a recognition-only key (no People), and use it all at phone width. No console
+error and no failed request, except the refusals meant to happen. With ``FACEREC_SCREENSHOTS=DIR``
+(``make screenshots``) each screen is saved.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.serve_fixtures import API_KEY, ServeCluster
+from serve_app.access.keys import KeyRing
+from serve_app.gallery_store import open_gallery_store
+from tests.serve_fixtures import ServeCluster
 from tests.waiting import wait_until
 
 from .conftest import LFW, SCENES
@@ -40,21 +44,30 @@ CHROMIUM_ARGS = [
 SHOTS = os.environ.get("FACEREC_SCREENSHOTS")
 
 
+#: The console's keys: one that may do everything, one for recognition only (set by the ``console`` fixture).
+KEYS: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def console(serve_cluster: ServeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
     from serve_app.app import AppArgs, build_app
 
-    args = {
-        "gallery_uri": str(tmp_path_factory.mktemp("gallery")),
-        "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0},
-    }
+    gallery = tmp_path_factory.mktemp("gallery")
+    ring = KeyRing(open_gallery_store(str(gallery)))
+    KEYS["admin"] = ring.create("console admin", ["manage", "recognize"])[0]
+    KEYS["booth"] = ring.create("photo booth", ["recognize"])[0]
+    args = {"gallery_uri": str(gallery), "recognizer": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0}}
     serve.run(build_app(AppArgs.model_validate(args)), name=APP, route_prefix="/", blocking=False)
     url = serve_cluster.url
     wait_until(lambda: _healthy(url), 240, "the console's application did not become healthy")
     yield url
     serve.delete(APP)
+
+
+def admin() -> dict[str, str]:
+    return {"X-API-Key": KEYS["admin"]}
 
 
 def _healthy(url: str) -> bool:
@@ -116,7 +129,9 @@ class Watched:
 
 
 def _api_boxes(url: str, photo: Path) -> list[list[float]]:
-    answer = requests.post(f"{url}/v1/recognize", files={"image": (photo.name, photo.read_bytes())}, timeout=120)
+    answer = requests.post(
+        f"{url}/v1/recognize", files={"image": (photo.name, photo.read_bytes())}, headers=admin(), timeout=120
+    )
     return [face["box"] for face in answer.json()["faces"]]
 
 
@@ -132,7 +147,8 @@ def test_recognise_name_an_unknown_face_see_it_named_and_remove_it(console: str,
     page = watched.page
     page.goto(f"{console}/")  # a browser's Accept: text/html is sent to the console
     assert page.url == f"{console}/ui/"
-    page.wait_for_selector("body[data-ready='key']")  # this service has FACEREC_API_KEY set
+    _enter_key(page, KEYS["admin"])  # asked for at once: this service has keys
+    page.wait_for_selector("body[data-ready='key'][data-scope='manage']")
 
     couple = SCENES / "couple.jpg"
     page.set_input_files("#recognise-files", str(couple))
@@ -156,11 +172,10 @@ def test_recognise_name_an_unknown_face_see_it_named_and_remove_it(console: str,
     assert page.locator(".result .meta").inner_text().startswith("2 faces · model ")
     watched.shot("recognise")
 
-    # Name the first face: the key is asked for first, then the photo is recognised again with the name.
+    # Name the first face: the photo is recognised again with the name.
     faces.nth(0).click()
     page.fill(".details input[name=name]", "Partner One")
     page.click(".details button[type=submit]")
-    _enter_key(page, API_KEY)
     page.wait_for_selector(".result .face[data-name='Partner One']", timeout=120_000)
     assert page.locator(".result .face[data-name='Unknown']").count() == 1
     # And the other one: two people enrolled from the page, both named in the group photo.
@@ -169,7 +184,7 @@ def test_recognise_name_an_unknown_face_see_it_named_and_remove_it(console: str,
     page.click(".details button[type=submit]")  # the key is already known to this tab
     page.wait_for_selector(".result .face[data-name='Partner Two']", timeout=120_000)
     assert sorted(faces.nth(i).get_attribute("data-name") or "" for i in range(2)) == ["Partner One", "Partner Two"]
-    assert requests.delete(f"{console}/v1/people/Partner Two", headers={"X-API-Key": API_KEY}, timeout=60).ok
+    assert requests.delete(f"{console}/v1/people/Partner Two", headers=admin(), timeout=60).ok
     page.set_input_files("#recognise-files", str(couple))  # recognised again, now with one of them
     page.locator(".result").nth(1).wait_for()
     page.wait_for_function("() => document.querySelectorAll('.result')[0].querySelectorAll('.face').length === 2")
@@ -191,7 +206,7 @@ def test_recognise_name_an_unknown_face_see_it_named_and_remove_it(console: str,
     card.locator("h3 button").click()
     page.wait_for_selector("article.person", state="detached")
     assert page.locator("#people-count").inner_text() == "0 people, 0 faces"
-    assert requests.get(f"{console}/v1/people", timeout=30).json()["people"] == []
+    assert requests.get(f"{console}/v1/people", headers=admin(), timeout=30).json()["people"] == []
 
     # Verify and Status.
     page.click("nav a[data-screen=verify]")
@@ -205,7 +220,7 @@ def test_recognise_name_an_unknown_face_see_it_named_and_remove_it(console: str,
     page.click("nav a[data-screen=status]")
     page.wait_for_selector("#status-list dd")
     status = page.locator("#status-list").inner_text()
-    assert "Recognizer replicas ready" in status and "facenet" in status and "required for changes" in status
+    assert "Recognizer replicas ready" in status and "facenet" in status and "required on every route" in status
     watched.shot("status")
     assert watched.problems == []
 
@@ -217,7 +232,7 @@ def test_recognise_name_an_unknown_face_see_it_named_and_remove_it(console: str,
     refusal = page.locator(".result .error").first
     refusal.wait_for(timeout=60_000)
     expected_message = requests.post(
-        f"{console}/v1/recognize", files={"image": ("notes.jpg", b"not a photo at all")}, timeout=60
+        f"{console}/v1/recognize", files={"image": ("notes.jpg", b"not a photo at all")}, headers=admin(), timeout=60
     ).json()["error"]["message"]
     assert expected_message in refusal.inner_text()
     assert all("415" in problem for problem in watched.problems) and watched.problems
@@ -228,20 +243,19 @@ def test_a_wrong_api_key_is_refused_and_asked_for_again(console: str, chromium: 
     watched = Watched(chromium)
     page = watched.page
     page.goto(f"{console}/ui/#people")
-    page.wait_for_selector("body[data-ready='key']")
+    _enter_key(page, "not-the-key")
+    page.wait_for_selector("#key-error:has-text('refused')")  # asked again, saying why
+    _enter_key(page, KEYS["admin"])
+    page.wait_for_selector("body[data-ready='key'][data-scope='manage']")
     photo = SCENES / "knn" / "train" / "biden" / "biden.jpg"
     page.fill("#enrol-name", "biden")
     page.set_input_files("#enrol-files", str(photo))
     page.click("#enrol-form button[type=submit]")
-    _enter_key(page, "not-the-key")
-    page.wait_for_selector("#enrol-outcome.error")
-    assert "The API key was refused" in page.locator("#enrol-outcome").inner_text()
-    assert requests.get(f"{console}/v1/people", timeout=30).json()["people"] == []
-    page.click("#enrol-form button[type=submit]")
-    _enter_key(page, API_KEY)  # asked again, since the refused key was forgotten
     page.wait_for_selector("#enrol-outcome.ok", timeout=120_000)
     assert page.locator("#enrol-outcome").inner_text() == "Enrolled 1 face of biden."
-    assert [p["name"] for p in requests.get(f"{console}/v1/people", timeout=30).json()["people"]] == ["biden"]
+    assert [p["name"] for p in requests.get(f"{console}/v1/people", headers=admin(), timeout=30).json()["people"]] == [
+        "biden"
+    ]
     # A photo of two faces cannot say whose name it is: refused, with the reason.
     page.fill("#enrol-name", "pair")
     page.set_input_files("#enrol-files", str(SCENES / "couple.jpg"))
@@ -249,7 +263,33 @@ def test_a_wrong_api_key_is_refused_and_asked_for_again(console: str, chromium: 
     page.wait_for_selector("#enrol-outcome.error", timeout=120_000)
     assert "couple.jpg: 2 faces found" in page.locator("#enrol-outcome").inner_text()
     assert [p for p in watched.problems if "401" not in p and "422" not in p] == []
-    requests.delete(f"{console}/v1/people/biden", headers={"X-API-Key": API_KEY}, timeout=60).raise_for_status()
+    requests.delete(f"{console}/v1/people/biden", headers=admin(), timeout=60).raise_for_status()
+    watched.close()
+
+
+def test_a_recognition_only_key_sees_no_people(console: str, chromium: Any) -> None:
+    assert requests.post(
+        f"{console}/v1/people/obama/faces",
+        files=[("images", ("obama.jpg", (SCENES / "knn" / "train" / "obama" / "obama.jpg").read_bytes()))],
+        headers=admin(),
+        timeout=120,
+    ).ok
+    watched = Watched(chromium)
+    page = watched.page
+    page.goto(f"{console}/ui/#people")
+    _enter_key(page, KEYS["booth"])
+    page.wait_for_selector("body[data-ready='key'][data-scope='recognize']")
+    assert page.locator("nav a[data-screen=people]").is_hidden() and page.locator("#people").is_hidden()
+    page.set_input_files("#recognise-files", str(SCENES / "knn" / "test" / "obama1.jpg"))
+    page.locator(".result .face[data-name='obama']").first.wait_for(timeout=120_000)
+    page.locator(".result .face").first.click()
+    page.wait_for_selector(".details .candidates li")
+    assert page.locator(".details .candidates img").count() == 0  # chips are the gallery's: not for this key
+    page.click("nav a[data-screen=status]")
+    page.wait_for_selector("#status-list dd")
+    assert "photo booth (recognize)" in page.locator("#status-list").inner_text()
+    assert watched.problems == []  # what this key may see is known from the status: nothing refused
+    requests.delete(f"{console}/v1/people/obama", headers=admin(), timeout=60).raise_for_status()
     watched.close()
 
 
@@ -257,6 +297,7 @@ def test_the_console_works_at_phone_width_and_from_the_keyboard(console: str, ch
     watched = Watched(chromium, viewport={"width": 375, "height": 800}, is_mobile=True, has_touch=True)
     page = watched.page
     page.goto(f"{console}/ui/")
+    _enter_key(page, KEYS["admin"])
     page.wait_for_selector("body[data-ready]")
     page.set_input_files("#recognise-files", str(SCENES / "knn" / "test" / "obama1.jpg"))
     page.locator(".result .face").first.wait_for(timeout=120_000)

@@ -14,6 +14,8 @@ from aws_stack.clients import AwsClients, aws_client
 from aws_stack.stack import provision
 from cluster.bake import BakeRequest, bake, baked_config
 from cluster.deploy import BOOTSTRAP_CONFIG, deploy, render_serve_config, stack_from_bootstrap
+from serve_app.access.keys import KeyRing
+from serve_app.gallery_store import open_gallery_store
 
 log = logging.getLogger("facerec")
 
@@ -27,8 +29,27 @@ def deploy_command(args: argparse.Namespace) -> int:
         print(json.dumps(config, indent=1))
         return 0
     provision(stack, AwsClients.for_stack(stack))  # the buckets and queues first (idempotent)
+    refusal = keyless_refusal(stack.gallery_uri)
+    if refusal is not None:
+        log.error("%s", refusal)
+        return EXIT_BAD_INPUT
     deploy(config, args.address)
     return 0
+
+
+def keyless_refusal(gallery_uri: str) -> str | None:
+    """Why a cluster serving this gallery must not be deployed yet (``None``: it may). A cluster's port is reached
+    by everything in its security group, and by everyone once a load balancer is put in front: without a key,
+    anyone could list every enrolled name, download every face and search the gallery."""
+    active = [record for record in KeyRing(open_gallery_store(gallery_uri)).records() if record.active]
+    if active:
+        return None
+    return (
+        f"no API key exists for the gallery {gallery_uri}: the cluster would serve it to anyone who can reach its "
+        "port. Make keys first, then deploy again:\n"
+        f"  facerec keys create --gallery {gallery_uri} --name operators --scope manage\n"
+        f"  facerec keys create --gallery {gallery_uri} --name clients --scope recognize"
+    )
 
 
 def _cluster(path: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ export class ApiError extends Error {
 let keyRequired = false;
 let askForKey = async () => null;
 
-/** Whether changes need X-API-Key (told by /healthz), and how to ask the person for it. */
+/** Whether the API needs X-API-Key (it answers 401 without one once keys exist), and how to ask for it. */
 export function configureKey(required, ask) {
   keyRequired = required;
   askForKey = ask;
@@ -27,6 +27,10 @@ export function forgetKey() {
   sessionStorage.removeItem(KEY_STORAGE);
 }
 
+export function hasStoredKey() {
+  return Boolean(sessionStorage.getItem(KEY_STORAGE));
+}
+
 export function rememberKey(value) {
   sessionStorage.setItem(KEY_STORAGE, value);
 }
@@ -36,21 +40,20 @@ async function key() {
   const stored = sessionStorage.getItem(KEY_STORAGE);
   if (stored) return stored;
   const entered = await askForKey();
-  if (!entered) throw new ApiError(0, "cancelled", "No API key was given, so nothing was changed.");
+  if (!entered) throw new ApiError(0, "cancelled", "No API key was given, so nothing was sent.");
   rememberKey(entered);
   return entered;
 }
 
 /**
- * fetch() a route of the API. `change: true` sends the API key (asking for it first when needed); statuses in
- * `accept` are returned instead of thrown (an enrolment whose every photo was refused answers 422 with details).
+ * fetch() a route of the API, with the API key once the service needs one (asking for it first when this tab
+ * has none); statuses in `accept` are returned instead of thrown (an enrolment whose every photo was refused
+ * answers 422 with details).
  */
-export async function api(path, { method = "GET", body, change = false, accept = [] } = {}) {
+export async function api(path, { method = "GET", body, accept = [] } = {}) {
   const headers = new Headers();
-  if (change) {
-    const value = await key();
-    if (value) headers.set("X-API-Key", value);
-  }
+  const value = await key();
+  if (value) headers.set("X-API-Key", value);
   let response;
   try {
     response = await fetch(path, { method, body, headers });
@@ -61,8 +64,9 @@ export async function api(path, { method = "GET", body, change = false, accept =
   const payload = type.includes("application/json") ? await response.json() : await response.text();
   if (response.ok || accept.includes(response.status)) return { status: response.status, body: payload };
   if (response.status === 401) {
-    forgetKey();
     keyRequired = true;
+    if (!value) throw new ApiError(401, "unauthorized", "This service needs an API key.");
+    forgetKey();
     throw new ApiError(401, "unauthorized", "The API key was refused. Enter the right key and try again.");
   }
   const error = payload && payload.error ? payload.error : {};
@@ -72,4 +76,24 @@ export async function api(path, { method = "GET", body, change = false, accept =
 
 export function chipUrl(name, faceId) {
   return `/v1/people/${encodeURIComponent(name)}/faces/${encodeURIComponent(faceId)}/image`;
+}
+
+/**
+ * A source for an <img> of a chip. An image element cannot send a header, so where the API needs a key the chip
+ * is fetched with it and shown from memory (an object URL), never through a URL holding the key.
+ */
+export async function chipSource(path) {
+  if (!keyRequired) return path;
+  const value = await key();
+  const response = await fetch(path, { headers: value ? { "X-API-Key": value } : {} });
+  if (!response.ok) throw new ApiError(response.status, String(response.status), `The face image could not be read (${response.status}).`);
+  return URL.createObjectURL(await response.blob());
+}
+
+/** An <img> whose chip arrives through chipSource(). */
+export function chipImage(path, attributes) {
+  const image = document.createElement("img");
+  for (const [name, value] of Object.entries(attributes)) image.setAttribute(name, value);
+  chipSource(path).then((source) => { image.src = source; }, () => image.classList.add("nochip"));
+  return image;
 }

@@ -1,7 +1,17 @@
 // The facerec console: recognise, enrol, manage people, verify and see the service's state, through the public
 // JSON API only. Plain ES modules, no build step, nothing fetched from outside this service.
 
-import { ApiError, api, chipUrl, configureKey, forgetKey, keyIsRequired, rememberKey } from "./api.js";
+import {
+  ApiError,
+  api,
+  chipImage,
+  chipUrl,
+  configureKey,
+  forgetKey,
+  hasStoredKey,
+  keyIsRequired,
+  rememberKey,
+} from "./api.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -28,11 +38,11 @@ function notice(message, kind = "") {
 }
 
 // --- the API key --------------------------------------------------------------------------------------------
-function askForKey() {
+function askForKey(problem = "") {
   const dialog = $("#key-dialog");
   const input = $("#key-input");
   input.value = "";
-  $("#key-error").textContent = "";
+  $("#key-error").textContent = problem;
   return new Promise((resolve) => {
     const done = (value) => {
       $("#key-form").removeEventListener("submit", submit);
@@ -145,7 +155,8 @@ function showFace(details, card, file, image, result, face, index) {
       el(
         "li",
         {},
-        el("img", { class: "chip", src: chipUrl(candidate.name, candidate.face_id), alt: `${candidate.name}'s face`, loading: "lazy" }),
+        // Chips are the gallery's: shown to a key that may manage it, not to a recognition-only key.
+        canManage ? chipImage(chipUrl(candidate.name, candidate.face_id), { class: "chip", alt: `${candidate.name}'s face` }) : "",
         `${candidate.name} ${candidate.similarity.toFixed(3)}`,
       ),
     ),
@@ -208,7 +219,6 @@ async function enrol(name, files) {
   const { status, body } = await api(`/v1/people/${encodeURIComponent(name)}/faces`, {
     method: "POST",
     body: form,
-    change: true,
     accept: [422],
   });
   if (status === 422 && !body.enrolled) throw new ApiError(422, body.error.code, body.error.message);
@@ -276,7 +286,7 @@ async function personCard(summary) {
       "figure",
       {},
       face.image
-        ? el("img", { class: "chip", src: face.image, alt: `${summary.name}, face ${face.face_id}`, loading: "lazy" })
+        ? chipImage(face.image, { class: "chip", alt: `${summary.name}, face ${face.face_id}` })
         : el("div", { class: "chip nochip" }, "no image (imported)"),
       el(
         "button",
@@ -309,7 +319,7 @@ async function personCard(summary) {
 async function removeFace(name, faceId) {
   if (!confirm(`Remove this face of ${name}?`)) return;
   try {
-    await api(`/v1/people/${encodeURIComponent(name)}/faces/${encodeURIComponent(faceId)}`, { method: "DELETE", change: true });
+    await api(`/v1/people/${encodeURIComponent(name)}/faces/${encodeURIComponent(faceId)}`, { method: "DELETE" });
     notice(`Removed a face of ${name}.`, "ok");
     await loadPeople();
   } catch (error) {
@@ -320,7 +330,7 @@ async function removeFace(name, faceId) {
 async function removePerson(name) {
   if (!confirm(`Remove ${name} and all their faces?`)) return;
   try {
-    const { body } = await api(`/v1/people/${encodeURIComponent(name)}`, { method: "DELETE", change: true });
+    const { body } = await api(`/v1/people/${encodeURIComponent(name)}`, { method: "DELETE" });
     notice(`Removed ${name} (${body.removed_faces} face${body.removed_faces === 1 ? "" : "s"}).`, "ok");
     await loadPeople();
   } catch (error) {
@@ -377,7 +387,7 @@ function setUpVerify() {
 async function loadStatus() {
   const list = $("#status-list");
   try {
-    const [{ body }, gallery] = await Promise.all([api("/v1/status"), api("/v1/gallery").catch(() => null)]);
+    const [{ body }, gallery] = await Promise.all([api("/v1/status"), canManage ? api("/v1/gallery").catch(() => null) : null]);
     const snapshots = gallery ? gallery.body.snapshots.map((s) => `${s.model_id}${s.active ? " (active)" : ""}: ${s.faces} faces`).join("; ") : "";
     const change = gallery && gallery.body.reembedding;
     const rows = [
@@ -389,7 +399,8 @@ async function loadStatus() {
       ["Threshold", body.threshold ? `${body.threshold.value} (${body.threshold.source})` : ""],
       ["Recognizer replicas ready", body.replicas_ready === undefined ? "" : String(body.replicas_ready)],
       ["Request queue", body.queue ? `${body.queue.waiting} waiting, ${body.queue.in_flight} in flight, ${body.queue.dead_letters} dead letters` : "no SQS bridge here"],
-      ["API key", body.api_key_required ? "required for changes" : "not required"],
+      ["API key", body.api_key_required ? "required on every route" : "not required: anyone who can reach the service may use it"],
+      ["This tab's key", body.key ? `${body.key.name} (${body.key.scopes.join(", ")})` : ""],
     ];
     list.replaceChildren(...rows.filter(([, value]) => value !== "").flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
   } catch (error) {
@@ -398,28 +409,73 @@ async function loadStatus() {
 }
 
 // --- start --------------------------------------------------------------------------------------------------
+/** Whether this tab's key may read and change the gallery (People, chips): false for a recognition-only key. */
+let canManage = true;
+
+/** The service's status, asking for a key until one works (null: no key given, or the service is down). */
+async function unlock() {
+  let problem = "";
+  for (;;) {
+    try {
+      return (await api("/v1/status")).body;
+    } catch (error) {
+      if (error instanceof ApiError && error.code === "cancelled") {
+        notice("This service needs an API key: ask its operator for one (facerec keys create).", "error");
+        return null;
+      }
+      if (!(error instanceof ApiError) || error.status !== 401) {
+        notice(`The service is not answering yet: ${explain(error)}`, "error");
+        return null;
+      }
+      if (error.message.includes("refused")) problem = "That key was refused: check it and try again.";
+      if (!hasStoredKey()) {
+        const value = await askForKey(problem);
+        if (!value) {
+          notice("This service needs an API key: ask its operator for one (facerec keys create).", "error");
+          return null;
+        }
+        rememberKey(value);
+      }
+    }
+  }
+}
+
+/** Show People (and chips) only to a key with the manage scope: the status says what this tab's key may do. */
+function applyScopes(status) {
+  if (!status || !status.key || status.key.scopes.includes("manage")) return;
+  canManage = false;
+  $("nav a[data-screen=people]").hidden = true;
+  if (location.hash === "#people") location.hash = "#recognise";
+}
+
 async function start() {
   $("#dashboard-link").href = `${location.protocol}//${location.hostname}:8265`;
   setUpRecognise();
   setUpPeople();
   setUpVerify();
+  // The one route open to all says whether the others need a key, so that the first call carries one.
   let required = false;
   try {
-    required = Boolean((await api("/v1/status")).body.api_key_required);
+    required = Boolean((await (await fetch("/healthz")).json()).api_key_required);
   } catch (error) {
-    notice(`The service is not answering yet: ${explain(error)}`, "error");
+    required = false;  // unlock() below finds out, and says what is wrong
   }
   configureKey(required, askForKey);
+  const status = await unlock();
+  configureKey(keyIsRequired() || Boolean(status && status.api_key_required), askForKey);
+  applyScopes(status);
   const keyButton = $("#key-button");
-  keyButton.hidden = !required;
+  keyButton.hidden = !keyIsRequired();
   keyButton.addEventListener("click", async () => {
     forgetKey();
     const value = await askForKey();
     if (value) rememberKey(value);
+    location.reload();  // what the new key may see (People, chips) is decided at start
   });
   window.addEventListener("hashchange", show);
   show();
   document.body.dataset.ready = keyIsRequired() ? "key" : "open";
+  document.body.dataset.scope = canManage ? "manage" : "recognize";
 }
 
 start();

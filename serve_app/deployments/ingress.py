@@ -2,11 +2,11 @@
 
 Bad input never becomes a 500: a missing part is 400, a body over the limit 413, bytes that are not an image
 415, an image that cannot be decoded or has absurd dimensions 422, each with a JSON body that says what is
-wrong. Gallery changes need ``X-API-Key`` when ``FACEREC_API_KEY`` is set in the replica's environment.
+wrong. Once API keys exist, every route but ``/healthz`` needs one of the right scope in ``X-API-Key``
+(:mod:`serve_app.deployments.access_control`, :mod:`serve_app.access.policy`).
 """
 
 import asyncio
-import hmac
 import inspect
 import logging
 import os
@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import numpy as np
-from fastapi import FastAPI, File, Header, Query, Request, Response, UploadFile
+from fastapi import FastAPI, File, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -28,6 +28,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aws_stack.stack import StackConfig
+from serve_app.access.guard import AccessGuard, Principal
+from serve_app.access.keys import KeyRing
+from serve_app.access.settings import AccessConfig
 from serve_app.api_models import (
     Detection,
     Enrolment,
@@ -44,10 +47,11 @@ from serve_app.api_models import (
     ServiceStatus,
     Verification,
 )
+from serve_app.deployments.access_control import AccessControl, document_access, undecided_operations
 from serve_app.deployments.http_limits import LimitsAndMetrics
 from serve_app.deployments.replica_calls import REPLICA_LOST, idempotent
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
-from serve_app.gallery_store import GalleryStoreError
+from serve_app.gallery_store import GalleryStoreError, open_gallery_store
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
 from serve_app.model.gallery import GalleryError, ModelMismatchError
@@ -195,6 +199,9 @@ def _observe(route: str, status: int, seconds: float) -> None:
     metrics().request_latency_ms.observe(seconds * 1000.0, tags={"route": route})
 
 
+# Added first, so it runs inside the limits and metrics: a refused key is counted like any other answer.
+app.add_middleware(AccessControl, state=app.state)
+document_access(app)
 app.add_middleware(LimitsAndMetrics, state=app.state, observe=_observe)
 
 
@@ -203,6 +210,15 @@ class IngressLimits:
     max_upload_bytes: int
     max_body_bytes: int
     max_enrol_photos: int
+
+
+@dataclass(frozen=True)
+class AccessWiring:
+    """Where the keys are (the gallery store) and how they are applied."""
+
+    config: AccessConfig
+    gallery_uri: str
+    gallery_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -234,14 +250,14 @@ class IngressDeployment(Supervised):
         queue: QueueSettings | None = None,
         controller_app: str | None = None,
         bridge_app: str | None = None,
+        access: AccessWiring | None = None,
     ) -> None:
         self._recognizer = recognizer
         self._writer = writer
         self._limits = limits
         self._model_id = model_id
         self._threshold = threshold
-        # Read here, in the replica, not at bind time: the key arrives through the runtime environment.
-        self._api_key = os.environ.get(API_KEY_ENV) or None
+        self._access = self._guard(access)
         self._bridge_app = bridge_app
         app.state.max_body_bytes = limits.max_body_bytes
         self._queue: QueueClient | None = None
@@ -266,6 +282,27 @@ class IngressDeployment(Supervised):
                 log.warning("could not report in-flight requests to %s: %s", controller_app, error)
             await asyncio.sleep(every_s)
 
+    @staticmethod
+    def _guard(access: AccessWiring | None) -> AccessGuard:
+        """This replica's key check, installed for the middleware (see :mod:`serve_app.access.guard`)."""
+        undecided = undecided_operations(app)
+        if undecided:  # it would be served without a key check: a bug, caught before serving anything
+            raise RuntimeError(f"operations without an access decision in serve_app/access/policy.py: {undecided}")
+        config = access.config if access is not None else AccessConfig()
+        keyring = None
+        if access is not None:
+            keyring = KeyRing(open_gallery_store(access.gallery_uri, access.gallery_endpoint))
+        # Read here, in the replica, not at bind time: the key arrives through the runtime environment.
+        guard = AccessGuard(keyring, os.environ.get(API_KEY_ENV), config.limits())
+        guard.refresh(None)
+        app.state.access_guard, app.state.legacy_route = guard, config.legacy_route
+        if guard.keys_required():
+            if config.legacy_route == "open":
+                log.warning("API keys are required on every route but the legacy POST /, which stays open")
+        else:
+            log.warning("no API key exists: every route is open (make one with `facerec keys create`)")
+        return guard
+
     # --- helpers ------------------------------------------------------------------------------------------
     async def _read(self, upload: UploadFile | None, part: str) -> tuple[str, bytes]:
         if upload is None:
@@ -281,12 +318,6 @@ class IngressDeployment(Supervised):
     def _raise_for(result: Any, label: str) -> None:
         if isinstance(result, JobError):
             raise APIError(STATUS_FOR_REASON.get(result.reason, 422), result.reason, f"{label}: {result.message}")
-
-    def _authorize(self, key: str | None) -> None:
-        if self._api_key is None:
-            return
-        if key is None or not hmac.compare_digest(key.encode(), self._api_key.encode()):
-            raise APIError(401, "unauthorized", "gallery changes need a valid X-API-Key header")
 
     @staticmethod
     def _check_name(name: str) -> str:
@@ -416,8 +447,7 @@ class IngressDeployment(Supervised):
         summary="Embed every enrolled face again with another checkpoint (beside the current snapshot)",
         responses={code: {"model": Error} for code in (400, 401, 409)},
     )
-    async def reembed(self, request: ReembedRequest, x_api_key: Annotated[str | None, Header()] = None) -> Reembedding:
-        self._authorize(x_api_key)
+    async def reembed(self, request: ReembedRequest) -> Reembedding:
         try:
             progress = await self._writer.reembed.remote(request.checkpoint, request.flip)
         except GalleryError as exc:
@@ -479,9 +509,7 @@ class IngressDeployment(Supervised):
         self,
         name: str,
         images: Annotated[list[UploadFile] | None, File()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
-        self._authorize(x_api_key)
         name = self._check_name(name)
         if not images:
             raise APIError(400, "missing_part", "the multipart part 'images' is missing (one or more files)")
@@ -506,18 +534,14 @@ class IngressDeployment(Supervised):
         return JSONResponse(body.model_dump(), status_code=201)
 
     @app.delete("/v1/people/{name}", summary="Forget a person and all their faces", responses=GALLERY_ERRORS)
-    async def forget(self, name: str, x_api_key: Annotated[str | None, Header()] = None) -> PersonForgotten:
-        self._authorize(x_api_key)
+    async def forget(self, name: str) -> PersonForgotten:
         removed, revision = await self._writer.remove_person.remote(name)
         if not removed:
             raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
         return PersonForgotten(name=name, removed_faces=removed, revision=revision)
 
     @app.delete("/v1/people/{name}/faces/{face_id}", summary="Forget one enrolled face", responses=GALLERY_ERRORS)
-    async def forget_face(
-        self, name: str, face_id: str, x_api_key: Annotated[str | None, Header()] = None
-    ) -> FaceForgotten:
-        self._authorize(x_api_key)
+    async def forget_face(self, name: str, face_id: str) -> FaceForgotten:
         removed, revision = await self._writer.remove_face.remote(name, face_id)
         if not removed:
             raise APIError(404, "unknown_face", f"{name!r} has no face {face_id!r}")
@@ -532,14 +556,17 @@ class IngressDeployment(Supervised):
         raise APIError(405, "method_not_allowed", "POST a photo to / as multipart `inputFile`; the console is at /ui/")
 
     @app.get("/v1/status", summary="The service at a glance: health, replicas, gallery, whether changes need a key")
-    async def status(self) -> ServiceStatus:
+    async def status(self, request: Request) -> ServiceStatus:
         health = await self._health()
         replicas = await asyncio.to_thread(_recognizers_running)
+        caller = request.scope.get("state", {}).get("principal")
+        key = {"name": caller.name, "scopes": sorted(caller.scopes)} if isinstance(caller, Principal) else None
         return ServiceStatus.model_validate(
             {
                 **health.model_dump(),
+                "key": key,
                 "replicas_ready": replicas,
-                "api_key_required": self._api_key is not None,
+                "api_key_required": self._access.keys_required(),
                 "queue": await self._queue_backlog(),
             }
         )
@@ -564,7 +591,13 @@ class IngressDeployment(Supervised):
     )
     async def healthz(self) -> JSONResponse:
         health = await self._health()
-        return JSONResponse(health.model_dump(exclude_none=True), status_code=200 if health.status == "ok" else 503)
+        if self._access.needs_store(None):
+            await asyncio.to_thread(self._access.refresh, None)
+        required = self._access.keys_required()
+        body = health.model_dump(exclude_none=True) | {"api_key_required": required}
+        if required:  # open to anyone: once the gallery is guarded, its figures are for keys (GET /v1/status)
+            body = {k: v for k, v in body.items() if not k.startswith("gallery_")}
+        return JSONResponse(body, status_code=200 if health.status == "ok" else 503)
 
     async def _health(self) -> Health:
         try:

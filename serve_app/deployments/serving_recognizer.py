@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar, cast
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.deployments.ingress import IngressDeployment, IngressLimits
+from serve_app.deployments.ingress import AccessWiring, IngressDeployment, IngressLimits
 from serve_app.deployments.recognizer import RecognizerDeployment, RecognizerOptions
 from serve_app.jobs import Detections, DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.model.enrollment import EnrolmentPhoto
@@ -71,11 +71,12 @@ class ServingRecognizer(IngressDeployment):
         model_id: str,
         threshold: float,
         bridge_app: str | None = None,
+        access: AccessWiring | None = None,
     ) -> None:
         self._model = RecognizerDeployment(options, writer)
         local = cast(DeploymentHandle[Any], LocalRecognizer(self._model))
         await super().__init__(  # type: ignore[misc]
-            local, writer, limits, model_id, threshold, bridge_app=bridge_app
+            local, writer, limits, model_id, threshold, bridge_app=bridge_app, access=access
         )
 
     # --- the Recognizer's handle API (the SQS bridge, /healthz of a separate ingress, tests) ---------------
