@@ -108,7 +108,12 @@ class People(BaseModel):
 class ReembedRequest(BaseModel):
     """``POST /v1/gallery/reembed``: embed every face again with another checkpoint, beside the current snapshot."""
 
-    checkpoint: str = Field(min_length=1, max_length=512, description="a registry name, e.g. casia-webface-512")
+    checkpoint: str = Field(
+        min_length=1,
+        max_length=512,
+        description="a registry name, e.g. casia-webface-512",
+        examples=["casia-webface-512", "vggface2-512"],
+    )
     flip: bool = False
 
 

@@ -235,6 +235,29 @@ UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 GALLERY_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (401, 404, 422)}
 
+#: OpenAPI links: what an enrolment's answer (and a person's) lets a client do next, by the names and face ids it
+#: holds. Clients and stateful fuzzing (``tests/test_api_fuzz.py``) follow them.
+_FIRST_FACE = "$response.body#/enrolled/0/face_id"
+ENROLMENT_LINKS = {
+    "GetPerson": {"operationId": "get_person", "parameters": {"name": "$response.body#/name"}},
+    "GetFaceImage": {
+        "operationId": "get_face_image",
+        "parameters": {"name": "$response.body#/name", "face_id": _FIRST_FACE},
+    },
+    "ForgetFace": {
+        "operationId": "forget_face",
+        "parameters": {"name": "$response.body#/name", "face_id": _FIRST_FACE},
+    },
+    "ForgetPerson": {"operationId": "forget_person", "parameters": {"name": "$response.body#/name"}},
+}
+PERSON_LINKS = {
+    "GetFaceImage": {
+        "operationId": "get_face_image",
+        "parameters": {"name": "$response.body#/name", "face_id": "$response.body#/face_ids/0"},
+    },
+    "ForgetPerson": {"operationId": "forget_person", "parameters": {"name": "$response.body#/name"}},
+}
+
 
 @serve.ingress(app)
 class IngressDeployment(Supervised):
@@ -456,7 +479,12 @@ class IngressDeployment(Supervised):
             raise APIError(400, "unknown_checkpoint", str(exc)) from exc
         return Reembedding.model_validate(progress)
 
-    @app.get("/v1/people/{name}", summary="One enrolled person and their face ids", responses=GALLERY_ERRORS)
+    @app.get(
+        "/v1/people/{name}",
+        operation_id="get_person",
+        summary="One enrolled person and their face ids",
+        responses={**GALLERY_ERRORS, 200: {"links": PERSON_LINKS}},
+    )
     async def person(self, name: str) -> Person:
         faces, revision = await self._writer.person.remote(name)
         if not faces:
@@ -475,6 +503,7 @@ class IngressDeployment(Supervised):
 
     @app.get(
         "/v1/people/{name}/faces/{face_id}/image",
+        operation_id="get_face_image",
         summary="The face's chip: the aligned crop it was enrolled from (JPEG)",
         response_class=Response,
         responses={
@@ -497,8 +526,10 @@ class IngressDeployment(Supervised):
         "/v1/people/{name}/faces",
         status_code=201,
         response_model=Enrolment,
+        operation_id="enrol_faces",
         summary="Enrol one or more photos of one face each",
         responses={
+            201: {"description": "the faces enrolled (and any photo refused)", "links": ENROLMENT_LINKS},
             422: {"model": Enrolment | Error, "description": "every photo refused (Enrolment), or a bad name (Error)"},
             400: {"model": Error},
             401: {"model": Error},
@@ -533,14 +564,24 @@ class IngressDeployment(Supervised):
         body = Enrolment.model_validate({"name": name, "enrolled": enrolled, "refused": refused, "revision": revision})
         return JSONResponse(body.model_dump(), status_code=201)
 
-    @app.delete("/v1/people/{name}", summary="Forget a person and all their faces", responses=GALLERY_ERRORS)
+    @app.delete(
+        "/v1/people/{name}",
+        operation_id="forget_person",
+        summary="Forget a person and all their faces",
+        responses=GALLERY_ERRORS,
+    )
     async def forget(self, name: str) -> PersonForgotten:
         removed, revision = await self._writer.remove_person.remote(name)
         if not removed:
             raise APIError(404, "unknown_person", f"nobody called {name!r} is enrolled")
         return PersonForgotten(name=name, removed_faces=removed, revision=revision)
 
-    @app.delete("/v1/people/{name}/faces/{face_id}", summary="Forget one enrolled face", responses=GALLERY_ERRORS)
+    @app.delete(
+        "/v1/people/{name}/faces/{face_id}",
+        operation_id="forget_face",
+        summary="Forget one enrolled face",
+        responses=GALLERY_ERRORS,
+    )
     async def forget_face(self, name: str, face_id: str) -> FaceForgotten:
         removed, revision = await self._writer.remove_face.remote(name, face_id)
         if not removed:
