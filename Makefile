@@ -67,7 +67,7 @@ screenshots: install browser
 # with a fresh seed each run (printed; FACEREC_FUZZ_SEED=N make fuzz repeats one).
 fuzz: install
 	FACEREC_FUZZ_EXAMPLES=1000 FACEREC_FUZZ_SEED=$${FACEREC_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')} \
-		$(BIN)/pytest -s -p no:randomly --timeout=7200 tests/test_api_fuzz.py
+		$(BIN)/pytest -s --timeout=7200 tests/test_api_fuzz.py
 
 # The service on this machine: moto (local S3/SQS), a Ray head and the Serve app, all on 127.0.0.1.
 # `make run QUEUE_MODE=1`: POST / goes through the local S3 + SQS and the bridge, as on the cluster.

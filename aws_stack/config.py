@@ -26,6 +26,11 @@ class StackConfig(BaseModel):
     max_receive_count: int = Field(5, ge=1, le=1000)
     #: How long a received request stays invisible before SQS hands it out again (the bridge extends it).
     visibility_timeout_s: int = Field(60, ge=5, le=43200)
+    #: Days the photos sent through the queue contract are kept in the input bucket (None: until deleted; a
+    #: bucket's existing rule is left as it is). Overwritten uploads go after at most 15 days regardless.
+    upload_retention_days: int | None = Field(None, ge=1, le=3650)
+    #: Days the answers (file name -> name recognised) are kept in the output bucket (None: as above).
+    answer_retention_days: int | None = Field(None, ge=1, le=3650)
 
     @property
     def in_bucket(self) -> str:

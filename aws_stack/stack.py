@@ -55,30 +55,49 @@ def _create_bucket(s3: Any, name: str, region: str) -> None:
 #: dead-letter queue (14 days), and a day more.
 NONCURRENT_UPLOAD_DAYS = 15
 UPLOAD_RULE_ID = "facerec-expire-overwritten-uploads"
+#: The operator's retention of photos and answers (``facerec aws provision --upload-retention-days`` etc.).
+UPLOADS_KEPT_RULE_ID = "facerec-expire-uploads"
+ANSWERS_KEPT_RULE_ID = "facerec-expire-answers"
 
 
-def _version_uploads(s3: Any, bucket: str) -> None:
+def _version_uploads(s3: Any, bucket: str, retention_days: int | None) -> None:
     """Version the input bucket, so two uploads under one name are two objects.
 
     The legacy contract names the input object after the client's file, so two clients posting ``photo.jpg``
     at once overwrite each other; the queue-mode web tier sends the version it wrote with its request, and the
     bridge reads exactly that version. Overwritten versions expire (this project's one lifecycle rule, added
-    beside any rules the bucket already has).
+    beside any rules the bucket already has), and with ``retention_days`` the photos themselves too.
     """
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    noncurrent = NONCURRENT_UPLOAD_DAYS if retention_days is None else min(NONCURRENT_UPLOAD_DAYS, retention_days)
+    ours = {
+        "ID": UPLOAD_RULE_ID,
+        "Status": "Enabled",
+        "Filter": {"Prefix": ""},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": noncurrent},
+    }
+    _set_rules(s3, bucket, [ours, *_expiry(UPLOADS_KEPT_RULE_ID, retention_days)], {UPLOAD_RULE_ID})
+
+
+def _expiry(rule_id: str, days: int | None) -> list[dict[str, Any]]:
+    if days is None:
+        return []
+    return [{"ID": rule_id, "Status": "Enabled", "Filter": {"Prefix": ""}, "Expiration": {"Days": days}}]
+
+
+def _set_rules(s3: Any, bucket: str, ours: list[dict[str, Any]], replaced: set[str]) -> None:
+    """Put ``ours`` beside the rules the bucket has, replacing those with the ids in ``replaced`` or in ``ours``.
+    A rule of ours that is not given this time is left as it is (an option not repeated is not undone)."""
+    if not ours:
+        return
     try:
         rules = list(s3.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", []))
     except ClientError as exc:
         if exc.response["Error"]["Code"] != "NoSuchLifecycleConfiguration":
             raise
         rules = []
-    ours = {
-        "ID": UPLOAD_RULE_ID,
-        "Status": "Enabled",
-        "Filter": {"Prefix": ""},
-        "NoncurrentVersionExpiration": {"NoncurrentDays": NONCURRENT_UPLOAD_DAYS},
-    }
-    rules = [rule for rule in rules if rule.get("ID") != UPLOAD_RULE_ID] + [ours]
+    replaced = replaced | {rule["ID"] for rule in ours}
+    rules = [rule for rule in rules if rule.get("ID") not in replaced] + ours
     s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
 
 
@@ -98,7 +117,8 @@ def provision(config: StackConfig, clients: AwsClients) -> QueueUrls:
     """Create (or bring up to date) every bucket and queue of the stack. Safe to run any number of times."""
     for bucket in (config.in_bucket, config.out_bucket, config.gallery_bucket):
         _create_bucket(clients.s3, bucket, config.region)
-    _version_uploads(clients.s3, config.in_bucket)
+    _version_uploads(clients.s3, config.in_bucket, config.upload_retention_days)
+    _set_rules(clients.s3, config.out_bucket, _expiry(ANSWERS_KEPT_RULE_ID, config.answer_retention_days), set())
     dead_letter = _ensure_queue(clients.sqs, config.dead_letter_queue, {"MessageRetentionPeriod": "1209600"})
     dead_letter_arn = clients.sqs.get_queue_attributes(QueueUrl=dead_letter, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"

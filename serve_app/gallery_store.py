@@ -16,6 +16,9 @@ checkpoints cannot be mixed), and the face chips they share:
 * ``models/<model id>.partial.npz``: a re-embedding in progress (never served; see ``facerec gallery reembed``);
 * ``access/keys/<key id>.json``: the API keys (name, scopes, the key's SHA-256, when created and revoked; never the
   key itself), see :mod:`serve_app.access.keys`;
+* ``access/audit/<YYYY-MM-DD>/<time>-<writer>-<n>.jsonl``: the audit trail (who read or changed what, and every
+  refused key), one object per flush of one ingress replica, each written once and never replaced, see
+  :mod:`serve_app.access.audit`;
 * ``chips/<face id>.jpg``: the aligned crop each enrolled face was embedded from. Face ids are kept across models,
   so every model's snapshot refers to the same chips.
 
@@ -49,6 +52,9 @@ CHIPS_FOLDER = "chips"
 MODELS_FOLDER = "models"
 #: The folder of API key records.
 KEYS_FOLDER = "access/keys"
+AUDIT_FOLDER = "access/audit"
+AUDIT_DAY_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
+AUDIT_NAME_PATTERN = re.compile(r"[0-9A-Za-z._-]{1,128}\.jsonl")
 KEY_ID_PATTERN = re.compile(r"[0-9a-f]{8,32}")
 FACE_ID_PATTERN = re.compile(r"[0-9a-f]{1,32}")
 #: Model ids as the checkpoint registry makes them (``facenet-keras-ms-celeb-128-v1+flip``, ``pt-<hash>``).
@@ -262,6 +268,27 @@ class GalleryStore(ABC):
         names = [key.rsplit("/", 1)[-1] for key in self._list(KEYS_FOLDER)]
         return sorted(n.removesuffix(".json") for n in names if KEY_ID_PATTERN.fullmatch(n.removesuffix(".json")))
 
+    # --- the audit trail (append-only: each object written once) ----------------------------------------------
+    def write_audit(self, day: str, name: str, data: bytes) -> bool:
+        """Store one batch of audit events; ``False`` if an object of that name exists (nothing is replaced)."""
+        if not AUDIT_DAY_PATTERN.fullmatch(day) or not AUDIT_NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"not an audit object name: {day}/{name}")
+        return self._put_new(f"{AUDIT_FOLDER}/{day}/{name}", data)
+
+    def audit_days(self) -> list[str]:
+        """The days (``YYYY-MM-DD``) the trail has objects for, oldest first."""
+        return sorted(day for day in self._subfolders(AUDIT_FOLDER) if AUDIT_DAY_PATTERN.fullmatch(day))
+
+    def audit_objects(self, day: str) -> list[str]:
+        """One day's audit objects (keys to :meth:`read_audit`), in the order they were written."""
+        return sorted(self._list(f"{AUDIT_FOLDER}/{day}"))
+
+    def read_audit(self, key: str) -> bytes | None:
+        return self._get(key)
+
+    @abstractmethod
+    def _subfolders(self, folder: str) -> list[str]: ...
+
     # --- chips ------------------------------------------------------------------------------------------------
     def write_chip(self, face_id: str, data: bytes) -> None:
         """Store one face's chip (JPEG bytes)."""
@@ -328,6 +355,10 @@ class LocalGalleryStore(GalleryStore):
     def _list(self, folder: str) -> list[str]:
         where = self.directory / folder
         return [f"{folder}/{p.name}" for p in where.iterdir() if p.is_file()] if where.is_dir() else []
+
+    def _subfolders(self, folder: str) -> list[str]:
+        where = self.directory / folder
+        return [p.name for p in where.iterdir() if p.is_dir()] if where.is_dir() else []
 
 
 @dataclass
@@ -423,6 +454,16 @@ class S3GalleryStore(GalleryStore):
         for page in pages or []:
             keys += [f"{folder}/{item['Key'][len(start) :]}" for item in page.get("Contents", [])]
         return keys
+
+    def _subfolders(self, folder: str) -> list[str]:
+        start = self._full(folder) + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/")))
+        return [
+            entry["Prefix"][len(start) :].rstrip("/")
+            for page in pages or []
+            for entry in page.get("CommonPrefixes", [])
+        ]
 
     def _call(self, operation: Any, passing: tuple[str, ...] = (), **kwargs: Any) -> Any:
         """One S3 call; ``None`` for a missing object, :class:`_RefusedError` for an error code in ``passing`` (a

@@ -283,6 +283,40 @@ def test_guessing_keys_is_stopped_then_let_go(service: Service) -> None:
     )
 
 
+def test_the_audit_trail_records_reads_changes_and_refused_keys_and_never_a_key(service: Service) -> None:
+    from serve_app.access.audit import read_events
+
+    store = service.keys.ring.store
+    manage = {"X-API-Key": service.keys.manage}
+    name = f"audited-{time.monotonic_ns()}"
+    face_id = enrol(service, name)
+    assert requests.get(f"{service.url}/v1/people/{name}/faces/{face_id}/image", headers=manage, timeout=60).ok
+    assert requests.get(f"{service.url}/v1/people", headers=manage, timeout=60).ok
+    assert requests.delete(f"{service.url}/v1/people/{name}", headers=manage, timeout=60).ok
+    wrong = f"frk_{'0' * 16}_{'B' * 43}"
+    assert requests.get(f"{service.url}/v1/people", headers={"X-API-Key": wrong}, timeout=60).status_code == 401
+
+    def recorded() -> list[tuple[str, int, str | None, tuple[str, ...]]]:
+        return [(e.action, e.status, e.key, e.face_ids) for e in read_events(store, person=name)]
+
+    expected = [
+        ("faces.enrol", 201, "ops", (face_id,)),
+        ("chip.read", 200, "ops", (face_id,)),
+        ("person.forget", 200, "ops", ()),
+    ]
+    wait_until(lambda: recorded() == expected, 30, "the trail does not hold the enrolment, chip read and removal")
+    events = list(read_events(store))
+    assert any(e.action == "people.list" and e.key == "ops" and e.client for e in events)
+    assert any(e.action == "key.refused" and e.status == 401 and e.key is None for e in events)
+    # Every change and chip read of the table test is there too, each with the key that made it.
+    assert {e.action for e in events} >= {"faces.enrol", "chip.read", "person.forget", "face.forget", "key.forbidden"}
+    # No key, no secret, in any object of the trail.
+    trail = b"".join(store.read_audit(k) or b"" for day in store.audit_days() for k in store.audit_objects(day))
+    keys = [service.keys.recognize, service.keys.manage, service.keys.both, wrong]
+    assert not [k for k in keys if k.encode() in trail or k.rsplit("_", 1)[1].encode() in trail]
+    _let_go(service)
+
+
 def test_no_key_reaches_a_log_or_an_answer(service: Service) -> None:
     import ray
 

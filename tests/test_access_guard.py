@@ -29,7 +29,7 @@ def guard_for(ring: KeyRing | None, env_key: str | None = None, **limits: float)
     return AccessGuard(ring, env_key, AccessLimits(**limits), clock=clock), clock  # type: ignore[arg-type]
 
 
-def ask(guard: AccessGuard, needed: frozenset[str] | None, key: str | None, client: str = "10.0.0.1") -> object:
+def ask(guard: AccessGuard, needed: frozenset[str] | None, key: str | None, client: str = "127.0.0.1") -> object:
     if guard.needs_store(key):
         guard.refresh(key)
     return guard.decide(needed, key, client)
@@ -109,12 +109,12 @@ def test_an_address_guessing_keys_is_stopped_and_let_go_after_the_window(ring: K
     key, _ = ring.create("booth", ["recognize"])
     guard, clock = guard_for(ring, max_failures=3, failure_window_s=60.0, cache_s=3600)
     guesses = [f"frk_{i:016x}_{'A' * 43}" for i in range(3)]
-    assert [status(ask(guard, RECOGNIZE, g, "10.0.0.9")) for g in guesses] == [401, 401, 401]
-    blocked = ask(guard, RECOGNIZE, key, "10.0.0.9")  # even a good key, from that address
+    assert [status(ask(guard, RECOGNIZE, g, "127.0.0.9")) for g in guesses] == [401, 401, 401]
+    blocked = ask(guard, RECOGNIZE, key, "127.0.0.9")  # even a good key, from that address
     assert isinstance(blocked, Refusal) and blocked.status == 429 and 0 < (blocked.retry_after_s or 0) <= 60
-    assert status(ask(guard, RECOGNIZE, key, "10.0.0.10")) == 200  # others are not affected
+    assert status(ask(guard, RECOGNIZE, key, "127.0.0.10")) == 200  # others are not affected
     clock.now += 61
-    assert status(ask(guard, RECOGNIZE, key, "10.0.0.9")) == 200
+    assert status(ask(guard, RECOGNIZE, key, "127.0.0.9")) == 200
 
 
 def test_made_up_keys_do_not_grow_the_cache(ring: KeyRing) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +47,27 @@ def test_status_finds_the_local_stack_without_flags(
 
 def test_unreachable_stack_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["aws", "status", "--prefix", "nowhere", "--endpoint", "http://127.0.0.1:9"]) == 1
+
+
+def test_provision_shortens_what_is_kept_of_photos_and_answers(
+    moto_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import boto3
+
+    stack = ("--prefix", "kept-stack", "--endpoint", moto_endpoint)
+    run_json(capsys, "aws", "provision", *stack, "--upload-retention-days", "7", "--answer-retention-days", "30")
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+
+    def rules(bucket: str) -> dict[str, Any]:
+        return {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]}
+
+    uploads = rules("kept-stack-input")
+    assert uploads["facerec-expire-uploads"]["Expiration"] == {"Days": 7}
+    # An overwritten upload goes no later than the photo itself would.
+    assert uploads["facerec-expire-overwritten-uploads"]["NoncurrentVersionExpiration"]["NoncurrentDays"] == 7
+    assert rules("kept-stack-output")["facerec-expire-answers"]["Expiration"] == {"Days": 30}
+    # Provisioning again without the options (as `facerec cluster deploy` does) leaves them as they are.
+    run_json(capsys, "aws", "provision", *stack)
+    assert rules("kept-stack-input")["facerec-expire-uploads"]["Expiration"] == {"Days": 7}
+    assert rules("kept-stack-output")["facerec-expire-answers"]["Expiration"] == {"Days": 30}
+    assert main(["aws", "provision", *stack, "--upload-retention-days", "0"]) == 2

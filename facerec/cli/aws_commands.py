@@ -7,6 +7,7 @@ import json
 import logging
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
 
 from aws_stack.clients import AwsClients, aws_client
 from aws_stack.stack import StackConfig, provision, status
@@ -24,14 +25,20 @@ def stack_from_args(args: argparse.Namespace) -> StackConfig:
             ("region", args.region),
             ("endpoint", args.endpoint),
             ("max_receive_count", getattr(args, "max_receive_count", None)),
+            ("upload_retention_days", getattr(args, "upload_retention_days", None)),
+            ("answer_retention_days", getattr(args, "answer_retention_days", None)),
         )
         if value is not None
     }
-    return base.model_copy(update=overrides) if overrides else base
+    return StackConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
 
 
 def run(args: argparse.Namespace) -> int:
-    config = stack_from_args(args)
+    try:
+        config = stack_from_args(args)
+    except ValidationError as exc:
+        log.error("%s", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return 2
     clients = AwsClients.for_stack(config)
     try:
         if args.aws_command == "iam":

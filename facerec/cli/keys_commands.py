@@ -14,7 +14,7 @@ log = logging.getLogger("facerec")
 EXIT_BAD_INPUT = 2
 
 
-def _store(gallery: str) -> GalleryStore:
+def gallery_store_for(gallery: str) -> GalleryStore:
     """The gallery store; the one `make run` serves is on its local S3 (run/aws.json says where)."""
     local = StackConfig.load_local()
     endpoint = local.endpoint if local is not None and gallery == local.gallery_uri else None
@@ -24,7 +24,7 @@ def _store(gallery: str) -> GalleryStore:
 def create(gallery: str, name: str, scopes: list[str]) -> int:
     """Make a key and print it once, with its record (the key is kept nowhere: copy it now)."""
     try:
-        key, record = KeyRing(_store(gallery)).create(name, scopes)
+        key, record = KeyRing(gallery_store_for(gallery)).create(name, scopes)
     except (ApiKeyError, GalleryStoreError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -36,7 +36,7 @@ def create(gallery: str, name: str, scopes: list[str]) -> int:
 def list_keys(gallery: str) -> int:
     """Every key's record (active and revoked), one JSON line each; never a key or its hash."""
     try:
-        records = KeyRing(_store(gallery)).records()
+        records = KeyRing(gallery_store_for(gallery)).records()
     except (GalleryStoreError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -47,7 +47,7 @@ def list_keys(gallery: str) -> int:
 
 def revoke(gallery: str, id_or_name: str) -> int:
     try:
-        record = KeyRing(_store(gallery)).revoke(id_or_name)
+        record = KeyRing(gallery_store_for(gallery)).revoke(id_or_name)
     except (ApiKeyError, GalleryStoreError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT

@@ -88,6 +88,12 @@ def _keys(args: argparse.Namespace) -> int:
     return keys_commands.list_keys(args.gallery)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from facerec.cli import audit_commands
+
+    return audit_commands.audit(args.gallery, args.person, args.key, args.since, args.until, args.action)
+
+
 def _gallery_import_legacy(args: argparse.Namespace) -> int:
     from facerec.cli import commands
 
@@ -262,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--gallery", required=True, help="the gallery store: DIR or s3://bucket/prefix")
         sub.set_defaults(run=_keys)
 
+    audit = commands.add_parser(
+        "audit", help="the audit trail: who read or changed the gallery, and every refused key (JSON lines)"
+    )
+    audit.add_argument("--gallery", required=True, help="the gallery store: DIR or s3://bucket/prefix")
+    audit.add_argument("--person", help="only events about this person")
+    audit.add_argument("--key", help="only events of this key (its name or id)")
+    audit.add_argument("--since", help="from this time: ISO 8601 (UTC unless it says) or a time ago (15m, 2h, 7d)")
+    audit.add_argument("--until", help="up to this time (same forms as --since)")
+    audit.add_argument("--action", help="only these actions, by prefix: chip.read, person., key.refused, ...")
+    audit.set_defaults(run=_audit)
+
     aws = commands.add_parser("aws", help="the S3 buckets and SQS queues of the queue contract")
     aws_commands = aws.add_subparsers(dest="aws_command", required=True)
     for name, text in (
@@ -276,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--endpoint", help="S3/SQS endpoint URL (default: AWS, or the local moto server)")
         if name == "provision":
             sub.add_argument("--max-receive-count", type=int, help="deliveries before the dead-letter queue")
+            sub.add_argument(
+                "--upload-retention-days", type=int, help="keep photos sent through the queues this long (S3 expiry)"
+            )
+            sub.add_argument(
+                "--answer-retention-days", type=int, help="keep the answers in the output bucket this long"
+            )
         elif name == "iam":
             sub.add_argument("--cluster-name", help="cluster_name in cluster.yaml (default: the prefix)")
         else:

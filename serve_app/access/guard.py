@@ -59,6 +59,8 @@ class Refusal:
     code: str
     message: str
     retry_after_s: int | None = None
+    #: The key's owner where the key itself was valid (a missing scope, a rate exceeded).
+    who: Principal | None = None
 
 
 class AccessGuard:
@@ -127,12 +129,17 @@ class AccessGuard:
             self._fail(client, now)
             return Refusal(401, "unauthorized", "the API key was refused (unknown, revoked or mistyped)")
         if not principal.scopes & needed:
+            needs = ", ".join(sorted(needed))
             return Refusal(
-                403, "forbidden", f"the key {principal.name!r} lacks the scope this route needs ({', '.join(needed)})"
+                403,
+                "forbidden",
+                f"the key {principal.name!r} lacks the scope this route needs ({needs})",
+                None,
+                principal,
             )
         wait = self._take_token(principal.key_id, now)
         if wait is not None:
-            return Refusal(429, "rate_limited", f"the key {principal.name!r} is over its request rate", wait)
+            return Refusal(429, "rate_limited", f"the key {principal.name!r} is over its request rate", wait, principal)
         return principal
 
     def _principal_of(self, key: str, now: float) -> Principal | None:

@@ -17,10 +17,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.access.guard import AccessGuard, Refusal
+from serve_app.access.audit import ACTIONS, REFUSALS_RECORDED, AuditTrail
+from serve_app.access.guard import AccessGuard, Principal, Refusal
 from serve_app.access.policy import DOCUMENTATION, ROUTE_ACCESS, Access, LegacyRoute, scopes_for
+
+#: An enrolment's answer is read for the face ids it names (it is small: ids and file names); no more than this.
+ANSWER_READ_LIMIT = 256 * 1024
 
 #: The table's operations as (method, path pattern, template).
 _PATTERNS = [(method, compile_path(path)[0], path) for method, path in ROUTE_ACCESS]
@@ -45,26 +49,91 @@ class AccessControl:
         if scope["type"] != "http" or guard is None:
             await self.app(scope, receive, send)
             return
-        operation = _operation_of(scope)
-        if operation is None:  # documentation, the console's files, no such route (404) or method (405)
+        found = _operation_of(scope)
+        if found is None:  # documentation, the console's files, no such route (404) or method (405)
             await self.app(scope, receive, send)
             return
+        operation, path_parameters = found
         legacy: LegacyRoute = getattr(self.state, "legacy_route", "open")
         needed = scopes_for(ROUTE_ACCESS[operation], legacy)
         key = _header(scope, b"x-api-key")
         if needed is not None and guard.needs_store(key):
             await asyncio.to_thread(guard.refresh, key)  # a store read: off the event loop
-        client = scope.get("client") or ("unknown", 0)
-        decision = guard.decide(needed, key, str(client[0]))
+        client = str((scope.get("client") or ("unknown", 0))[0])
+        decision = guard.decide(needed, key, client)
+        trail: AuditTrail | None = getattr(self.state, "audit_trail", None)
         if isinstance(decision, Refusal):
+            if trail is not None and decision.code in REFUSALS_RECORDED and (key is not None or decision.status != 401):
+                _audit(
+                    trail,
+                    REFUSALS_RECORDED[decision.code],
+                    decision.status,
+                    client,
+                    decision.who,
+                    operation,
+                    path_parameters,
+                )
             await _answer(send, decision)
             return
         scope.setdefault("state", {})["principal"] = decision
-        await self.app(scope, receive, send)
+        action = ACTIONS.get(operation)
+        if trail is None or action is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what a request that raises before answering is recorded with
+        answer = bytearray()
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif (
+                message["type"] == "http.response.body" and action == "faces.enrol" and len(answer) < ANSWER_READ_LIMIT
+            ):
+                answer.extend(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            face_ids = _enrolled(bytes(answer)) if action == "faces.enrol" else ()
+            _audit(trail, action, status, client, decision, operation, path_parameters, face_ids)
 
 
-def _operation_of(scope: Scope) -> tuple[str, str] | None:
-    """(method, path template) of the table's operation this request is for; ``None`` for anything else."""
+def _audit(
+    trail: AuditTrail,
+    action: str,
+    status: int,
+    client: str,
+    who: Principal | None,
+    operation: tuple[str, str],
+    path_parameters: dict[str, str],
+    face_ids: tuple[str, ...] = (),
+) -> None:
+    face_id = path_parameters.get("face_id")
+    trail.event(
+        action,
+        status,
+        client,
+        key=who.name if who is not None else None,
+        key_id=who.key_id if who is not None else None,
+        operation=f"{operation[0]} {operation[1]}",
+        person=path_parameters.get("name"),
+        face_ids=face_ids or ((face_id,) if face_id else ()),
+    )
+
+
+def _enrolled(answer: bytes) -> tuple[str, ...]:
+    try:
+        body = json.loads(answer)
+        return tuple(str(entry["face_id"]) for entry in body.get("enrolled", ()))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ()
+
+
+def _operation_of(scope: Scope) -> tuple[tuple[str, str], dict[str, str]] | None:
+    """(method, path template) of the table's operation this request is for, and its path parameters; ``None``
+    for anything else."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root):  # an application under a route prefix: its own paths, as it declares them
         path = path[len(root) :] or "/"
@@ -72,8 +141,9 @@ def _operation_of(scope: Scope) -> tuple[str, str] | None:
         return None
     method = "GET" if scope["method"] == "HEAD" else scope["method"]
     for allowed, pattern, template in _PATTERNS:
-        if allowed == method and pattern.match(path):
-            return method, template
+        matched = pattern.match(path)
+        if allowed == method and matched:
+            return (method, template), matched.groupdict()
     return None
 
 

@@ -28,6 +28,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aws_stack.stack import StackConfig
+from serve_app.access.audit import FLUSH_S as AUDIT_FLUSH_S
+from serve_app.access.audit import AuditTrail
 from serve_app.access.guard import AccessGuard, Principal
 from serve_app.access.keys import KeyRing
 from serve_app.access.settings import AccessConfig
@@ -281,6 +283,7 @@ class IngressDeployment(Supervised):
         self._model_id = model_id
         self._threshold = threshold
         self._access = self._guard(access)
+        self._audit = self._audit_trail(access)
         self._bridge_app = bridge_app
         app.state.max_body_bytes = limits.max_body_bytes
         self._queue: QueueClient | None = None
@@ -291,6 +294,8 @@ class IngressDeployment(Supervised):
             self._queue = QueueClient.for_stack(queue.stack, inbox_name(replica), queue.timeout_s)
             self._queue.inbox()
         self._background = BackgroundTasks()
+        if self._audit is not None:
+            self._background.start("audit trail", self._write_audit(self._audit))
         if controller_app is not None:
             # On a cluster the queue-depth controller sizes the Recognizer; it sees HTTP demand only through this.
             self._background.start("in-flight reporter", self._report_in_flight(controller_app))
@@ -304,6 +309,27 @@ class IngressDeployment(Supervised):
             except (RayServeException, RayError) as error:  # the controller may be restarting: the next report retries
                 log.warning("could not report in-flight requests to %s: %s", controller_app, error)
             await asyncio.sleep(every_s)
+
+    @staticmethod
+    def _audit_trail(access: AccessWiring | None) -> AuditTrail | None:
+        """This replica's audit trail (:mod:`serve_app.access.audit`), kept in the gallery store."""
+        if access is None:
+            return None
+        try:
+            writer = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # not in a Serve replica (a unit test): a random writer name
+            writer = None
+        trail = AuditTrail(open_gallery_store(access.gallery_uri, access.gallery_endpoint), writer)
+        app.state.audit_trail = trail
+        return trail
+
+    async def _write_audit(self, trail: AuditTrail) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH_S)
+            try:
+                await asyncio.to_thread(trail.flush)
+            except (GalleryStoreError, RuntimeError) as exc:  # kept for the next flush
+                log.warning("audit trail not written (%d events kept for the next try): %s", trail.buffered, exc)
 
     @staticmethod
     def _guard(access: AccessWiring | None) -> AccessGuard:
