@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import boto3
 import pytest
 
 from facerec.cli.main import main
 from serve_app.access.audit import AuditEvent, AuditTrail, read_events
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
+from tests.store_fixtures import store
 
 pytestmark = pytest.mark.aws
-
-
-@pytest.fixture(params=["directory", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> GalleryStore:
-    if request.param == "directory":
-        return open_gallery_store(str(tmp_path / "store"))
-    request.getfixturevalue("moto_endpoint")
-    bucket = f"audit-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return open_gallery_store(f"s3://{bucket}/gallery")
+__all__ = ["store"]  # the fixture, used by name
 
 
 class Clock:
@@ -105,3 +95,14 @@ def test_the_command_line_filters_the_trail(tmp_path: Path, capsys: pytest.Captu
     assert [json.loads(line)["action"] for line in capsys.readouterr().out.splitlines()] == ["people.list"]
     assert main(["audit", "--gallery", gallery, "--since", "2026-13-45"]) == 2
     assert main(["audit", "--gallery", gallery, "--until", "1d"]) == 0 and capsys.readouterr().out == ""
+
+
+def test_events_of_several_replicas_are_read_in_the_order_they_happened(store: GalleryStore) -> None:
+    clock = Clock()  # one clock: the replicas' events interleave in time
+    first, second = AuditTrail(store, "replica-a", clock=clock), AuditTrail(store, "replica-b", clock=clock)
+    first.event("faces.enrol", 201, "127.0.0.1", person="Ada")
+    second.event("chip.read", 200, "127.0.0.2", person="Ada")
+    first.event("person.forget", 200, "127.0.0.1", person="Ada")
+    first.flush()  # one object, named after its first event, holding the first and the last
+    second.flush()
+    assert [e.action for e in read_events(store, person="Ada")] == ["faces.enrol", "chip.read", "person.forget"]

@@ -23,8 +23,9 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
+from serve_app.access.keys import now
 from serve_app.gallery_store import GalleryStore
 
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -72,10 +73,6 @@ class AuditEvent:
     @property
     def time(self) -> datetime:
         return datetime.fromisoformat(self.at)
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class AuditTrail:
@@ -150,12 +147,14 @@ def read_events(
     key: str | None = None,
     action: str | None = None,
 ) -> Iterator[AuditEvent]:
-    """The trail's events in the order they were written, filtered (``key``: a key's name or id)."""
+    """The trail's events in the order they happened, filtered (``key``: a key's name or id). Each ingress replica
+    writes its own objects, so a day's objects are read whole and their events merged by time."""
     for day in store.audit_days():
         if since is not None and day < since.strftime("%Y-%m-%d"):
             continue
         if until is not None and day > until.strftime("%Y-%m-%d"):
             continue
+        events = []
         for name in store.audit_objects(day):
             data = store.read_audit(name)
             for line in (data or b"").decode().splitlines():
@@ -170,4 +169,5 @@ def read_events(
                     continue
                 if action is not None and not event.action.startswith(action):
                     continue
-                yield event
+                events.append(event)
+        yield from sorted(events, key=lambda event: event.time)
