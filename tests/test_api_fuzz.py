@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -101,6 +102,30 @@ def with_photos(schema: Any) -> None:
         return st.sampled_from([parameters, {**parameters, "name": "Fuzz Person"}])
 
 
+@dataclass
+class FuzzRun:
+    """What both runs share: where and how to call, and what they found."""
+
+    url: str
+    session: requests.Session
+    checks: list[Any]
+    cases: Counter[str] = field(default_factory=Counter)
+    succeeded: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+    def answered(self, label: str, status: int) -> None:
+        self.cases[label] += 1
+        if 200 <= status < 300:
+            self.succeeded[label] += 1
+
+    def failed(self, label: str, failure: BaseException) -> None:
+        self.failures.append(_failure_line(label, failure))
+
+
+def label_of(operation: Any) -> str:
+    return f"{operation.method.upper()} {operation.path}"
+
+
 def named_files(case: schemathesis.Case[Any]) -> dict[str, Any]:
     """Send a multipart body's bytes as files with names, as clients do (schemathesis sends binary parts without a
     file name, which the web framework reads as text fields: the handlers would never see a file)."""
@@ -131,9 +156,6 @@ def test_every_operation_answers_as_documented_and_never_5xx(fuzzed_app: str) ->
     invalid = [str(result.err()) for result in loaded if isinstance(result, Err)]
     assert invalid == []  # the schema itself is valid OpenAPI
     operations = [result.ok() for result in loaded if isinstance(result, Ok)]
-    cases: Counter[str] = Counter()
-    succeeded: Counter[str] = Counter()
-    failures: list[str] = []
     session = requests.Session()
     statuses: Counter[tuple[str, int]] = Counter()
 
@@ -142,35 +164,30 @@ def test_every_operation_answers_as_documented_and_never_5xx(fuzzed_app: str) ->
         statuses[(str(request.method), response.status_code)] += 1
 
     session.hooks["response"].append(count)
+    run = FuzzRun(url, session, checks)
     if SEED is not None:
         print(f"\nschema fuzzing with seed {SEED} (FACEREC_FUZZ_SEED={SEED} repeats it)")
     for operation in operations:
-        fuzz_one(operation, url, session, checks, cases, succeeded, failures)()
-    follow_links(schema, url, session, checks, cases, succeeded, failures)
+        fuzz_one(operation, run)()
+    follow_links(schema, run)
+    cases, succeeded, failures = run.cases, run.succeeded, run.failures
     print(f"\nschema fuzzing: {len(operations)} operations, {sum(cases.values())} cases, {len(failures)} failures")
     for label in sorted(cases):
         print(f"   {label}: {cases[label]} cases, {succeeded[label]} answered 2xx")
     print("   answers by method and status:", dict(sorted(statuses.items())))
     for failure in sorted(set(failures)):
         print("  ", failure)
-    labels = [f"{o.method.upper()} {o.path}" for o in operations]
+    labels = [label_of(o) for o in operations]
     assert len(operations) >= 10 and all(cases[label] > 0 for label in labels)
     assert sorted(set(failures)) == []
     assert [label for label in labels if succeeded[label] == 0] == [], "operations never answered 2xx"
     assert healthy(url)
 
 
-def follow_links(
-    schema: Any,
-    url: str,
-    session: requests.Session,
-    checks: list[Any],
-    cases: Counter[str],
-    succeeded: Counter[str],
-    failures: list[str],
-) -> None:
+def follow_links(schema: Any, run: FuzzRun) -> None:
     """Stateful sequences along the OpenAPI links: enrol, then look the person and face up, read the chip,
     forget them."""
+    url, session = run.url, run.session
 
     class Sequences(schema.as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:
@@ -184,16 +201,13 @@ def follow_links(
             return {"base_url": url, "session": session, "timeout": 120, **named_files(case)}
 
         def after_call(self, response: Any, case: schemathesis.Case[Any]) -> None:
-            label = f"{case.operation.method.upper()} {case.operation.path}"
-            cases[label] += 1
-            if 200 <= response.status_code < 300:
-                succeeded[label] += 1
+            run.answered(label_of(case.operation), response.status_code)
 
         def validate_response(self, response: Any, case: schemathesis.Case[Any], **kwargs: Any) -> None:
             try:
-                case.validate_response(response, checks=checks)
+                case.validate_response(response, checks=run.checks)
             except (AssertionError, FailureGroup) as failure:
-                failures.append(_failure_line(f"{case.operation.method.upper()} {case.operation.path}", failure))
+                run.failed(label_of(case.operation), failure)
 
     Sequences.run(settings=hypothesis_settings(max_examples=max(10, EXAMPLES // 2), stateful_step_count=6))
 
@@ -205,17 +219,9 @@ def _failure_line(label: str, failure: BaseException) -> str:
     return f"{label}: {'; '.join(titles + received)}"[:300]
 
 
-def fuzz_one(
-    operation: Any,
-    url: str,
-    session: requests.Session,
-    checks: list[Any],
-    cases: Counter[str],
-    succeeded: Counter[str],
-    failures: list[str],
-) -> Any:
+def fuzz_one(operation: Any, run: FuzzRun) -> Any:
     """A Hypothesis test of one operation: ``EXAMPLES`` generated cases, each called and checked."""
-    label = f"{operation.method.upper()} {operation.path}"
+    label = label_of(operation)
 
     # The schema's own examples (a checkpoint to re-embed with) half the time, generated cases the other half.
     examples = operation.get_strategies_from_examples()
@@ -224,17 +230,16 @@ def fuzz_one(
     @hypothesis_settings(max_examples=EXAMPLES)
     @given(case=strategy)
     def exercise(case: schemathesis.Case[Any]) -> None:
-        cases[label] += 1
         try:
             # This application has no keys (every route open), so the cases reach the code behind the key check;
             # the check itself has its own table test (tests/test_access.py).
             response = case.call_and_validate(
-                base_url=url, session=session, checks=checks, timeout=120, **named_files(case)
+                base_url=run.url, session=run.session, checks=run.checks, timeout=120, **named_files(case)
             )
-            if 200 <= response.status_code < 300:
-                succeeded[label] += 1
+            run.answered(label, response.status_code)
         except (AssertionError, FailureGroup) as failure:  # recorded, not raised: no shrinking, every operation
-            failures.append(_failure_line(label, failure))
+            run.cases[label] += 1
+            run.failed(label, failure)
 
     if SEED is not None:
         from hypothesis import seed

@@ -6,24 +6,15 @@ import json
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 
 from facerec.cli.main import main
 from serve_app.access.keys import ApiKeyError, KeyRing
 from serve_app.gallery_store import GalleryStore, open_gallery_store
+from tests.store_fixtures import store
 
 pytestmark = pytest.mark.aws
-
-
-@pytest.fixture(params=["directory", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> GalleryStore:
-    if request.param == "directory":
-        return open_gallery_store(str(tmp_path / "store"))
-    request.getfixturevalue("moto_endpoint")
-    bucket = f"keys-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return open_gallery_store(f"s3://{bucket}/gallery")
+__all__ = ["store"]  # the fixture, used by name
 
 
 def test_a_key_works_for_its_scopes_until_revoked_and_its_record_never_holds_it(store: GalleryStore) -> None:

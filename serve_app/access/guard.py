@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -81,6 +82,7 @@ class AccessGuard:
         self._known: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()  # digest -> (read at, who)
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # client address -> failure times
+        self._reading = threading.Lock()
 
     # --- reading the store (blocking: the ingress calls these in a thread when the cache is stale) -----------
     def needs_store(self, key: str | None) -> bool:
@@ -94,7 +96,13 @@ class AccessGuard:
         return known is None or now - known[0] > self.limits.cache_s
 
     def refresh(self, key: str | None) -> None:
-        """Read what :meth:`needs_store` said is stale."""
+        """Read what :meth:`needs_store` said is stale. Requests that find the cache stale at once read the store
+        once between them: the others wait for that read and find it fresh."""
+        with self._reading:
+            if self.needs_store(key):
+                self._read(key)
+
+    def _read(self, key: str | None) -> None:
         now = self._clock()
         if self._keys_exist is None or now - self._keys_exist[0] > self.limits.cache_s:
             # Any key ever made, revoked ones too: revoking the last key must not open the gallery to everyone.
@@ -119,12 +127,12 @@ class AccessGuard:
         now = self._clock()
         if needed is None or not self.keys_required():
             return None
-        if self._blocked_for(client, now) is not None:
-            wait = self._blocked_for(client, now)
+        wait = self._blocked_for(client, now)
+        if wait is not None:
             return Refusal(429, "too_many_failures", "too many refused keys from this address", wait)
         if not key:
             return Refusal(401, "unauthorized", "this route needs an API key in the X-API-Key header")
-        principal = self._principal_of(key, now)
+        principal = self._principal_of(key)
         if principal is None:
             self._fail(client, now)
             return Refusal(401, "unauthorized", "the API key was refused (unknown, revoked or mistyped)")
@@ -142,7 +150,7 @@ class AccessGuard:
             return Refusal(429, "rate_limited", f"the key {principal.name!r} is over its request rate", wait, principal)
         return principal
 
-    def _principal_of(self, key: str, now: float) -> Principal | None:
+    def _principal_of(self, key: str) -> Principal | None:
         if self._env_key is not None and hmac.compare_digest(key.encode(), self._env_key.encode()):
             return Principal(ENV_KEY_NAME, "env", frozenset({"manage"}))
         known = self._known.get(digest(key))

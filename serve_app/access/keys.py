@@ -77,7 +77,7 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")  # orders keys made within one second
 
 
@@ -98,7 +98,7 @@ class KeyRing:
             raise ApiKeyError(f"an active key is already named {name!r}: revoke it first, or choose another name")
         key_id = secrets.token_hex(8)
         key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
-        record = KeyRecord(key_id, name, tuple(s for s in SCOPES if s in scopes), digest(key), _now())
+        record = KeyRecord(key_id, name, tuple(s for s in SCOPES if s in scopes), digest(key), now())
         self.store.write_key_record(key_id, record.to_bytes())
         return key, record
 
@@ -119,7 +119,7 @@ class KeyRing:
                 if not matches
                 else f"{len(matches)} active keys match {id_or_name!r}: give the id"
             )
-        revoked = KeyRecord(**{**asdict(matches[0]), "revoked": _now()})
+        revoked = KeyRecord(**{**asdict(matches[0]), "revoked": now()})
         self.store.write_key_record(revoked.id, revoked.to_bytes())
         return revoked
 

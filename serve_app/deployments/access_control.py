@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app.access.audit import ACTIONS, REFUSALS_RECORDED, AuditTrail
 from serve_app.access.guard import AccessGuard, Principal, Refusal
 from serve_app.access.policy import DOCUMENTATION, ROUTE_ACCESS, Access, LegacyRoute, scopes_for
+from serve_app.deployments.http_limits import send_error
 
 #: An enrolment's answer is read for the face ids it names (it is small: ids and file names); no more than this.
 ANSWER_READ_LIMIT = 256 * 1024
@@ -158,14 +159,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _answer(send: Send, refusal: Refusal) -> None:
-    body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers: list[tuple[bytes, bytes]] = []
     if refusal.retry_after_s is not None:
         headers.append((b"retry-after", str(refusal.retry_after_s).encode()))
     if refusal.status == 401:
         headers.append((b"www-authenticate", b'ApiKey header="X-API-Key"'))
-    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, refusal.status, refusal.code, refusal.message, tuple(headers))
 
 
 NEEDS: dict[Access, str] = {

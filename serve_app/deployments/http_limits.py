@@ -88,12 +88,14 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _refuse(send: Send, message: str) -> None:
-    body = json.dumps({"error": {"code": "body_too_large", "message": message}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    await send_error(send, 413, "body_too_large", message)
+
+
+async def send_error(
+    send: Send, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """Answer from an ASGI layer in the API's error shape, ``{"error": {"code", "message"}}``."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start})
     await send({"type": "http.response.body", "body": body})

@@ -53,7 +53,7 @@ from serve_app.deployments.access_control import AccessControl, document_access,
 from serve_app.deployments.http_limits import LimitsAndMetrics
 from serve_app.deployments.replica_calls import REPLICA_LOST, idempotent
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
-from serve_app.gallery_store import GalleryStoreError, open_gallery_store
+from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.jobs import DetectJob, EmbedJob, EnrolJob, JobError, RecognizeJob
 from serve_app.metrics import metrics
 from serve_app.model.gallery import GalleryError, ModelMismatchError
@@ -282,8 +282,10 @@ class IngressDeployment(Supervised):
         self._limits = limits
         self._model_id = model_id
         self._threshold = threshold
-        self._access = self._guard(access)
-        self._audit = self._audit_trail(access)
+        # Keys and the audit trail live in the gallery store: one client for both.
+        store = open_gallery_store(access.gallery_uri, access.gallery_endpoint) if access is not None else None
+        self._access = self._guard(access.config if access is not None else AccessConfig(), store)
+        self._audit = self._audit_trail(store)
         self._bridge_app = bridge_app
         app.state.max_body_bytes = limits.max_body_bytes
         self._queue: QueueClient | None = None
@@ -311,15 +313,15 @@ class IngressDeployment(Supervised):
             await asyncio.sleep(every_s)
 
     @staticmethod
-    def _audit_trail(access: AccessWiring | None) -> AuditTrail | None:
+    def _audit_trail(store: GalleryStore | None) -> AuditTrail | None:
         """This replica's audit trail (:mod:`serve_app.access.audit`), kept in the gallery store."""
-        if access is None:
+        if store is None:
             return None
         try:
             writer = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # not in a Serve replica (a unit test): a random writer name
             writer = None
-        trail = AuditTrail(open_gallery_store(access.gallery_uri, access.gallery_endpoint), writer)
+        trail = AuditTrail(store, writer)
         app.state.audit_trail = trail
         return trail
 
@@ -332,15 +334,12 @@ class IngressDeployment(Supervised):
                 log.warning("audit trail not written (%d events kept for the next try): %s", trail.buffered, exc)
 
     @staticmethod
-    def _guard(access: AccessWiring | None) -> AccessGuard:
+    def _guard(config: AccessConfig, store: GalleryStore | None) -> AccessGuard:
         """This replica's key check, installed for the middleware (see :mod:`serve_app.access.guard`)."""
         undecided = undecided_operations(app)
         if undecided:  # it would be served without a key check: a bug, caught before serving anything
             raise RuntimeError(f"operations without an access decision in serve_app/access/policy.py: {undecided}")
-        config = access.config if access is not None else AccessConfig()
-        keyring = None
-        if access is not None:
-            keyring = KeyRing(open_gallery_store(access.gallery_uri, access.gallery_endpoint))
+        keyring = KeyRing(store) if store is not None else None
         # Read here, in the replica, not at bind time: the key arrives through the runtime environment.
         guard = AccessGuard(keyring, os.environ.get(API_KEY_ENV), config.limits())
         guard.refresh(None)
@@ -622,7 +621,10 @@ class IngressDeployment(Supervised):
             return RedirectResponse("/ui/", status_code=307)
         raise APIError(405, "method_not_allowed", "POST a photo to / as multipart `inputFile`; the console is at /ui/")
 
-    @app.get("/v1/status", summary="The service at a glance: health, replicas, gallery, whether changes need a key")
+    @app.get(
+        "/v1/status",
+        summary="The service at a glance: health, replicas, gallery, whether keys are needed, the caller's key",
+    )
     async def status(self, request: Request) -> ServiceStatus:
         health = await self._health()
         replicas = await asyncio.to_thread(_recognizers_running)
