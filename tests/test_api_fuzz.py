@@ -209,7 +209,8 @@ def follow_links(schema: Any, run: FuzzRun) -> None:
             except (AssertionError, FailureGroup) as failure:
                 run.failed(label_of(case.operation), failure)
 
-    Sequences.run(settings=hypothesis_settings(max_examples=max(10, EXAMPLES // 2), stateful_step_count=6))
+    # Enough sequences and steps that every link is followed from a successful enrolment many times over.
+    Sequences.run(settings=hypothesis_settings(max_examples=max(50, EXAMPLES // 2), stateful_step_count=10))
 
 
 def _failure_line(label: str, failure: BaseException) -> str:
