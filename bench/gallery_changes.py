@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -37,8 +38,9 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import boto3
 import numpy as np
@@ -54,6 +56,7 @@ from serve_app.model.enrollment import embed_for_enrolment
 from serve_app.model.gallery import Gallery
 from serve_app.model.gallery_change import apply_change
 from serve_app.model.gallery_index import DEFAULT_INDEX_POLICY, build_index
+from serve_app.model.gallery_rows import REPLICA_HALF_ROWS_FROM
 from serve_app.settings import RecognitionConfig
 
 RESULTS = results_dir()
@@ -78,15 +81,23 @@ class ByteCounter:
     def install(self) -> None:
         counter = self
         for cls in (S3GalleryStore, LocalGalleryStore):
-            get, put, put_new = cls._get, cls._put, cls._put_new
+            get, put, put_new, open_ = cls._get, cls._put, cls._put_new, cls._open
 
             def _get(store: Any, key: str, _get: Any = get) -> bytes | None:
                 data: bytes | None = _get(store, key)
                 counter.bytes[f"read {counter.kind(key)}"] += len(data or b"")
                 return data
 
-            def _put(store: Any, key: str, data: bytes, *args: Any, _put: Any = put, **kwargs: Any) -> None:
-                counter.bytes[f"written {counter.kind(key)}"] += len(data)
+            @contextlib.contextmanager
+            def _open(store: Any, key: str, _open: Any = open_) -> Iterator[IO[bytes] | None]:
+                with _open(store, key) as handle:
+                    if handle is not None:
+                        counter.bytes[f"read {counter.kind(key)}"] += os.fstat(handle.fileno()).st_size
+                    yield handle
+
+            def _put(store: Any, key: str, data: Any, *args: Any, _put: Any = put, **kwargs: Any) -> None:
+                size = len(data) if isinstance(data, bytes) else os.fstat(data.fileno()).st_size - data.tell()
+                counter.bytes[f"written {counter.kind(key)}"] += size
                 _put(store, key, data, *args, **kwargs)
 
             def _put_new(store: Any, key: str, data: bytes, _put_new: Any = put_new) -> bool:
@@ -97,6 +108,7 @@ class ByteCounter:
             setattr(cls, "_get", _get)  # noqa: B010 (counting wrappers, installed for this benchmark only)
             setattr(cls, "_put", _put)  # noqa: B010
             setattr(cls, "_put_new", _put_new)  # noqa: B010
+            setattr(cls, "_open", _open)  # noqa: B010
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.bytes)
@@ -176,7 +188,7 @@ def measure_size(size: int, args: argparse.Namespace, counter: ByteCounter, real
     # Two replicas join: the base and any changes after it.
     rss_before = rss_bytes()
     started = time.perf_counter()
-    replicas = [load_gallery(store, CONFIG.model_id) for _ in range(2)]
+    replicas = [load_gallery(store, CONFIG.model_id, half_rows_from=REPLICA_HALF_ROWS_FROM) for _ in range(2)]
     row["replica_join_s"] = round((time.perf_counter() - started) / 2, 2)
     assert all(r is not None for r in replicas)
     followers: list[Gallery] = [r for r in replicas if r is not None]

@@ -17,19 +17,28 @@ from serve_app.model.gallery_change import GalleryChange, apply_change
 PARALLEL_READS = 16
 
 
-def load_gallery(store: GalleryStore, model_id: str, dim: int | None = None) -> Gallery | None:
+def load_gallery(
+    store: GalleryStore, model_id: str, dim: int | None = None, half_rows_from: int | None = None
+) -> Gallery | None:
     """The bound model's gallery: its snapshot plus every change after it (``None`` while it has neither).
 
-    ``dim`` makes the empty gallery of a model whose first changes exist without a snapshot yet.
+    ``dim`` makes the empty gallery of a model whose first changes exist without a snapshot yet;
+    ``half_rows_from`` is the gallery's (see :class:`~serve_app.model.gallery.Gallery`). The snapshot is read a
+    chunk at a time from a file (see :meth:`~serve_app.gallery_store.GalleryStore.open_snapshot`).
     """
-    data = store.read()
-    if data is not None:
-        gallery = Gallery.from_bytes(data, expected_model_id=model_id)
-    else:
+    with store.open_snapshot() as snapshot:
+        gallery = (
+            None
+            if snapshot is None
+            else Gallery.read_from(snapshot, expected_model_id=model_id, half_rows_from=half_rows_from)
+        )
+    if gallery is None:
         first = store.read_change(1)
         if first is None:
             return None
-        gallery = Gallery(model_id, dim if dim is not None else GalleryChange.from_bytes(first).dim)
+        gallery = Gallery(
+            model_id, dim if dim is not None else GalleryChange.from_bytes(first).dim, half_rows_from=half_rows_from
+        )
     # The changes after the base are listed (one request per thousand) and fetched in parallel: a replica that
     # joins reads up to COMPACT_AFTER_CHANGES of them, which one at a time from S3 would take many seconds.
     stored = [revision for revision in store.change_revisions() if revision > gallery.revision]

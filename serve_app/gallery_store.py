@@ -36,15 +36,19 @@ such a face as having no usable chip.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import re
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
-from serve_app.model.gallery import GALLERY_FILENAME, GalleryError, snapshot_meta, write_atomically
+from serve_app.model.gallery import GALLERY_FILENAME, Gallery, GalleryError, snapshot_meta, write_atomically
 
 #: The folder beside the snapshot that holds the face chips.
 CHIPS_FOLDER = "chips"
@@ -101,10 +105,15 @@ class GalleryStore(ABC):
 
     @abstractmethod
     def _put(
-        self, key: str, data: bytes, content_type: str, model_id: str | None = None, revision: int | None = None
+        self,
+        key: str,
+        data: bytes | IO[bytes],
+        content_type: str,
+        model_id: str | None = None,
+        revision: int | None = None,
     ) -> None:
-        """Write an object; a snapshot's ``model_id`` and ``revision`` go with it where the store can keep them
-        (S3 metadata)."""
+        """Write an object (from its bytes, or a file read from where it is); a snapshot's ``model_id`` and
+        ``revision`` go with it where the store can keep them (S3 metadata)."""
 
     @abstractmethod
     def _put_new(self, key: str, data: bytes) -> bool:
@@ -173,8 +182,22 @@ class GalleryStore(ABC):
         """The snapshot bytes, or ``None`` while there is none."""
         return self._get(self.snapshot_key())
 
-    def write(self, data: bytes) -> None:
-        """Replace the snapshot (the base) atomically."""
+    @contextlib.contextmanager
+    def open_snapshot(self) -> Iterator[IO[bytes] | None]:
+        """The snapshot as a seekable file (``None`` while there is none), for reading a large base a chunk at a
+        time instead of holding its bytes beside the gallery made from them."""
+        with self._open(self.snapshot_key()) as snapshot:
+            yield snapshot
+
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[IO[bytes] | None]:
+        """An object as a seekable file (``None``: missing). By default its bytes in memory."""
+        data = self._get(key)
+        yield None if data is None else io.BytesIO(data)
+
+    def write(self, data: bytes | IO[bytes]) -> None:
+        """Replace the snapshot (the base) atomically, from its bytes or from a file (read from where it is: a
+        large base is written to a temporary file and sent from there, see :meth:`write_gallery`)."""
         try:
             meta = snapshot_meta(data)
             model_id: str | None = str(meta["model_id"])
@@ -182,6 +205,16 @@ class GalleryStore(ABC):
         except GalleryError:
             model_id = revision = None  # not a gallery (a caller's mistake, or a test's stand-in bytes): as it is
         self._put(self.snapshot_key(), data, "application/octet-stream", model_id, revision)
+
+    def write_gallery(self, gallery: Gallery) -> int:
+        """Write ``gallery`` as the base through a temporary file on local disk (never a second copy of it in
+        memory); returns the bytes written."""
+        with tempfile.TemporaryFile(prefix="facerec-base-") as handle:
+            gallery.write_to(handle)
+            size = handle.tell()
+            handle.seek(0)
+            self.write(handle)
+        return size
 
     def base_revision(self) -> int | None:
         """The revision the bound model's snapshot holds (``None`` while there is none), without reading it."""
@@ -328,8 +361,24 @@ class LocalGalleryStore(GalleryStore):
         except FileNotFoundError:
             return None
 
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[IO[bytes] | None]:
+        # The file itself: a base replaced meanwhile is renamed over, and this open file keeps the old one.
+        try:
+            handle = (self.directory / key).open("rb")
+        except FileNotFoundError:
+            yield None
+            return
+        with handle:
+            yield handle
+
     def _put(
-        self, key: str, data: bytes, content_type: str, model_id: str | None = None, revision: int | None = None
+        self,
+        key: str,
+        data: bytes | IO[bytes],
+        content_type: str,
+        model_id: str | None = None,
+        revision: int | None = None,
     ) -> None:
         write_atomically(self.directory / key, data)
 
@@ -385,12 +434,42 @@ class S3GalleryStore(GalleryStore):
         response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._full(key))
         return None if response is None else bytes(response["Body"].read())
 
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[IO[bytes] | None]:
+        # Downloaded to a temporary file on local disk by boto3's transfer manager (ranged GETs in parallel for a
+        # large object), never held in memory: a 10M-face base is 6 GB.
+        with tempfile.TemporaryFile(prefix="facerec-base-") as handle:
+            found = self._call(self._download, key=key, handle=handle)
+            if found is None:
+                yield None
+                return
+            handle.seek(0)
+            yield handle
+
+    def _upload(self, key: str, handle: IO[bytes], extra: dict[str, Any]) -> bool:
+        self.client.upload_fileobj(handle, self.bucket, self._full(key), ExtraArgs=extra)
+        return True
+
+    def _download(self, key: str, handle: IO[bytes]) -> bool:
+        self.client.download_fileobj(self.bucket, self._full(key), handle)
+        return True
+
     def _put(
-        self, key: str, data: bytes, content_type: str, model_id: str | None = None, revision: int | None = None
+        self,
+        key: str,
+        data: bytes | IO[bytes],
+        content_type: str,
+        model_id: str | None = None,
+        revision: int | None = None,
     ) -> None:
         metadata = {MODEL_METADATA: model_id} if model_id else {}
         if revision is not None:
             metadata[REVISION_METADATA] = str(revision)
+        if not isinstance(data, bytes):
+            # A file: boto3's transfer manager sends it in parts (a single PUT stops at 5 GB; a 10M-face base is 6.7).
+            extra = {"ContentType": content_type, "Metadata": metadata}
+            self._call(self._upload, key=key, handle=data, extra=extra)
+            return
         self._call(
             self.client.put_object,
             Bucket=self.bucket,

@@ -72,7 +72,7 @@ def reembed_snapshot(
         save=lambda partial: target_store.write_partial(partial.to_bytes()),
         save_every=save_every,
     )
-    target_store.write(target.to_bytes())
+    target_store.write_gallery(target)
     target_store.delete_partial()
     return report
 

@@ -84,3 +84,25 @@ def models():  # type: ignore[no-untyped-def]
     from serve_app.settings import RecognitionSettings, load_models
 
     return load_models(RecognitionSettings())
+
+
+@pytest.fixture(scope="session")
+def real_faces(models):  # type: ignore[no-untyped-def]
+    """(people, enrolled embeddings, held-out embeddings) of up to 80 LFW people with two photos or more: one photo
+    of each enrolled, another held out as that person's query."""
+    from collections import defaultdict
+
+    import numpy as np
+
+    from serve_app.model.enrollment import embed_for_enrolment
+
+    by_person: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted((LFW / "images").glob("*/*.jpg")):
+        by_person[path.parent.name].append(path)
+    people = [p for p, paths in sorted(by_person.items()) if len(paths) >= 2][:80]
+    photos = [(f"{p}/{i}", by_person[p][i].read_bytes()) for p in people for i in (0, 1)]
+    outcomes = embed_for_enrolment(models.detector, models.embedder, photos)
+    found = {key: o.embedding for (key, _), o in zip(photos, outcomes, strict=True) if o.embedding is not None}
+    both = [p for p in people if f"{p}/0" in found and f"{p}/1" in found]
+    assert len(both) >= 60, "too few LFW people embedded"
+    return both, np.stack([found[f"{p}/0"] for p in both]), np.stack([found[f"{p}/1"] for p in both])

@@ -9,14 +9,11 @@ size (the service builds one only where an exact query takes longer than 20 ms).
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from serve_app.model.enrollment import embed_for_enrolment
 from serve_app.model.gallery import Gallery
 from serve_app.model.gallery_index import FILL_CHUNK, IndexPolicy, build_index, list_count
 
@@ -24,21 +21,6 @@ from .conftest import LFW
 
 DISTRACTORS = 60_000
 FORCED = IndexPolicy(considered_from=1, budget_s=0.0)
-
-
-@pytest.fixture(scope="module")
-def real_faces(models: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(people, enrolled embeddings, held-out embeddings) of LFW people with two photos or more."""
-    by_person: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted((LFW / "images").glob("*/*.jpg")):
-        by_person[path.parent.name].append(path)
-    people = [p for p, paths in sorted(by_person.items()) if len(paths) >= 2][:80]
-    photos = [(f"{p}/{i}", by_person[p][i].read_bytes()) for p in people for i in (0, 1)]
-    outcomes = embed_for_enrolment(models.detector, models.embedder, photos)
-    found = {key: o.embedding for (key, _), o in zip(photos, outcomes, strict=True) if o.embedding is not None}
-    both = [p for p in people if f"{p}/0" in found and f"{p}/1" in found]
-    assert len(both) >= 60, "too few LFW people embedded"
-    return both, np.stack([found[f"{p}/0"] for p in both]), np.stack([found[f"{p}/1"] for p in both])
 
 
 def gallery_of(real_faces: tuple[list[str], np.ndarray, np.ndarray], model_id: str) -> Gallery:

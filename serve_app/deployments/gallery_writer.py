@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -269,22 +270,27 @@ class GalleryWriterDeployment(Supervised):
     async def compact(self) -> int:
         """Write the gallery as the new base snapshot and clean up the changes it holds (all but the last
         ``RETAINED_CHANGES``); returns the base's revision. Commits wait only while the gallery is serialised."""
-        async with self._lock:
-            revision = self._gallery.revision
-            data = await asyncio.to_thread(self._gallery.to_bytes)
-            self._stored_since_base = 0
+        with tempfile.TemporaryFile(prefix="facerec-base-") as spool:  # local disk: never a second copy in memory
+            async with self._lock:
+                revision = self._gallery.revision
+                await asyncio.to_thread(self._gallery.write_to, spool)
+                self._stored_since_base = 0
+            try:
+                size = spool.tell()
+                spool.seek(0)
+                if await asyncio.to_thread(behind_the_base, self._store, revision - 1):
+                    return revision  # a base as new is there already (another writer's, or this one's)
+                await asyncio.to_thread(self._store.write, spool)
+            except GalleryStoreError as exc:
+                log.warning("compaction failed (the changes stay; tried again after the next ones): %s", exc)
+                return revision
         try:
-            if await asyncio.to_thread(behind_the_base, self._store, revision - 1):
-                return revision  # a base as new is there already (another writer's, or this one's)
-            await asyncio.to_thread(self._store.write, data)
             stored = await asyncio.to_thread(self._store.change_revisions)
             doomed = [r for r in stored if r <= revision - RETAINED_CHANGES]
             if doomed:
                 await asyncio.to_thread(self._store.delete_changes, doomed)
             self._base_revision = revision
-            log.info(
-                "compacted: base at revision %d (%d bytes), %d changes cleaned up", revision, len(data), len(doomed)
-            )
+            log.info("compacted: base at revision %d (%d bytes), %d changes cleaned up", revision, size, len(doomed))
         except GalleryStoreError as exc:
             log.warning("compaction failed (the changes stay; tried again after the next ones): %s", exc)
         return revision

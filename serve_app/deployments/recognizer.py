@@ -45,6 +45,7 @@ from serve_app.metrics import metrics
 from serve_app.model.enrollment import EnrolmentPhoto
 from serve_app.model.gallery import Gallery, GalleryError
 from serve_app.model.gallery_change import GalleryChange, apply_change
+from serve_app.model.gallery_rows import REPLICA_HALF_ROWS_FROM
 from serve_app.model.recognizer import ImageResult, Recognizer
 from serve_app.results import threshold_to_dict
 from serve_app.settings import RecognitionConfig
@@ -88,7 +89,9 @@ class RecognizerDeployment(Supervised):
             options.gallery_uri, options.gallery_endpoint, model_id=self._model_id
         )
         self._writer = writer
-        gallery = self._read_gallery() or Gallery(models.embedder.model_id, models.embedder.dim)
+        gallery = self._read_gallery() or Gallery(
+            models.embedder.model_id, models.embedder.dim, half_rows_from=REPLICA_HALF_ROWS_FROM
+        )
         self._recognizer = Recognizer(
             models.detector,
             models.embedder,
@@ -117,7 +120,7 @@ class RecognizerDeployment(Supervised):
     # --- gallery following --------------------------------------------------------------------------------
     def _read_gallery(self) -> Gallery | None:
         """The store's gallery: the snapshot and every change after it (``None``: nothing stored yet)."""
-        return load_gallery(self._store, self._model_id)
+        return load_gallery(self._store, self._model_id, half_rows_from=REPLICA_HALF_ROWS_FROM)
 
     async def _refresh(self, until: int | None = None) -> None:
         """Apply the changes stored since this replica's revision (up to ``until`` when the writer said how far it

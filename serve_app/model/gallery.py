@@ -26,21 +26,27 @@ embeddings or files made by another model.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 
+from serve_app.model.gallery_faces import CODED_LENGTH as CODED_ID_WIDTH
+from serve_app.model.gallery_faces import FaceTable
 from serve_app.model.gallery_index import FaceIndex, IndexPolicy
 from serve_app.model.gallery_rows import INITIAL_CAPACITY, RowStore
 
@@ -49,6 +55,10 @@ FORMAT_VERSION = 1
 #: Candidate faces gathered first for each query (more only when they hold fewer than ``k`` people).
 FIRST_DEPTH = 64
 GALLERY_FILENAME = "gallery.npz"
+#: Bytes copied at a time when a snapshot is written from a file.
+COPY_BUFFER = 16 << 20
+#: Faces read from a snapshot at a time (about 80 MB of a file's arrays).
+READ_CHUNK = 1 << 17
 
 
 class GalleryError(ValueError):
@@ -85,24 +95,27 @@ class Gallery:
     """People and their embeddings for one embedding model. Not thread-safe: callers serialise mutations.
 
     A change costs what it changes: faces are appended into spare capacity and a removed face's row is filled by
-    the last row (:class:`~serve_app.model.gallery_rows.RowStore`), and the lookups (face id -> row, person ->
-    faces) are kept up to date with it. Matching needs no regrouping of the rows after a change.
+    the last row (:class:`~serve_app.model.gallery_rows.RowStore`). Rows are named by keys that never change
+    (:class:`~serve_app.model.gallery_faces.FaceTable` holds each key's face id and chip flag), and each row's
+    owner is a person number: no Python object per face, so ten million faces fit a worker
+    (see :attr:`nbytes`). A person's faces are found by scanning the row labels (a few milliseconds at ten
+    million faces), which only gallery management does.
+
+    ``half_rows_from`` keeps the rows in float16 from that many faces on (Recognizer replicas: half the memory,
+    scores within about 1e-3); a gallery that writes snapshots keeps them float32.
     """
 
-    def __init__(self, model_id: str, dim: int) -> None:
+    def __init__(self, model_id: str, dim: int, half_rows_from: int | None = None) -> None:
         self.model_id = model_id
         self.dim = dim
-        self._store = RowStore(dim)
-        # Per row, in step with the row store.
-        self._names: list[str] = []
-        self._face_ids: list[str] = []
-        self._has_chip: list[bool] = []
-        self._row_of: dict[str, int] = {}
-        #: Each person's face ids in the order they were enrolled (a dict as an ordered set).
-        self._faces_of: dict[str, dict[str, None]] = {}
+        self.half_rows_from = half_rows_from
+        self._store = RowStore(dim, half_rows_from=half_rows_from)
+        self._faces = FaceTable()
         #: Person numbers, the row store's labels: a number is never reused while this gallery lives.
         self._person_number: dict[str, int] = {}
         self._person_name: list[str] = []
+        self._face_count: list[int] = []  # by person number
+        self._people = 0  # people with at least one face
         self._removed: set[str] = set()
         #: Increases with every change; shared copies compare revisions to know which is newer.
         self.revision = 0
@@ -116,39 +129,58 @@ class Gallery:
     # --- contents -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         """Number of enrolled faces."""
-        return len(self._names)
+        return self._store.n
 
     def person_count(self) -> int:
         """How many people have at least one face."""
-        return len(self._faces_of)
+        return self._people
 
     def people(self) -> dict[str, int]:
         """Each enrolled person with their number of faces, sorted by name."""
-        return {name: len(faces) for name, faces in sorted(self._faces_of.items())}
+        return {name: count for name, count in sorted(zip(self._person_name, self._face_count, strict=True)) if count}
+
+    def _rows_of_person(self, name: str) -> np.ndarray:
+        """``name``'s rows, in the order their faces were enrolled."""
+        number = self._person_number.get(name)
+        if number is None or not self._face_count[number]:
+            return np.empty(0, dtype=np.intp)
+        rows = np.flatnonzero(self._store.labels == number)
+        ordered: np.ndarray = rows[np.argsort(self._store.keys[rows], kind="stable")]
+        return ordered
 
     def faces_of(self, name: str) -> list[str]:
         """The face ids enrolled for ``name`` (empty if unknown), in the order they were enrolled."""
-        return list(self._faces_of.get(name, ()))
+        return self._faces.ids_of(self._store.keys[self._rows_of_person(name)])
 
     def face_records(self, name: str) -> list[tuple[str, bool]]:
         """``(face id, has a chip)`` for each face of ``name`` (empty if unknown)."""
-        return [(fid, self._has_chip[self._row_of[fid]]) for fid in self._faces_of.get(name, ())]
+        keys = self._store.keys[self._rows_of_person(name)]
+        return list(zip(self._faces.ids_of(keys), self._faces.chips_of(keys).tolist(), strict=True))
 
     def faces(self) -> list[tuple[str, str, bool]]:
-        """``(name, face id, has a chip)`` for every enrolled face."""
-        return list(zip(self._names, self._face_ids, self._has_chip, strict=True))
+        """``(name, face id, has a chip)`` for every enrolled face, row by row (as :attr:`embeddings`)."""
+        keys = self._store.keys
+        return list(zip(self.names, self._faces.ids_of(keys), self._faces.chips_of(keys).tolist(), strict=True))
 
     def face_ids(self) -> set[str]:
         """Every enrolled face's id."""
-        return set(self._row_of)
+        return set(self._faces.ids_of(self._store.keys))
+
+    def _row_of(self, face_id: str) -> int | None:
+        """The row of an enrolled face (``None``: not enrolled, or removed)."""
+        key = self._faces.key_of(face_id)
+        if key is None:
+            return None
+        row = self._store.row_of_key(key)
+        return None if row < 0 else row
 
     def has_face(self, face_id: str) -> bool:
-        return face_id in self._row_of
+        return self._row_of(face_id) is not None
 
     def person_of(self, face_id: str) -> str | None:
         """The person ``face_id`` belongs to (``None`` if it is not enrolled)."""
-        row = self._row_of.get(face_id)
-        return None if row is None else self._names[row]
+        row = self._row_of(face_id)
+        return None if row is None else self._person_name[int(self._store.labels[row])]
 
     @property
     def removed_ids(self) -> frozenset[str]:
@@ -160,18 +192,34 @@ class Gallery:
 
     @property
     def embeddings(self) -> np.ndarray:
-        """A read-only view of all enrolled embeddings, row ``i`` belonging to ``names[i]``."""
-        view = self._store.rows.view()
+        """All enrolled embeddings in float32, row ``i`` belonging to ``names[i]`` (read-only; a copy where the
+        rows are kept in float16)."""
+        view = self._store.rows.view() if not self._store.in_half else self._store.rows.astype(np.float32)
         view.flags.writeable = False
         return view
 
     def embedding_of(self, face_id: str) -> np.ndarray:
         """One enrolled face's (normalised) embedding, a copy."""
-        return np.array(self._store.rows[self._row_of[face_id]])
+        row = self._row_of(face_id)
+        if row is None:
+            raise KeyError(face_id)
+        embedding: np.ndarray = self._store.exact_rows(np.array([row]))[0]
+        return embedding
 
     @property
     def names(self) -> list[str]:
-        return list(self._names)
+        return [self._person_name[label] for label in self._store.labels.tolist()]
+
+    @property
+    def rows_in_half(self) -> bool:
+        """Whether the rows are kept in float16 (see ``half_rows_from``)."""
+        return self._store.in_half
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this gallery holds in arrays (rows with their spare capacity, per-face tables, the index)."""
+        index = self._index.nbytes if self._index is not None else 0
+        return self._store.nbytes + self._faces.nbytes + int(self._in_index.nbytes) + index
 
     # --- mutation -------------------------------------------------------------------------------------------
     def add(
@@ -200,7 +248,7 @@ class Gallery:
         """:meth:`add` for faces of several people at once (``names[i]`` owns row ``i``): one change, one copy of
         the embeddings however many people (a re-embedding adds thousands)."""
         names, vectors, chips, ids = self.checked_faces(names, embeddings, model_id, has_chip, face_ids)
-        self._append(names, vectors, chips, ids)
+        self._append(self._labels_of(names), vectors, np.array(chips, dtype=bool), ids)
         self.revision += 1
         return ids
 
@@ -238,22 +286,33 @@ class Gallery:
         else:
             ids = [str(f) for f in face_ids]
             staged = also_taken or (lambda _: False)
-            taken = any(f in self._row_of or f in self._removed or staged(f) for f in ids)
+            taken = any(self.has_face(f) or f in self._removed or staged(f) for f in ids)
             if len(ids) != len(vectors) or taken or len(set(ids)) != len(ids):
                 raise GalleryError(f"face ids must be {len(vectors)} new, distinct ids")
         return names, vectors, chips, ids
 
-    def _append(self, names: list[str], vectors: np.ndarray, chips: list[bool], ids: list[str]) -> None:
-        labels = np.empty(len(names), dtype=np.int64)
-        for i, (name, face_id) in enumerate(zip(names, ids, strict=True)):
-            number = self._person_number.get(name)
-            if number is None:
-                number = self._person_number[name] = len(self._person_name)
-                self._person_name.append(name)
-            labels[i] = number
-            self._row_of[face_id] = len(self._names) + i
-            self._faces_of.setdefault(name, {})[face_id] = None
+    def _number_of(self, name: str) -> int:
+        number = self._person_number.get(name)
+        if number is None:
+            number = self._person_number[name] = len(self._person_name)
+            self._person_name.append(name)
+            self._face_count.append(0)
+        return number
+
+    def _labels_of(self, names: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self._number_of(name) for name in names), dtype=np.int32, count=len(names))
+
+    def _append(
+        self, labels: np.ndarray, vectors: np.ndarray, chips: np.ndarray, ids: Sequence[str] | np.ndarray
+    ) -> None:
+        """Append rows owned by person numbers ``labels``."""
+        counts = np.bincount(labels, minlength=len(self._face_count))
+        for number in np.flatnonzero(counts).tolist():
+            if not self._face_count[number]:
+                self._people += 1
+            self._face_count[number] += int(counts[number])
         keys = self._store.append(vectors, labels)
+        self._faces.append(int(keys[0]), ids, chips)
         if self._index is not None:
             if self._store.next_key > len(self._in_index):
                 grown = np.zeros(max(self._store.next_key, 2 * len(self._in_index)), dtype=bool)
@@ -261,60 +320,48 @@ class Gallery:
                 self._in_index = grown
             self._index.add(vectors, keys)
             self._in_index[keys] = True
-        self._names.extend(names)
-        self._face_ids.extend(ids)
-        self._has_chip.extend(chips)
 
     def remove_person(self, name: str) -> int:
         """Forget ``name`` entirely; returns how many faces were removed (0 if unknown)."""
-        doomed = self.faces_of(name)
-        for face_id in doomed:
-            self._remove_row(face_id)
-        if doomed:
+        rows = self._rows_of_person(name)
+        if len(rows):
+            self._remove_rows(rows)
             self.revision += 1
-        return len(doomed)
+        return len(rows)
 
     def remove_face(self, name: str, face_id: str) -> bool:
         """Forget one face of ``name``; ``True`` if it existed."""
-        if face_id not in self._faces_of.get(name, ()):
+        if self.person_of(face_id) != name:
             return False
-        self._remove_row(face_id)
+        self._remove_rows(np.array([self._row_of(face_id)]))
         self.revision += 1
         return True
 
     def forget(self, face_ids: set[str] | frozenset[str]) -> int:
         """Remove these faces wherever they are, and remember every one of these ids as removed (also ids this
         gallery never had: another model's snapshot removed them); returns how many faces were removed."""
-        present = [face_id for face_id in face_ids if face_id in self._row_of]
-        for face_id in present:
-            self._remove_row(face_id)
-        if present or not self._removed.issuperset(face_ids):
+        rows = [row for row in (self._row_of(face_id) for face_id in face_ids) if row is not None]
+        if rows:
+            self._remove_rows(np.array(rows))
+        if rows or not self._removed.issuperset(face_ids):
             self._removed.update(face_ids)
             self.revision += 1
-        return len(present)
+        return len(rows)
 
-    def _remove_row(self, face_id: str) -> None:
-        row = self._row_of.pop(face_id)
-        name = self._names[row]
-        faces = self._faces_of[name]
-        del faces[face_id]
-        if not faces:
-            del self._faces_of[name]
-        self._removed.add(face_id)
-        key = self._store.keys[row]
-        if self._index is not None and self._in_index[key]:
-            self._index.remove(np.array([key]))
-            self._in_index[key] = False
-        moved = self._store.remove(row)
-        last = len(self._names) - 1
-        if moved is not None:
-            self._names[row], self._face_ids[row], self._has_chip[row] = (
-                self._names[last],
-                self._face_ids[last],
-                self._has_chip[last],
-            )
-            self._row_of[self._face_ids[row]] = row
-        del self._names[last], self._face_ids[last], self._has_chip[last]
+    def _remove_rows(self, rows: np.ndarray) -> None:
+        """Remove these rows (distinct), remembering their ids as removed; the index drops them in one pass."""
+        keys = self._store.keys[rows].copy()
+        self._removed.update(self._faces.ids_of(keys))
+        for number in self._store.labels[rows].tolist():
+            self._face_count[number] -= 1
+            if not self._face_count[number]:
+                self._people -= 1
+        if self._index is not None:
+            indexed = keys[self._in_index[keys]]
+            self._index.remove(indexed)
+            self._in_index[indexed] = False
+        for key in keys.tolist():  # by key: a removal moves another row into the removed one's place
+            self._store.remove(self._store.row_of_key(key))
 
     # --- matching -------------------------------------------------------------------------------------------
     def match(
@@ -336,18 +383,19 @@ class Gallery:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if len(queries) == 0:
             return []
-        if not self._names:
+        if not len(self):
             return [Match(None, -1.0, 0.0, ()) for _ in range(len(queries))]
-        k = min(max(top_k, 2), len(self._faces_of))
-        rows, labels = self._store.rows, self._store.labels
-        first_depth = min(len(rows), max(FIRST_DEPTH, 8 * k))
+        k = min(max(top_k, 2), self._people)
+        store, labels = self._store, self._store.labels
+        total = len(self)
+        first_depth = min(total, max(FIRST_DEPTH, 8 * k))
         index = None if exact else self.index
         coarse: torch.Tensor | None = None
         if index is not None:
             found = index.search(queries, first_depth)
         else:
             with torch.inference_mode():
-                coarse = self._store.coarse(queries)
+                coarse = store.coarse(queries)
         matches = []
         for row in range(len(queries)):
             depth = first_depth
@@ -357,26 +405,26 @@ class Gallery:
                 else:
                     assert index is not None
                     keys = found[row] if depth == first_depth else index.search(queries[row : row + 1], depth)[0]
-                    faces = self._store.rows_of_keys(keys[keys >= 0])
-                scores = rows[faces] @ queries[row]  # exact float32 scores of the candidates only
+                    faces = store.rows_of_keys(keys[keys >= 0])
+                scores = store.exact_rows(faces) @ queries[row]  # float32 scores of the candidates only
                 order = np.argsort(-scores, kind="stable")
                 best_of: dict[int, tuple[float, int]] = {}
                 for face, score in zip(faces[order].tolist(), scores[order].tolist(), strict=True):
                     best_of.setdefault(int(labels[face]), (score, face))  # first seen is the person's best
                     if len(best_of) == k:
                         break
-                if len(best_of) == k or depth == len(rows):
+                if len(best_of) == k or depth == total:
                     break
                 if coarse is None and len(faces) < depth:
                     # The probed cells hold too few people for this query: exact search answers it.
                     with torch.inference_mode():
-                        coarse = self._store.coarse(queries)
-                depth = min(len(rows), depth * 4)
+                        coarse = store.coarse(queries)
+                depth = min(total, depth * 4)
             ranked = list(best_of.items())
             best = ranked[0][1][0]
             second = ranked[1][1][0] if len(ranked) > 1 else -1.0
             candidates = tuple(
-                Candidate(self._person_name[p], float(score), self._face_ids[face])
+                Candidate(self._person_name[p], float(score), self._faces.id_of(int(store.keys[face])))
                 for p, (score, face) in ranked[:top_k]
             )
             name = self._person_name[ranked[0][0]] if best >= threshold and best - second >= min_margin else None
@@ -418,10 +466,9 @@ class Gallery:
 
     def sample_rows(self, count: int) -> np.ndarray:
         """A copy of ``count`` rows drawn at random (all rows when there are fewer)."""
-        rows = self._store.rows
-        if count >= len(rows):
-            return np.array(rows)
-        return rows[np.sort(np.random.default_rng(0).choice(len(rows), count, replace=False))]
+        if count >= len(self):
+            return self._store.exact_rows(np.arange(len(self)))
+        return self._store.exact_rows(np.sort(np.random.default_rng(0).choice(len(self), count, replace=False)))
 
     def attach_index(self, index: FaceIndex) -> None:
         """Mirror every change into ``index`` from now on; :meth:`fill_index` adds the rows there already."""
@@ -459,6 +506,13 @@ class Gallery:
     # --- persistence ----------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """The gallery in the documented ``.npz`` format."""
+        buffer = io.BytesIO()
+        self.write_to(buffer)
+        return buffer.getvalue()
+
+    def write_to(self, target: IO[bytes] | Path) -> None:
+        """Write the gallery in the documented ``.npz`` format to a file or stream, ``READ_CHUNK`` faces at a time:
+        a writer compacting ten million faces holds its gallery and one chunk, not a second copy of it."""
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -466,56 +520,118 @@ class Gallery:
             "dim": self.dim,
             "revision": self.revision,
         }
-        # Person by person, each person's faces in the order they were enrolled (rows in memory are not: a removal
-        # fills its row with the last one), so a gallery read back lists everyone's faces as this one does.
-        order = np.fromiter(
-            (self._row_of[face_id] for faces in self._faces_of.values() for face_id in faces),
-            dtype=np.intp,
-            count=len(self._names),
-        )
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            meta=np.array(json.dumps(meta)),
-            embeddings=self._store.rows[order],
-            names=np.array([self._names[row] for row in order], dtype=np.str_),
-            face_ids=np.array([self._face_ids[row] for row in order], dtype=np.str_),
-            has_chip=np.array([self._has_chip[row] for row in order], dtype=bool),
-            removed_ids=np.array(sorted(self._removed), dtype=np.str_),
-        )
-        return buffer.getvalue()
+        # In the order faces were enrolled (rows in memory are not: a removal fills its row with the last one), so
+        # a gallery read back lists everyone's faces as this one does.
+        keys = np.sort(self._store.keys)
+        person_names = np.array(self._person_name or [""], dtype=np.str_)
+        id_width = max([CODED_ID_WIDTH, *(len(f) for f in self._faces.uncoded_ids())])
+
+        def chunks(column: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
+            for start in range(0, len(keys), READ_CHUNK):
+                chunk = keys[start : start + READ_CHUNK]
+                yield column(chunk, self._store.rows_of_keys(chunk))
+
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            _write_member(archive, "meta", np.array(json.dumps(meta)))
+            shape = (len(keys), self.dim)
+            _write_column(archive, "embeddings", np.dtype("<f4"), shape, chunks(lambda _, r: self._store.exact_rows(r)))
+            _write_column(
+                archive,
+                "names",
+                person_names.dtype,
+                (len(keys),),
+                chunks(lambda _, r: person_names[self._store.labels[r]]),
+            )
+            _write_column(
+                archive,
+                "face_ids",
+                np.dtype(f"<U{id_width}"),
+                (len(keys),),
+                chunks(lambda k, _: np.array(self._faces.ids_of(k), dtype=f"<U{id_width}")),
+            )
+            chips = chunks(lambda k, _: self._faces.chips_of(k))
+            _write_column(archive, "has_chip", np.dtype(bool), (len(keys),), chips)
+            _write_member(archive, "removed_ids", np.array(sorted(self._removed), dtype=np.str_))
 
     @classmethod
-    def from_bytes(cls, data: bytes, expected_model_id: str | None = None) -> Gallery:
+    def from_bytes(
+        cls, data: bytes, expected_model_id: str | None = None, half_rows_from: int | None = None
+    ) -> Gallery:
         """Read a gallery written by :meth:`to_bytes`; refuse one made by another model than expected."""
+        return cls.read_from(io.BytesIO(data), expected_model_id, half_rows_from)
+
+    @classmethod
+    def read_from(
+        cls, source: IO[bytes] | Path, expected_model_id: str | None = None, half_rows_from: int | None = None
+    ) -> Gallery:
+        """Read a gallery from a ``.npz`` file or seekable stream, ``READ_CHUNK`` faces at a time: joining a gallery
+        of ten million faces holds the gallery and one chunk, never the whole file's arrays beside it."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-                meta = json.loads(str(archive["meta"]))
-                embeddings = np.asarray(archive["embeddings"], dtype=np.float32)
-                names = [str(n) for n in archive["names"]]
-                face_ids = [str(f) for f in archive["face_ids"]]
-                has_chip = [bool(c) for c in archive["has_chip"]] if "has_chip" in archive.files else None
-                removed = {str(f) for f in archive["removed_ids"]} if "removed_ids" in archive.files else set()
-        except (OSError, ValueError, KeyError) as exc:
+            with zipfile.ZipFile(source) as archive:
+                members = {name.removesuffix(".npy") for name in archive.namelist()}
+                if not {"meta", "embeddings", "names", "face_ids"} <= members:
+                    raise GalleryError(f"not a facerec gallery file: members {sorted(members)}")
+                meta = json.loads(str(_read_member(archive, "meta")))
+                if not isinstance(meta, dict):
+                    raise GalleryError("not a facerec gallery file: no facerec meta")
+                if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+                    raise GalleryError(f"unsupported gallery format {meta.get('format')!r} v{meta.get('version')}")
+                if expected_model_id is not None and meta["model_id"] != expected_model_id:
+                    raise ModelMismatchError(
+                        f"the gallery was made by {meta['model_id']!r}, this service embeds with {expected_model_id!r}"
+                    )
+                gallery = cls(str(meta["model_id"]), int(meta["dim"]), half_rows_from)
+                gallery._read_faces(archive, "has_chip" in members)
+                removed = _read_member(archive, "removed_ids") if "removed_ids" in members else np.array([], dtype=str)
+                gallery._removed = set(removed.tolist())
+                gallery.revision = int(meta.get("revision", 0))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, GalleryError):
+                raise
             raise GalleryError(f"not a facerec gallery file: {exc}") from exc
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise GalleryError(f"unsupported gallery format {meta.get('format')!r} v{meta.get('version')}")
-        if expected_model_id is not None and meta["model_id"] != expected_model_id:
-            raise ModelMismatchError(
-                f"the gallery was made by {meta['model_id']!r}, this service embeds with {expected_model_id!r}"
-            )
-        gallery = cls(str(meta["model_id"]), int(meta["dim"]))
-        if embeddings.shape != (len(names), gallery.dim) or len(face_ids) != len(names):
-            raise GalleryError("gallery file is inconsistent: embeddings, names and face ids differ in length")
-        if has_chip is not None and len(has_chip) != len(names):
-            raise GalleryError("gallery file is inconsistent: chip flags and names differ in length")
-        if len(set(face_ids)) != len(face_ids):
-            raise GalleryError("gallery file is inconsistent: a face id appears twice")
-        gallery._store = RowStore(gallery.dim, capacity=max(INITIAL_CAPACITY, len(names)))
-        gallery._append(names, embeddings, has_chip if has_chip is not None else [False] * len(names), face_ids)
-        gallery._removed = removed
-        gallery.revision = int(meta.get("revision", 0))
         return gallery
+
+    def _read_faces(self, archive: zipfile.ZipFile, chips_stored: bool) -> None:
+        """Read the faces of a snapshot into this (empty) gallery, a chunk at a time."""
+        with (
+            archive.open("embeddings.npy") as embeddings,
+            archive.open("names.npy") as names,
+            archive.open("face_ids.npy") as ids,
+            archive.open("has_chip.npy") if chips_stored else contextlib.nullcontext() as chips,
+        ):
+            shape, embeddings_dtype = _npy_header(embeddings)
+            count = shape[0]
+            columns = [(names, "names"), (ids, "face ids")] + ([(chips, "chip flags")] if chips is not None else [])
+            column_dtypes = []
+            for stream, what in columns:
+                column_shape, column_dtype = _npy_header(stream)
+                if column_shape != (count,):
+                    raise GalleryError(f"gallery file is inconsistent: {what} and embeddings differ in length")
+                column_dtypes.append(column_dtype)
+            if len(shape) != 2 or shape[1] != self.dim:
+                raise GalleryError(f"gallery file is inconsistent: embeddings of shape {shape} for dim {self.dim}")
+            self._store = RowStore(self.dim, capacity=max(INITIAL_CAPACITY, count), half_rows_from=self.half_rows_from)
+            for start in range(0, count, READ_CHUNK):
+                size = min(READ_CHUNK, count - start)
+                vectors = np.asarray(_read_rows(embeddings, embeddings_dtype, size, self.dim), np.float32)
+                chunk_names = _read_rows(names, column_dtypes[0], size)
+                chunk_ids = _read_rows(ids, column_dtypes[1], size)
+                chunk_chips = _read_rows(chips, column_dtypes[2], size) if chips is not None else np.zeros(size, bool)
+                self._append(self._labels_of_column(chunk_names), vectors, chunk_chips, chunk_ids)
+        if self._faces.duplicated():
+            raise GalleryError("gallery file is inconsistent: a face id appears twice")
+
+    def _labels_of_column(self, names: np.ndarray) -> np.ndarray:
+        """Person numbers of a column of names, looked up once per run of equal names (a snapshot holds each
+        person's faces together when they were enrolled together)."""
+        labels = np.empty(len(names), dtype=np.int32)
+        if not len(names):
+            return labels
+        starts = np.flatnonzero(np.concatenate([[True], names[1:] != names[:-1]]))
+        ends = np.append(starts[1:], len(names))
+        for start, end, name in zip(starts.tolist(), ends.tolist(), names[starts].tolist(), strict=True):
+            labels[start:end] = self._number_of(str(name))
+        return labels
 
     def save(self, directory: Path) -> Path:
         """Write ``directory/gallery.npz`` atomically: readers see the old file or the new one, never half."""
@@ -529,7 +645,7 @@ class Gallery:
         path = directory / GALLERY_FILENAME
         if not path.is_file():
             raise GalleryError(f"no gallery at {path}")
-        return cls.from_bytes(path.read_bytes(), expected_model_id)
+        return cls.read_from(path, expected_model_id)
 
     @classmethod
     def import_legacy(cls, path: Path, model_id: str) -> Gallery:
@@ -555,19 +671,28 @@ class Gallery:
         return gallery
 
 
-def snapshot_meta(source: bytes | Path) -> dict[str, object]:
-    """A snapshot's ``meta`` (model id, dim, revision) without reading its embeddings."""
+def snapshot_meta(source: bytes | Path | IO[bytes]) -> dict[str, object]:
+    """A snapshot's ``meta`` (model id, dim, revision) without reading its embeddings (a stream is left where it
+    was)."""
     try:
-        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"]))
-    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(source, bytes | Path):
+            with np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False) as archive:
+                meta = json.loads(str(archive["meta"]))
+        else:
+            at = source.tell()
+            try:
+                with zipfile.ZipFile(source) as archive:
+                    meta = json.loads(str(_read_member(archive, "meta")))
+            finally:
+                source.seek(at)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise GalleryError(f"not a facerec gallery file: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise GalleryError("not a facerec gallery file: no facerec meta")
     return meta
 
 
-def write_atomically(target: Path, data: bytes, *, only_if_new: bool = False) -> bool:
+def write_atomically(target: Path, data: bytes | IO[bytes], *, only_if_new: bool = False) -> bool:
     """Write to a temporary file beside ``target``, fsync it, then rename it over ``target``; with ``only_if_new``,
     hard-link it to ``target`` instead, which the file system refuses if ``target`` exists (``False``: nothing
     written). Readers see the old file or the new one, never half."""
@@ -575,7 +700,10 @@ def write_atomically(target: Path, data: bytes, *, only_if_new: bool = False) ->
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                shutil.copyfileobj(data, handle, COPY_BUFFER)
             handle.flush()
             os.fsync(handle.fileno())
         if not only_if_new:
@@ -591,6 +719,56 @@ def write_atomically(target: Path, data: bytes, *, only_if_new: bool = False) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _member_info(name: str) -> zipfile.ZipInfo:
+    # A fixed time stamp: the same gallery is the same bytes whenever it is written.
+    return zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+
+
+def _write_member(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    with archive.open(_member_info(name), "w", force_zip64=True) as stream:
+        np.lib.format.write_array(stream, array, allow_pickle=False)
+
+
+def _write_column(
+    archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterator[np.ndarray]
+) -> None:
+    """An array member written a chunk at a time (``chunks`` in order, together ``shape``)."""
+    with archive.open(_member_info(name), "w", force_zip64=True) as stream:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_2_0(stream, header)
+        for chunk in chunks:
+            stream.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def _read_member(archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One whole (small) array of a snapshot."""
+    with archive.open(f"{name}.npy") as stream:
+        array: np.ndarray = np.lib.format.read_array(stream, allow_pickle=False)
+    return array
+
+
+def _npy_header(stream: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of the ``.npy`` array ``stream`` is at; leaves it at the array's first byte."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    if fortran_order or dtype.hasobject:
+        raise GalleryError("not a facerec gallery file: an array is in Fortran order or holds objects")
+    return tuple(shape), dtype
+
+
+def _read_rows(stream: IO[bytes], dtype: np.dtype, count: int, width: int | None = None) -> np.ndarray:
+    """The next ``count`` rows (of ``width`` items, or single items) of an array ``stream`` is in."""
+    size = count * (width or 1) * dtype.itemsize
+    data = stream.read(size)
+    if len(data) != size:
+        raise GalleryError("gallery file is truncated")
+    rows = np.frombuffer(data, dtype=dtype)
+    return rows.reshape(count, width) if width else rows
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:

@@ -9,6 +9,12 @@ The candidate product (queries x rows) runs in float16 where that is faster on t
 about twice as fast at a million faces on an AVX-512 BF16 EPYC) and in float32 where it is not (one query on an AMX
 Xeon, any query with kernels capped at AVX2): a large gallery times both once per process and size class
 (:func:`coarse_in_half`), and keeps a float16 mirror of its rows, updated with every change, only where float16 wins.
+
+A store made with ``half_rows_from`` keeps its rows themselves in float16 once it holds that many (a Recognizer
+replica's gallery: 256 bytes a face instead of 512, which is what lets ten million faces fit a worker's 8 GB).
+Candidates are then re-scored in float32 from the float16 rows: within about 1e-3 of the float32 scores (a
+coordinate of a unit vector rounds to 11 significant bits). The GalleryWriter's store stays float32, so the
+snapshots it writes are exact.
 """
 
 from __future__ import annotations
@@ -22,8 +28,16 @@ import torch
 TIMED_FROM_ROWS = 50_000
 #: The query counts timed for the choice: one face, and a batch of them.
 TIMED_QUERIES = (1, 16)
+#: A Recognizer replica's gallery keeps its rows in float16 from this many faces (where it first considers an
+#: index, see :class:`~serve_app.model.gallery_index.IndexPolicy`): below it the memory saved is small.
+REPLICA_HALF_ROWS_FROM = 200_000
 #: Capacity of an empty row store.
 INITIAL_CAPACITY = 64
+#: Capacity doubles when full up to this many rows, then grows by a quarter (a doubling of ten million rows
+#: would hold memory for twenty).
+DOUBLING_UNTIL = 1 << 20
+#: Rows turned into float32 at a time for a product over float16 rows where float16 kernels are the slower ones.
+UPCAST_CHUNK = 65_536
 
 #: Per process: (rows rounded up to a power of two, dim) -> whether float16 wins for one query and for a batch.
 _HALF_WINS: dict[tuple[int, int], tuple[bool, bool]] = {}
@@ -67,10 +81,13 @@ class RowStore:
     never reused): an index over the rows (:mod:`serve_app.model.gallery_index`) names rows by key.
     """
 
-    def __init__(self, dim: int, capacity: int = INITIAL_CAPACITY) -> None:
+    def __init__(self, dim: int, capacity: int = INITIAL_CAPACITY, half_rows_from: int | None = None) -> None:
         self.dim = dim
-        self._rows = np.empty((max(1, capacity), dim), dtype=np.float32)
-        self._labels = np.empty(max(1, capacity), dtype=np.int64)
+        #: Rows are kept in float16 from this many on (``None``: always float32).
+        self.half_rows_from = half_rows_from
+        rows_dtype = np.float16 if half_rows_from is not None and capacity >= half_rows_from else np.float32
+        self._rows = np.empty((max(1, capacity), dim), dtype=rows_dtype)
+        self._labels = np.empty(max(1, capacity), dtype=np.int32)
         self._keys = np.empty(max(1, capacity), dtype=np.int64)
         #: ``_row_of_key[key]`` is the key's row, ``-1`` once removed (grown like the rows).
         self._row_of_key = np.empty(max(1, capacity), dtype=np.int64)
@@ -97,6 +114,16 @@ class RowStore:
         """``keys[i]`` is row ``i``'s key."""
         return self._keys[: self.n]
 
+    def row_of_key(self, key: int) -> int:
+        """The row of one key (``-1``: removed)."""
+        return int(self._row_of_key[key])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, spare capacity included."""
+        arrays = (self._rows, self._labels, self._keys, self._row_of_key, self._half)
+        return sum(int(array.nbytes) for array in arrays if array is not None)
+
     def rows_of_keys(self, keys: np.ndarray) -> np.ndarray:
         """The rows of these keys (``-1`` for a key removed since)."""
         rows: np.ndarray = self._row_of_key[keys]
@@ -106,15 +133,21 @@ class RowStore:
         """Append rows; returns their keys."""
         needed = self.n + len(vectors)
         if needed > len(self._rows):
-            capacity = max(needed, 2 * len(self._rows))
-            self._rows = _grown(self._rows, capacity, self.n)
+            capacity = max(needed, _next_capacity(len(self._rows)))
+            rows_dtype = (
+                np.float16 if self.half_rows_from is not None and needed >= self.half_rows_from else self._rows.dtype
+            )
+            if rows_dtype != self._rows.dtype:
+                # The rows are the float16 copy now: no mirror, and the product's kernel is timed again.
+                self._half, self._half_for, self._without_half, self._timed_class = None, None, True, 0
+            self._rows = _grown(self._rows, capacity, self.n, rows_dtype)
             self._labels = _grown(self._labels, capacity, self.n)
             self._keys = _grown(self._keys, capacity, self.n)
             if self._half is not None:
                 self._half = _grown(self._half, capacity, self.n)
         keys = np.arange(self.next_key, self.next_key + len(vectors), dtype=np.int64)
         if self.next_key + len(keys) > len(self._row_of_key):
-            capacity = max(self.next_key + len(keys), 2 * len(self._row_of_key))
+            capacity = max(self.next_key + len(keys), _next_capacity(len(self._row_of_key)))
             self._row_of_key = _grown(self._row_of_key, capacity, self.next_key)
         self._rows[self.n : needed] = vectors
         self._labels[self.n : needed] = labels
@@ -143,14 +176,47 @@ class RowStore:
         self.n = last
         return moved
 
+    @property
+    def in_half(self) -> bool:
+        """Whether the rows themselves are float16 (see ``half_rows_from``)."""
+        return bool(self._rows.dtype == np.float16)
+
+    def exact_rows(self, rows: np.ndarray) -> np.ndarray:
+        """These rows in float32 (a copy), for exact scores."""
+        exact: np.ndarray = self._rows[rows].astype(np.float32)
+        return exact
+
     def coarse(self, queries: np.ndarray) -> torch.Tensor:
         """``queries x rows`` in float32 or float16, whichever this CPU runs faster for this many queries."""
+        if self.in_half:
+            return self._coarse_from_half(queries)
         rows32 = torch.from_numpy(self.rows)
         half = self._half_rows()
         matrix = rows32
         if half is not None and self._half_for is not None and self._half_for[0 if len(queries) == 1 else 1]:
             matrix = torch.from_numpy(half[: self.n])
         return torch.nn.functional.linear(torch.from_numpy(queries).to(matrix.dtype), matrix)
+
+    def _coarse_from_half(self, queries: np.ndarray) -> torch.Tensor:
+        """The product over float16 rows: in float16 where that wins on this CPU, else in float32 a chunk of rows
+        at a time (never a float32 copy of every row)."""
+        half = torch.from_numpy(self.rows)
+        size_class = 1 << max(0, self.n - 1).bit_length()
+        if size_class != self._timed_class:
+            self._timed_class = size_class
+            sample = half[: min(self.n, 4 * UPCAST_CHUNK)]
+            self._half_for = coarse_in_half(sample.float(), sample)
+        assert self._half_for is not None
+        probe = torch.from_numpy(queries)
+        if self._half_for[0 if len(queries) == 1 else 1]:
+            return torch.nn.functional.linear(probe.half(), half)
+        return torch.cat(
+            [
+                torch.nn.functional.linear(probe, half[start : start + UPCAST_CHUNK].float())
+                for start in range(0, self.n, UPCAST_CHUNK)
+            ],
+            dim=1,
+        )
 
     def _half_rows(self) -> np.ndarray | None:
         """The float16 mirror where it wins on this CPU: timed when the store first reaches a size class of at
@@ -169,15 +235,21 @@ class RowStore:
     @property
     def half_for(self) -> tuple[bool, bool]:
         """Whether the float16 mirror serves one query, and a batch (``(False, False)``: float32 only)."""
+        if self.in_half:
+            return self._half_for if self._half_for is not None else (True, True)
         return self._half_for if self._half is not None and self._half_for is not None else (False, False)
 
     def drop_half(self) -> None:
         """Free the float16 mirror for good (the product runs in float32 from now on)."""
         self._without_half = True
-        self._half, self._half_for = None, None
+        if not self.in_half:  # float16 rows keep their kernel choice
+            self._half, self._half_for = None, None
 
     def force_half(self, half_for: tuple[bool, bool]) -> None:
         """Use the float16 mirror as ``half_for`` says, whatever the timing would (tests of both kernels)."""
+        if self.in_half:  # no mirror: the product over the float16 rows runs in float16 or in float32 chunks
+            self._timed_class, self._half_for = 1 << max(0, self.n - 1).bit_length(), half_for
+            return
         self._timed_class = 1 << max(0, self.n - 1).bit_length() if self.n >= TIMED_FROM_ROWS else 0
         self._half_for = half_for
         if any(half_for):
@@ -187,7 +259,11 @@ class RowStore:
             self._half = None
 
 
-def _grown(array: np.ndarray, capacity: int, used: int) -> np.ndarray:
-    grown = np.empty((capacity, *array.shape[1:]), dtype=array.dtype)
+def _next_capacity(capacity: int) -> int:
+    return 2 * capacity if capacity < DOUBLING_UNTIL else capacity + capacity // 4
+
+
+def _grown(array: np.ndarray, capacity: int, used: int, dtype: np.dtype | type | None = None) -> np.ndarray:
+    grown = np.empty((capacity, *array.shape[1:]), dtype=array.dtype if dtype is None else dtype)
     grown[:used] = array[:used]
     return grown
