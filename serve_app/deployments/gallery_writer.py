@@ -38,6 +38,7 @@ import torch
 
 from serve_app.deployments.revision_watch import RevisionWatchers
 from serve_app.deployments.supervision import BackgroundTasks, Supervised
+from serve_app.gallery_erasure import changes_adding, erase_elsewhere
 from serve_app.gallery_journal import behind_the_base, load_gallery, read_changes
 from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_gallery_store
 from serve_app.metrics import metrics
@@ -64,6 +65,8 @@ COMMIT_ATTEMPTS = 8
 COMPACT_AFTER_CHANGES = 1000
 #: Changes kept after a compaction, for replicas part-way through reading them (older ones read the new base).
 RETAINED_CHANGES = 256
+#: Seconds before an erasure that failed (the store unreachable) is tried again.
+ERASURE_RETRY_S = 10.0
 
 
 @dataclass
@@ -145,6 +148,12 @@ class GalleryWriterDeployment(Supervised):
         self._other_galleries: dict[str, Gallery] = {}  # other model -> its gallery as last followed
         self._reembedding: ReembedProgress | None = None
         self._reembed_starting = asyncio.Lock()
+        # Erasure (serve_app/gallery_erasure.py): ids removed and not yet erased from every stored object, the task
+        # erasing them, and ids erased while a re-embedding ran (it may have embedded them before: erased again
+        # once it ends).
+        self._to_erase: set[str] = set()
+        self._erasing: asyncio.Task[None] | None = None
+        self._erased_while_reembedding: set[str] = set()
         self._sync_period_s = sync_period_s
         # Recognizer replicas learn each new revision from here before a change is answered (read-your-writes
         # without a call per batch: see serve_app/deployments/revision_watch.py).
@@ -240,7 +249,10 @@ class GalleryWriterDeployment(Supervised):
                     log.warning("replicas %s did not acknowledge revision %d in time", late, change.revision)
                 for request, outcome in accepted:
                     _settle(request.answer, (outcome, change.revision))
-                self._compact_when_due()
+                if change.removed_ids:
+                    self._erase_later(change.removed_ids)
+                else:
+                    self._compact_when_due()
                 return
         raise WriterLostRaceError(f"another writer stored each of the last {COMMIT_ATTEMPTS} revisions first")
 
@@ -267,9 +279,11 @@ class GalleryWriterDeployment(Supervised):
         if self._stored_since_base >= COMPACT_AFTER_CHANGES and (self._compacting is None or self._compacting.done()):
             self._compacting = asyncio.get_running_loop().create_task(self.compact())
 
-    async def compact(self) -> int:
+    async def compact(self, strict: bool = False) -> int:
         """Write the gallery as the new base snapshot and clean up the changes it holds (all but the last
-        ``RETAINED_CHANGES``); returns the base's revision. Commits wait only while the gallery is serialised."""
+        ``RETAINED_CHANGES``); returns the base's revision. Commits wait only while the gallery is serialised. A
+        failure is logged (the changes stay), or with ``strict`` raised (:class:`GalleryStoreError`: an erasure
+        must know it happened)."""
         with tempfile.TemporaryFile(prefix="facerec-base-") as spool:  # local disk: never a second copy in memory
             async with self._lock:
                 revision = self._gallery.revision
@@ -278,10 +292,12 @@ class GalleryWriterDeployment(Supervised):
             try:
                 size = spool.tell()
                 spool.seek(0)
-                if await asyncio.to_thread(behind_the_base, self._store, revision - 1):
-                    return revision  # a base as new is there already (another writer's, or this one's)
-                await asyncio.to_thread(self._store.write, spool)
+                # A base as new is there already (another writer's, or this one's): its changes still go.
+                if not await asyncio.to_thread(behind_the_base, self._store, revision - 1):
+                    await asyncio.to_thread(self._store.write, spool)
             except GalleryStoreError as exc:
+                if strict:
+                    raise
                 log.warning("compaction failed (the changes stay; tried again after the next ones): %s", exc)
                 return revision
         try:
@@ -292,8 +308,54 @@ class GalleryWriterDeployment(Supervised):
             self._base_revision = revision
             log.info("compacted: base at revision %d (%d bytes), %d changes cleaned up", revision, size, len(doomed))
         except GalleryStoreError as exc:
+            if strict:
+                raise
             log.warning("compaction failed (the changes stay; tried again after the next ones): %s", exc)
         return revision
+
+    # --- erasure ----------------------------------------------------------------------------------------------
+    def _erase_later(self, face_ids: tuple[str, ...] | set[str]) -> None:
+        """Erase these removed faces from every object of the store that holds them, in the background."""
+        self._to_erase.update(face_ids)
+        if self._erasing is None or self._erasing.done():
+            self._erasing = asyncio.get_running_loop().create_task(self._erase_pending())
+
+    async def _erase_pending(self) -> None:
+        while self._to_erase:
+            face_ids = frozenset(self._to_erase)
+            self._to_erase.clear()
+            try:
+                await self._erase(face_ids)
+            except Exception as exc:  # the store, or another model's data: the ids wait for the next attempt
+                self._to_erase.update(face_ids)
+                log.warning("erasing %d removed faces failed (tried again soon): %s", len(face_ids), exc)
+                await asyncio.sleep(ERASURE_RETRY_S)
+
+    async def _erase(self, face_ids: frozenset[str]) -> None:
+        """This model's base rewritten at once without them and the changes that added them deleted, then every
+        other model's snapshot, partial re-embedding and the root ``gallery.npz`` (see
+        :mod:`serve_app.gallery_erasure`)."""
+        if self._reembedding is not None and self._reembedding.state == "running":
+            self._erased_while_reembedding.update(face_ids)
+        revision = await self.compact(strict=True)
+        doomed = await asyncio.to_thread(changes_adding, self._store, face_ids)
+        await asyncio.to_thread(self._store.delete_changes, doomed)
+        report = await asyncio.to_thread(erase_elsewhere, self._store, self._model_id, face_ids)
+        log.info(
+            "erased %d removed faces: this model's base rewritten at revision %d and %d changes deleted; elsewhere "
+            "%d objects rewritten (%s) and %d changes deleted",
+            len(face_ids),
+            revision,
+            len(doomed),
+            len(report.rewritten),
+            ", ".join(report.rewritten) or "none",
+            report.changes_deleted,
+        )
+
+    async def erasure_settled(self) -> None:
+        """Return once every face removed so far is erased from the store (tests; an operator reads the log)."""
+        while self._erasing is not None and not self._erasing.done():
+            await asyncio.shield(self._erasing)
 
     async def _own_embedder(self) -> Embedder:
         """This writer's model, loaded the first time a chip must be embedded (most writers never need it)."""
@@ -474,6 +536,9 @@ class GalleryWriterDeployment(Supervised):
             try:
                 await asyncio.to_thread(run)
                 progress.state = "done"
+                if self._erased_while_reembedding:  # it may have embedded them before they were removed
+                    self._erase_later(self._erased_while_reembedding)
+                    self._erased_while_reembedding = set()
             except Exception as exc:
                 # Whatever ended it (the store, a weight file, torch), the run is over and says why; a later
                 # request may start another.
