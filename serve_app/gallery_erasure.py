@@ -64,19 +64,25 @@ def erase_from_model(store: GalleryStore, model_id: str, face_ids: frozenset[str
     raise RuntimeError(f"{model_id}: its writer stored a new revision each of {ATTEMPTS} times")
 
 
-def changes_adding(store: GalleryStore, face_ids: frozenset[str]) -> list[int]:
+def changes_adding(
+    store: GalleryStore, face_ids: frozenset[str], known: dict[int, frozenset[str]] | None = None
+) -> list[int]:
     """The revisions of the stored changes (of the model ``store`` is bound to) that add any of ``face_ids``.
 
     Only those are deleted: a replica that already applied them is unaffected, and one that still needs one (it is
     joining) finds it missing and reads the new base instead, as after a compaction. The changes that remove the
-    faces hold only their ids, and stay."""
+    faces hold only their ids, and stay. ``known`` (revision -> the face ids it adds) spares reading the changes a
+    writer stored itself; the ones read are added to it, and the ones no longer stored dropped."""
+    known = {} if known is None else known
     stored = store.change_revisions()
-    doomed = []
+    for gone in set(known) - set(stored):
+        del known[gone]
+    unread = [revision for revision in stored if revision not in known]
     with ThreadPoolExecutor(PARALLEL_READS) as readers:
-        for revision, data in zip(stored, readers.map(store.read_change, stored), strict=True):
-            if data is not None and face_ids.intersection(GalleryChange.from_bytes(data).face_ids):
-                doomed.append(revision)
-    return doomed
+        for revision, data in zip(unread, readers.map(store.read_change, unread), strict=True):
+            if data is not None:
+                known[revision] = frozenset(GalleryChange.from_bytes(data).face_ids)
+    return [revision for revision in stored if face_ids & known.get(revision, frozenset())]
 
 
 def erase_from_partial(store: GalleryStore, face_ids: frozenset[str]) -> ErasureReport:

@@ -154,6 +154,7 @@ class GalleryWriterDeployment(Supervised):
         self._to_erase: set[str] = set()
         self._erasing: asyncio.Task[None] | None = None
         self._erased_while_reembedding: set[str] = set()
+        self._added_by_revision: dict[int, frozenset[str]] = {}  # the faces each stored change adds, as known
         self._sync_period_s = sync_period_s
         # Recognizer replicas learn each new revision from here before a change is answered (read-your-writes
         # without a call per batch: see serve_app/deployments/revision_watch.py).
@@ -236,6 +237,7 @@ class GalleryWriterDeployment(Supervised):
                     log.warning("another writer stored revision %d first: staging again on top of it", change.revision)
                     continue
                 apply_change(self._gallery, change)
+                self._added_by_revision[change.revision] = frozenset(change.face_ids)
                 self._stored_since_base += 1
                 metrics().gallery_faces.set(len(self._gallery))
                 for request, outcome in accepted:
@@ -338,7 +340,10 @@ class GalleryWriterDeployment(Supervised):
         if self._reembedding is not None and self._reembedding.state == "running":
             self._erased_while_reembedding.update(face_ids)
         revision = await self.compact(strict=True)
-        doomed = await asyncio.to_thread(changes_adding, self._store, face_ids)
+        known = dict(self._added_by_revision)  # a copy: commits add to it meanwhile
+        doomed = await asyncio.to_thread(changes_adding, self._store, face_ids, known)
+        newest = max(known, default=0)
+        self._added_by_revision = known | {r: f for r, f in self._added_by_revision.items() if r > newest}
         await asyncio.to_thread(self._store.delete_changes, doomed)
         report = await asyncio.to_thread(erase_elsewhere, self._store, self._model_id, face_ids)
         log.info(
