@@ -1,6 +1,7 @@
 """Erasure that leaves nothing: after a person is forgotten, no object of the gallery store holds their face.
 
-Two GalleryWriters of two models on one store (the deployment class itself, no Serve), real photos. The forgotten
+Two GalleryWriters of two models on one store (a directory, and S3 on the local moto server; the deployment class
+itself, no Serve), real photos. The forgotten
 person's faces are first spread over everything the store keeps: the old model's base (compacted) and a change
 after it, the new model's snapshot (carried over from chips), a partial re-embedding, a ``gallery.npz`` left from
 before snapshots were kept per model, and the chips. After the removal, every byte of every object is searched for
@@ -10,8 +11,11 @@ each of their embeddings (as stored, float32), their chips and their name.
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
 from serve_app.deployments.gallery_writer import GalleryWriterDeployment
@@ -22,8 +26,27 @@ from serve_app.model.pipeline import Models
 from .test_gallery_writer_models import CASIA, KERAS, enrol, photos_of
 
 
-def objects(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+@pytest.fixture(params=["directory", "s3"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "directory":
+        yield str(tmp_path / "store")
+        return
+    request.getfixturevalue("moto_endpoint")
+    bucket = f"erasure-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}/gallery"
+
+
+def objects(store_uri: str) -> dict[str, bytes]:
+    """Every object of the store, by key."""
+    if not store_uri.startswith("s3://"):
+        root = Path(store_uri)
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    bucket = store_uri.removeprefix("s3://").split("/", 1)[0]
+    s3 = boto3.client("s3")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 def holding(stored: dict[str, bytes], secrets: dict[str, bytes]) -> dict[str, list[str]]:
@@ -33,9 +56,7 @@ def holding(stored: dict[str, bytes], secrets: dict[str, bytes]) -> dict[str, li
 
 
 @pytest.mark.timeout(600)
-def test_a_forgotten_person_is_in_no_object_of_the_store(models: Models, tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    store_uri = str(root)
+def test_a_forgotten_person_is_in_no_object_of_the_store(models: Models, store_uri: str) -> None:
 
     async def scenario() -> None:
         old = GalleryWriterDeployment(store_uri, KERAS, sync_period_s=3600)
@@ -61,14 +82,14 @@ def test_a_forgotten_person_is_in_no_object_of_the_store(models: Models, tmp_pat
             chip = store.read_chip(face_id)
             assert chip is not None
             secrets[f"chip {face_id}"] = chip
-        before = holding(objects(root), secrets)
+        before = holding(objects(store_uri), secrets)
         assert set(before) == set(secrets), f"not spread: {sorted(set(secrets) - set(before))}"
         assert any(".changes/" in key for key in before[f"{KERAS.model_id} {faces[1]}"])
 
         assert (await old.remove_person("obama"))[0] == 2
         await old.erasure_settled()
 
-        after = holding(objects(root), secrets)
+        after = holding(objects(store_uri), secrets)
         assert after == {}, f"still stored after the erasure: {after}"
         # Everyone else is still there, in every model, and a writer or replica joining reads them.
         assert old.people()[0] == {"biden": 2}
