@@ -1,10 +1,9 @@
 """Erasure that leaves nothing: after a person is forgotten, no object of the gallery store holds their face.
 
 Two GalleryWriters of two models on one store (a directory, and S3 on the local moto server; the deployment class
-itself, no Serve), real photos. The forgotten
-person's faces are first spread over everything the store keeps: the old model's base (compacted) and a change
-after it, the new model's snapshot (carried over from chips), a partial re-embedding, a ``gallery.npz`` left from
-before snapshots were kept per model, and the chips. After the removal, every byte of every object is searched for
+itself, no Serve), real photos. The forgotten person's faces are first spread over everything the store keeps:
+the old model's base (compacted) and a change after it, the new model's snapshot (carried over from chips), a
+partial re-embedding, a ``gallery.npz`` left from before snapshots were kept per model, and the chips. After the removal, every byte of every object is searched for
 each of their embeddings (as stored, float32), their chips and their name.
 """
 
