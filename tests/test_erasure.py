@@ -3,15 +3,14 @@
 Two GalleryWriters of two models on one store (a directory, and S3 on the local moto server; the deployment class
 itself, no Serve), real photos. The forgotten person's faces are first spread over everything the store keeps:
 the old model's base (compacted) and a change after it, the new model's snapshot (carried over from chips), a
-partial re-embedding, a ``gallery.npz`` left from before snapshots were kept per model, and the chips. After the removal, every byte of every object is searched for
-each of their embeddings (as stored, float32), their chips and their name.
+partial re-embedding, a ``gallery.npz`` left from before snapshots were kept per model, and the chips. After the
+removal, every byte of every object is searched for each of their embeddings (as stored, float32), their chips and
+their name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -21,19 +20,11 @@ from serve_app.deployments.gallery_writer import GalleryWriterDeployment
 from serve_app.gallery_store import open_gallery_store
 from serve_app.model.gallery import Gallery
 from serve_app.model.pipeline import Models
+from tests.store_fixtures import store_uri
 
 from .test_gallery_writer_models import CASIA, KERAS, enrol, photos_of
 
-
-@pytest.fixture(params=["directory", "s3"])
-def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "directory":
-        yield str(tmp_path / "store")
-        return
-    request.getfixturevalue("moto_endpoint")
-    bucket = f"erasure-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    yield f"s3://{bucket}/gallery"
+__all__ = ["store_uri"]  # the fixture, used by name
 
 
 def objects(store_uri: str) -> dict[str, bytes]:

@@ -7,12 +7,10 @@ are random unit vectors: these tests are about what is stored and read back, not
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 
@@ -24,9 +22,11 @@ from serve_app.model.gallery import Gallery
 from serve_app.model.gallery_change import GalleryChange, StagedChange, apply_change
 from serve_app.model.reembedding import plan_carry_over
 from serve_app.settings import RecognitionConfig
+from tests.store_fixtures import store_uri
 
 pytestmark = pytest.mark.aws
 
+__all__ = ["store_uri"]  # the fixture, used by name
 CONFIG = RecognitionConfig()
 MODEL = CONFIG.model_id
 DIM = CONFIG.resolved_checkpoint().dim
@@ -36,17 +36,6 @@ def vectors(count: int, seed: int) -> np.ndarray:
     rows = np.random.default_rng(seed).normal(size=(count, DIM)).astype(np.float32)
     normalised: np.ndarray = rows / np.linalg.norm(rows, axis=1, keepdims=True)
     return normalised
-
-
-@pytest.fixture(params=["directory", "s3"])
-def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "directory":
-        yield str(tmp_path / "store")
-        return
-    request.getfixturevalue("moto_endpoint")
-    bucket = f"journal-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    yield f"s3://{bucket}/gallery"
 
 
 def bound(uri: str) -> GalleryStore:
