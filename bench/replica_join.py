@@ -21,23 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gallery_changes import FACES_PER_DISTRACTOR, distractors, real_faces
+from gallery_changes import FACES_PER_DISTRACTOR, distractors, real_faces, rss_bytes, timed
 from machine import describe, label, results_dir
 
 from serve_app.gallery_journal import load_gallery
 from serve_app.gallery_store import LocalGalleryStore
-from serve_app.model.gallery import FORMAT_NAME, FORMAT_VERSION
+from serve_app.model.gallery import FORMAT_NAME, FORMAT_VERSION, write_column, write_member
 from serve_app.model.gallery_index import DEFAULT_INDEX_POLICY, build_index
 from serve_app.model.gallery_rows import REPLICA_HALF_ROWS_FROM
 from serve_app.settings import RecognitionConfig
@@ -50,10 +51,6 @@ DRAW_CHUNK = 1_000_000
 WORKER_BYTES = 8 * 1024**3
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_rss_bytes() -> int:
     """This process's peak RSS (``VmHWM``: unlike ``ru_maxrss``, not inherited from the parent across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -64,36 +61,30 @@ def peak_rss_bytes() -> int:
 
 def write_base(directory: Path, size: int, enrolled: dict[str, np.ndarray], real: np.ndarray) -> Path:
     """A base snapshot of ``size`` faces in the documented format, written column by column to a zip."""
-    import zipfile
-
     rng = np.random.default_rng(size)
     people = sorted(enrolled)
     synthetic = size - len(people)
     path = directory / "models" / f"{MODEL_ID}.npz"
     path.parent.mkdir(parents=True)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": MODEL_ID, "dim": real.shape[1]}
+    dim = real.shape[1]
+
+    def embeddings() -> Iterator[np.ndarray]:
+        yield np.stack([enrolled[p] for p in people]).astype(np.float32)
+        for start in range(0, synthetic, DRAW_CHUNK):
+            yield distractors(real, min(DRAW_CHUNK, synthetic - start), seed=start)
+
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
-        _member(archive, "meta", np.array(json.dumps({**meta, "revision": 1})))
-        with archive.open("embeddings.npy", "w", force_zip64=True) as stream:
-            np.lib.format.write_array_header_2_0(
-                stream, {"descr": "<f4", "fortran_order": False, "shape": (size, real.shape[1])}
-            )
-            stream.write(np.stack([enrolled[p] for p in people]).astype(np.float32).tobytes())
-            for start in range(0, synthetic, DRAW_CHUNK):
-                stream.write(distractors(real, min(DRAW_CHUNK, synthetic - start), seed=start).tobytes())
+        write_member(archive, "meta", np.array(json.dumps({**meta, "revision": 1})))
+        write_column(archive, "embeddings", np.dtype("<f4"), (size, dim), embeddings())
         numbers = (np.arange(synthetic) // FACES_PER_DISTRACTOR).astype(str)
         names = np.concatenate([np.array(people), np.char.add("distractor-", np.char.zfill(numbers, 8))])
-        _member(archive, "names", names)
+        write_member(archive, "names", names)
         ids = np.char.zfill(np.char.mod("%x", rng.integers(0, 1 << 48, size)), 12)
-        _member(archive, "face_ids", ids.astype("U12"))
-        _member(archive, "has_chip", np.zeros(size, dtype=bool))
-        _member(archive, "removed_ids", np.array([], dtype="U12"))
+        write_member(archive, "face_ids", ids.astype("U12"))
+        write_member(archive, "has_chip", np.zeros(size, dtype=bool))
+        write_member(archive, "removed_ids", np.array([], dtype="U12"))
     return path
-
-
-def _member(archive: Any, name: str, array: np.ndarray) -> None:
-    with archive.open(f"{name}.npy", "w", force_zip64=True) as stream:
-        np.lib.format.write_array(stream, array, allow_pickle=False)
 
 
 def join(directory: Path, queries_path: Path) -> dict[str, Any]:
@@ -107,14 +98,14 @@ def join(directory: Path, queries_path: Path) -> dict[str, Any]:
     assert gallery is not None
     read_s = time.perf_counter() - started
     after_read = rss_bytes() - before
-    exact_ms = [_timed(gallery, q, exact=True) for q in queries[:10]]
+    exact_ms = [timed(gallery, q, exact=True) for q in queries[:10]]
     exact_top1 = []
     for start in range(0, len(queries), 16):  # batches of 16: the product is 16 x faces floats
         exact_top1 += [m.name for m in gallery.match(queries[start : start + 16], threshold=-1.0, exact=True)]
     started = time.perf_counter()
     index = build_index(gallery, threading.Lock(), DEFAULT_INDEX_POLICY)
     index_s = time.perf_counter() - started
-    served_ms = [_timed(gallery, q) for q in queries]
+    served_ms = [timed(gallery, q) for q in queries]
     served_top1 = [gallery.match(q[None], threshold=-1.0)[0].name for q in queries]
     agreement = float(np.mean([a == b for a, b in zip(served_top1, exact_top1, strict=True)]))
     return {
@@ -138,12 +129,6 @@ def join(directory: Path, queries_path: Path) -> dict[str, Any]:
         "held_out_named_right": round(float(np.mean([a == b for a, b in zip(served_top1, people, strict=True)])), 4),
         "queries": len(queries),
     }
-
-
-def _timed(gallery: Any, query: np.ndarray, exact: bool = False) -> float:
-    started = time.perf_counter()
-    gallery.match(query[None], threshold=0.5, exact=exact)
-    return time.perf_counter() - started
 
 
 def measure(size: int, enrolled: dict[str, np.ndarray], held_out: dict[str, np.ndarray], real: np.ndarray) -> Any:

@@ -532,17 +532,17 @@ class Gallery:
                 yield column(chunk, self._store.rows_of_keys(chunk))
 
         with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            _write_member(archive, "meta", np.array(json.dumps(meta)))
+            write_member(archive, "meta", np.array(json.dumps(meta)))
             shape = (len(keys), self.dim)
-            _write_column(archive, "embeddings", np.dtype("<f4"), shape, chunks(lambda _, r: self._store.exact_rows(r)))
-            _write_column(
+            write_column(archive, "embeddings", np.dtype("<f4"), shape, chunks(lambda _, r: self._store.exact_rows(r)))
+            write_column(
                 archive,
                 "names",
                 person_names.dtype,
                 (len(keys),),
                 chunks(lambda _, r: person_names[self._store.labels[r]]),
             )
-            _write_column(
+            write_column(
                 archive,
                 "face_ids",
                 np.dtype(f"<U{id_width}"),
@@ -550,8 +550,8 @@ class Gallery:
                 chunks(lambda k, _: np.array(self._faces.ids_of(k), dtype=f"<U{id_width}")),
             )
             chips = chunks(lambda k, _: self._faces.chips_of(k))
-            _write_column(archive, "has_chip", np.dtype(bool), (len(keys),), chips)
-            _write_member(archive, "removed_ids", np.array(sorted(self._removed), dtype=np.str_))
+            write_column(archive, "has_chip", np.dtype(bool), (len(keys),), chips)
+            write_member(archive, "removed_ids", np.array(sorted(self._removed), dtype=np.str_))
 
     @classmethod
     def from_bytes(
@@ -726,12 +726,13 @@ def _member_info(name: str) -> zipfile.ZipInfo:
     return zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
 
 
-def _write_member(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+def write_member(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    """One whole array member of a snapshot (the documented format; also how benchmarks write a large base)."""
     with archive.open(_member_info(name), "w", force_zip64=True) as stream:
         np.lib.format.write_array(stream, array, allow_pickle=False)
 
 
-def _write_column(
+def write_column(
     archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterator[np.ndarray]
 ) -> None:
     """An array member written a chunk at a time (``chunks`` in order, together ``shape``)."""
