@@ -102,6 +102,24 @@ def test_a_removed_face_is_never_a_candidate_again(models: Any, real_faces: Any)
     assert len(gallery.index or ()) == len(gallery)
 
 
+def test_a_gallery_that_shrinks_under_its_index_still_answers_as_exact_search(models: Any, real_faces: Any) -> None:
+    """Removed down to fewer faces than the first depth of candidates (erasures can do that): the index's short
+    lists hand the query to exact search, never a short or empty answer."""
+    people, _, held_out = real_faces
+    gallery = gallery_of(real_faces, models.embedder.model_id)
+    assert build_index(gallery, threading.Lock(), FORCED) is not None
+    queries = held_out / np.linalg.norm(held_out, axis=1, keepdims=True)
+    for left in (40, 3):
+        keep = set(people[:left])
+        gallery.forget(frozenset(f for f in gallery.face_ids() if gallery.person_of(f) not in keep))
+        assert gallery.person_count() == left and gallery.index is not None
+        found = gallery.match(queries, threshold=0.5)
+        exact = gallery.match(queries, threshold=0.5, exact=True)
+        assert [len(m.candidates) for m in found] == [len(m.candidates) for m in exact] == [3] * len(queries)
+        if left == 3:  # every person is a candidate: the same three, in the same order
+            assert [m.candidates for m in found] == [m.candidates for m in exact]
+
+
 def test_an_index_is_built_only_where_exact_search_is_too_slow(models: Any, real_faces: Any) -> None:
     gallery = gallery_of(real_faces, models.embedder.model_id)
     lock = threading.Lock()

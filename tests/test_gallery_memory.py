@@ -62,6 +62,39 @@ def test_face_ids_are_numbers_where_the_service_made_them_and_strings_otherwise(
     assert again.duplicated()
 
 
+def test_an_id_recorded_again_gives_its_newest_key_whatever_the_order_of_appends() -> None:
+    """One at a time (a dict), a chunk (sorted later), folded or not: the last key recorded for an id wins."""
+    chunk = [f"{i:012x}" for i in range(100, 100 + FOLD_AT)]
+    again = chunk[0]
+    table = FaceTable()
+    table.append(0, [again], [False])  # recent
+    table.append(1, np.array(chunk), np.zeros(FOLD_AT, bool))  # a chunk after it: pending
+    assert table.key_of(again) == 1
+    table.append(1 + FOLD_AT, [again], [False])  # recent again, after the chunk
+    assert table.key_of(again) == 1 + FOLD_AT
+    table._fold()
+    assert table.key_of(again) == 1 + FOLD_AT and table.duplicated()
+
+
+def test_a_new_face_never_gets_an_id_in_use_removed_or_staged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Face ids are 48 random bits: among ten million faces two collide about once in six galleries, so a drawn
+    id that is taken is drawn again."""
+    gallery = Gallery(MODEL, 128)
+    (kept, gone) = gallery.add_faces(["ann", "bob"], unit_rows(2, 1), MODEL)
+    gallery.remove_person("bob")
+    staged = "0000000000aa"
+    draws = iter([kept, gone, staged, kept, "0000000000bb", "0000000000bb", "0000000000cc"])
+
+    class Drawn:
+        def __init__(self) -> None:
+            self.hex = next(draws) + "0" * 20
+
+    monkeypatch.setattr("serve_app.model.gallery.uuid.uuid4", Drawn)
+    _, _, _, ids = gallery.checked_faces(["cy", "cy"], unit_rows(2, 2), MODEL, also_taken=lambda f: f == staged)
+    assert ids == ["0000000000bb", "0000000000cc"]
+    assert gallery.person_of(kept) == "ann" and gallery.was_removed(gone)
+
+
 def test_a_replica_with_float16_rows_names_who_the_writer_names(models: Any, real_faces: Any) -> None:
     people, _, held_out = real_faces
     writer = gallery_of(real_faces, models.embedder.model_id)
@@ -90,8 +123,11 @@ def test_rows_turn_float16_when_the_gallery_grows_past_the_threshold() -> None:
     first = unit_rows(2000, 1)
     ids = gallery.add_faces([f"p{i // 4}" for i in range(2000)], first, MODEL)
     assert not gallery.rows_in_half
-    gallery.add_faces([f"q{i // 4}" for i in range(2000)], unit_rows(2000, 2), MODEL)
-    assert gallery.rows_in_half and len(gallery) == 4000
+    gallery.add_faces([f"q{i // 4}" for i in range(100)], unit_rows(100, 2), MODEL)  # the rows grow, float32
+    assert not gallery.rows_in_half
+    # Past the threshold with room to spare: float16 then, not only when the rows next grow.
+    gallery.add_faces([f"r{i // 4}" for i in range(1000)], unit_rows(1000, 3), MODEL)
+    assert gallery.rows_in_half and len(gallery) == 3100
     for i in (0, 999, 1999):
         assert np.allclose(gallery.embedding_of(ids[i]), first[i], atol=1e-3)
         assert gallery.match(first[i : i + 1], threshold=0.9)[0].name == f"p{i // 4}"

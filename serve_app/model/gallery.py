@@ -281,13 +281,23 @@ class Gallery:
         chips = [False] * len(vectors) if has_chip is None else [bool(c) for c in has_chip]
         if len(chips) != len(vectors):
             raise GalleryError(f"{len(chips)} chip flags for {len(vectors)} embeddings")
+        staged = also_taken or (lambda _: False)
+
+        def taken(face_id: str) -> bool:
+            return self.has_face(face_id) or face_id in self._removed or staged(face_id)
+
         if face_ids is None:
-            ids = [uuid.uuid4().hex[:12] for _ in range(len(vectors))]
+            # 48 random bits: among ten million faces two would share one about once in six galleries, so a new
+            # id is drawn again until it is one no face, tombstone or staged face has.
+            fresh: dict[str, None] = {}
+            while len(fresh) < len(vectors):
+                face_id = uuid.uuid4().hex[:12]
+                if face_id not in fresh and not taken(face_id):
+                    fresh[face_id] = None
+            ids = list(fresh)
         else:
             ids = [str(f) for f in face_ids]
-            staged = also_taken or (lambda _: False)
-            taken = any(self.has_face(f) or f in self._removed or staged(f) for f in ids)
-            if len(ids) != len(vectors) or taken or len(set(ids)) != len(ids):
+            if len(ids) != len(vectors) or any(taken(f) for f in ids) or len(set(ids)) != len(ids):
                 raise GalleryError(f"face ids must be {len(vectors)} new, distinct ids")
         return names, vectors, chips, ids
 
@@ -413,13 +423,17 @@ class Gallery:
                     best_of.setdefault(int(labels[face]), (score, face))  # first seen is the person's best
                     if len(best_of) == k:
                         break
-                if len(best_of) == k or depth == total:
+                if len(best_of) == k:
                     break
                 if coarse is None and len(faces) < depth:
-                    # The probed cells hold too few people for this query: exact search answers it.
+                    # The probed cells hold too few faces for this query: exact search answers it (at this depth
+                    # first; also when the depth is every face already).
                     with torch.inference_mode():
                         coarse = store.coarse(queries)
-                depth = min(total, depth * 4)
+                elif depth == total:
+                    break
+                else:
+                    depth = min(total, depth * 4)
             ranked = list(best_of.items())
             best = ranked[0][1][0]
             second = ranked[1][1][0] if len(ranked) > 1 else -1.0

@@ -191,7 +191,7 @@ class StagedChange:
     def forget(self, face_ids: set[str] | frozenset[str]) -> int:
         present = [face_id for face_id in face_ids if self._present(face_id)]
         for face_id in face_ids:
-            if face_id not in self.gallery.removed_ids:
+            if not self.gallery.was_removed(face_id):  # not removed_ids: a copy of every tombstone per id
                 self._remove(face_id)
         return len(present)
 

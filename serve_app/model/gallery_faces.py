@@ -99,7 +99,12 @@ class FaceTable:
                 self._other_id[int(keys[i])] = face_id
         coded = ~uncoded
         if count >= FOLD_AT:
-            self._pending.append((codes[coded], keys[coded]))  # a snapshot read a chunk at a time: sorted once
+            # A snapshot read a chunk at a time: sorted once. What is recent goes first, so that the pending
+            # arrays and then the recent dict hold keys in the order they were recorded (the newest key wins).
+            if self._recent:
+                self._pending.append(self._recent_arrays())
+                self._recent = {}
+            self._pending.append((codes[coded], keys[coded]))
         else:
             before = len(self._recent)
             self._recent.update(zip(codes[coded].tolist(), keys[coded].tolist(), strict=True))
@@ -108,11 +113,16 @@ class FaceTable:
                 self._fold()
         self._size = needed
 
+    def _recent_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        codes = np.fromiter(self._recent.keys(), dtype=np.uint64, count=len(self._recent))
+        keys = np.fromiter(self._recent.values(), dtype=np.int64, count=len(self._recent))
+        return codes, keys
+
     def _fold(self) -> None:
-        recent_codes = np.fromiter(self._recent.keys(), dtype=np.uint64, count=len(self._recent))
-        recent_keys = np.fromiter(self._recent.values(), dtype=np.int64, count=len(self._recent))
-        all_codes = np.concatenate([self._sorted_codes, recent_codes, *(codes for codes, _ in self._pending)])
-        all_keys = np.concatenate([self._sorted_keys, recent_keys, *(keys for _, keys in self._pending)])
+        # Oldest first (sorted, pending, recent) and a stable sort: of an id recorded twice the newest is last.
+        parts = [(self._sorted_codes, self._sorted_keys), *self._pending, self._recent_arrays()]
+        all_codes = np.concatenate([codes for codes, _ in parts])
+        all_keys = np.concatenate([keys for _, keys in parts])
         order = np.argsort(all_codes, kind="stable")
         self._sorted_codes, self._sorted_keys = all_codes[order], all_keys[order]
         self._recent, self._pending = {}, []

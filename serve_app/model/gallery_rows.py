@@ -132,11 +132,11 @@ class RowStore:
     def append(self, vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Append rows; returns their keys."""
         needed = self.n + len(vectors)
-        if needed > len(self._rows):
-            capacity = max(needed, _next_capacity(len(self._rows)))
-            rows_dtype = (
-                np.float16 if self.half_rows_from is not None and needed >= self.half_rows_from else self._rows.dtype
-            )
+        # Float16 from the threshold on, whether or not the rows must grow then (not at the next growth only).
+        to_half = self.half_rows_from is not None and needed >= self.half_rows_from and self._rows.dtype != np.float16
+        if needed > len(self._rows) or to_half:
+            capacity = max(needed, _next_capacity(len(self._rows))) if needed > len(self._rows) else len(self._rows)
+            rows_dtype = np.float16 if to_half else self._rows.dtype
             if rows_dtype != self._rows.dtype:
                 # The rows are the float16 copy now: no mirror, and the product's kernel is timed again.
                 self._half, self._half_for, self._without_half, self._timed_class = None, None, True, 0
