@@ -6,7 +6,10 @@ one re-embedded into), a re-embedding's partial snapshot, and a ``gallery.npz`` 
 per model. The GalleryWriter erases them from all of these after every change that removes faces (see
 :meth:`~serve_app.deployments.gallery_writer.GalleryWriterDeployment.erasure_settled`): its own model by compacting
 at once and deleting every change the new base holds, every other model here (:func:`erase_from_model`). Chips are
-deleted by the change itself. The gallery bucket is not versioned, so a replaced or deleted object is gone.
+deleted by the change itself, and again by the erasure (in case that failed). The writer records each erasure it
+owes in the store before the change that removes the faces, and deletes the record once the erasure is done, so a
+writer that starts finishes what one that ended left. The gallery bucket is not versioned, so a replaced or deleted
+object is gone.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from serve_app.model.gallery_change import GalleryChange, apply_change
 
 #: Changes fetched at once when a reader knows how far behind it is (each read is a round trip to S3).
 PARALLEL_READS = 16
+#: Times a gallery is read again because a newer base was written while it was read.
+LOAD_ATTEMPTS = 4
 
 
 def load_gallery(
@@ -25,7 +27,19 @@ def load_gallery(
     ``dim`` makes the empty gallery of a model whose first changes exist without a snapshot yet;
     ``half_rows_from`` is the gallery's (see :class:`~serve_app.model.gallery.Gallery`). The snapshot is read a
     chunk at a time from a file (see :meth:`~serve_app.gallery_store.GalleryStore.open_snapshot`).
+
+    A base written while it is read (a compaction, an erasure) may have its changes deleted before they are read:
+    the changes then stop short of it, and the gallery is read again from the new base.
     """
+    gallery = _load_once(store, model_id, dim, half_rows_from)
+    for _ in range(LOAD_ATTEMPTS - 1):
+        if gallery is None or not behind_the_base(store, gallery.revision):
+            break
+        gallery = _load_once(store, model_id, dim, half_rows_from)
+    return gallery
+
+
+def _load_once(store: GalleryStore, model_id: str, dim: int | None, half_rows_from: int | None) -> Gallery | None:
     with store.open_snapshot() as snapshot:
         gallery = (
             None

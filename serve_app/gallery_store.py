@@ -13,6 +13,9 @@ checkpoints cannot be mixed), and the face chips they share:
   in order (:func:`serve_app.gallery_journal.load_gallery`). A change is written only if no object of its
   revision exists (S3's ``If-None-Match: *``; locally, a hard link that fails if the name is taken), so of two
   writers that staged the same revision exactly one stores it and the other learns it lost;
+* ``models/<model id>.erasures/<revision>.json``: erasures owed: the ids of faces a change removed (face ids
+  only) while other objects may still hold them; written before that change, deleted once they are erased
+  everywhere (see :mod:`serve_app.gallery_erasure`), so a writer that starts finishes what an earlier one left;
 * ``models/<model id>.partial.npz``: a re-embedding in progress (never served; see ``facerec gallery reembed``);
 * ``access/keys/<key id>.json``: the API keys (name, scopes, the key's SHA-256, when created and revoked; never the
   key itself), see :mod:`serve_app.access.keys`;
@@ -39,10 +42,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import re
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -70,6 +74,8 @@ MODEL_METADATA = "model-id"
 REVISION_METADATA = "revision"
 CHANGES_SUFFIX = ".changes"
 CHANGE_KEY = re.compile(r"(\d{12})\.npz")
+ERASURES_SUFFIX = ".erasures"
+ERASURE_KEY = re.compile(r"(\d{12})\.json")
 
 
 class GalleryStoreError(RuntimeError):
@@ -257,6 +263,32 @@ class GalleryStore(ABC):
     def delete_changes(self, revisions: list[int]) -> None:
         self._delete([self._change_key(revision) for revision in revisions])
 
+    # --- erasures owed (the bound model's) ------------------------------------------------------------------------
+    def _erasure_key(self, revision: int) -> str:
+        if self.model_id is None:
+            raise ValueError("erasures belong to a model: bind the store with for_model()")
+        return f"{MODELS_FOLDER}/{self.model_id}{ERASURES_SUFFIX}/{revision:012d}.json"
+
+    def write_erasure(self, revision: int, face_ids: Iterable[str]) -> None:
+        """Record that the change of ``revision`` removes ``face_ids``, which are not yet erased from every
+        object (written before that change is stored: a crash in between leaves a record of faces still there,
+        which erasing finds nothing of)."""
+        self._put(self._erasure_key(revision), json.dumps(sorted(face_ids)).encode(), "application/json")
+
+    def erasures(self) -> dict[int, frozenset[str]]:
+        """The erasures owed, by the revision of the change that removed the faces."""
+        folder = self._erasure_key(0).rsplit("/", 1)[0]
+        owed = {}
+        for key in self._list(folder):
+            match = ERASURE_KEY.fullmatch(key.rsplit("/", 1)[-1])
+            data = None if match is None else self._get(key)
+            if match is not None and data is not None:
+                owed[int(match.group(1))] = frozenset(str(face_id) for face_id in json.loads(data))
+        return owed
+
+    def delete_erasures(self, revisions: Iterable[int]) -> None:
+        self._delete([self._erasure_key(revision) for revision in revisions])
+
     # --- every model's snapshots ------------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotInfo]:
         """Every model's snapshot in the store (a model's own file before ``gallery.npz``), by model id."""
@@ -344,9 +376,9 @@ class GalleryStore(ABC):
         """One face's chip, or ``None`` if it has none."""
         return self._get(_chip_key(face_id))
 
-    def delete_chips(self, face_ids: list[str]) -> None:
-        """Delete these faces' chips (missing ones are not an error)."""
-        self._delete([_chip_key(face_id) for face_id in face_ids])
+    def delete_chips(self, face_ids: Iterable[str]) -> None:
+        """Delete these faces' chips (missing ones are not an error; ids that cannot have one are skipped)."""
+        self._delete([_chip_key(face_id) for face_id in face_ids if FACE_ID_PATTERN.fullmatch(face_id)])
 
 
 @dataclass
@@ -536,7 +568,17 @@ class S3GalleryStore(GalleryStore):
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
             objects = [{"Key": self._full(key)} for key in keys[start : start + 1000]]
-            self._call(self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+            answer = self._call(
+                self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}
+            )
+            # A DeleteObjects that succeeds can still fail per key (AccessDenied, InternalError): erasure must know.
+            failed = (answer or {}).get("Errors") or []
+            if failed:
+                first = failed[0]
+                raise GalleryStoreError(
+                    f"s3://{self.bucket}/{self.prefix}: {len(failed)} objects not deleted "
+                    f"({first.get('Key')}: {first.get('Code')} {first.get('Message')})"
+                )
 
     def _list(self, folder: str) -> list[str]:
         keys: list[str] = []
@@ -560,7 +602,13 @@ class S3GalleryStore(GalleryStore):
     def _call(self, operation: Any, passing: tuple[str, ...] = (), **kwargs: Any) -> Any:
         """One S3 call; ``None`` for a missing object, :class:`_RefusedError` for an error code in ``passing`` (a
         condition that failed), :class:`GalleryStoreError` for any other failure."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError, S3UploadFailedError
+
+        # The transfer manager's own failures (a base replaced during a multipart download fails its ETag check;
+        # retries exhausted) are the store's failures too: callers catch GalleryStoreError.
+        transfer_errors = (Boto3Error, RetriesExceededError, S3DownloadFailedError, S3UploadFailedError)
 
         try:
             return operation(**kwargs)
@@ -573,6 +621,8 @@ class S3GalleryStore(GalleryStore):
             raise GalleryStoreError(f"s3://{self.bucket}/{self.prefix}: {exc}") from exc
         except BotoCoreError as exc:
             raise GalleryStoreError(f"cannot reach s3://{self.bucket}/{self.prefix}: {exc}") from exc
+        except transfer_errors as exc:
+            raise GalleryStoreError(f"s3://{self.bucket}/{self.prefix}: {type(exc).__name__}: {exc}") from exc
 
 
 def _transfer_config() -> Any:

@@ -131,7 +131,9 @@ class CrashingStore:
             monkeypatch.setattr(LocalGalleryStore, name, step)
 
 
-STEPS = 14  # writes and deletes in the scenario below: every one is crashed at, before and after
+#: Writes and deletes in the scenario below (26 with its erasures, whose background steps interleave with the
+#: enrolments that follow): every one is crashed at, before and after.
+STEPS = 26
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
@@ -139,9 +141,10 @@ STEPS = 14  # writes and deletes in the scenario below: every one is crashed at,
 def test_a_writer_dying_between_any_two_steps_loses_no_acknowledged_change(
     nth: int, after: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Enrolments (with chips), removals and a compaction; the writer dies at one write or delete. Every change
-    that was answered is in the store a new writer reads, no removed face comes back, and a change that was not
-    answered is there whole or not at all."""
+    """Enrolments (with chips), removals with their erasures, and a compaction; the writer dies at one write or
+    delete. Every change that was answered is in the store a new writer reads, no removed face comes back, a change
+    that was not answered is there whole or not at all, and the new writer finishes the erasures the dead one left:
+    no object holds a removed face's embedding or chip."""
     monkeypatch.setattr(gallery_writer, "COMPACT_AFTER_CHANGES", 4)
     monkeypatch.setattr(gallery_writer, "RETAINED_CHANGES", 1)
     uri = str(tmp_path / "store")
@@ -149,6 +152,7 @@ def test_a_writer_dying_between_any_two_steps_loses_no_acknowledged_change(
     acknowledged: dict[str, set[str]] = {}  # person -> face ids answered as enrolled
     removed: set[str] = set()
     unanswered: list[tuple[str, str]] = []
+    embeddings: dict[str, bytes] = {}  # face id -> its embedding as the gallery stores it
 
     async def scenario() -> None:
         writer = GalleryWriterDeployment(uri, CONFIG, sync_period_s=3600)
@@ -158,8 +162,9 @@ def test_a_writer_dying_between_any_two_steps_loses_no_acknowledged_change(
         for index, (action, person) in enumerate(steps):
             try:
                 if action == "enrol":
-                    ids, _ = await writer.add_faces(person, vectors(1, index), MODEL, [b"chip"])
+                    ids, _ = await writer.add_faces(person, vectors(1, index), MODEL, [b"chip %d" % index])
                     acknowledged.setdefault(person, set()).update(ids)
+                    embeddings.update((face_id, writer._gallery.embedding_of(face_id).tobytes()) for face_id in ids)
                 else:
                     count, _ = await writer.remove_person(person)
                     removed.update(acknowledged.pop(person, set()))
@@ -169,6 +174,9 @@ def test_a_writer_dying_between_any_two_steps_loses_no_acknowledged_change(
                 break  # the writer is gone
         if writer._compacting is not None:
             await writer._compacting
+        for task in (writer._erasing, writer._resuming):  # the writer is gone: what it did not finish stays so
+            if task is not None:
+                task.cancel()
         await stopped(writer)
 
     run(scenario)
@@ -192,11 +200,19 @@ def test_a_writer_dying_between_any_two_steps_loses_no_acknowledged_change(
     async def after_restart() -> None:
         writer = GalleryWriterDeployment(uri, CONFIG, sync_period_s=3600)
         ids, revision = await writer.add_faces("zed", vectors(1, 99), MODEL)
+        await writer.erasure_settled()
         await stopped(writer)
         again = load_gallery(bound(uri), MODEL)
         assert again is not None and again.revision == revision and set(ids) <= again.face_ids()
 
     run(after_restart)
+    gone = loaded.removed_ids
+    stored = {path: path.read_bytes() for path in Path(uri).rglob("*") if path.is_file()}
+    for face_id in gone & set(embeddings):
+        holding = [str(path) for path, data in stored.items() if embeddings[face_id] in data]
+        assert not holding, f"removed face {face_id} is still in {holding}"
+        assert not (Path(uri) / "chips" / f"{face_id}.jpg").exists()
+    assert bound(uri).erasures() == {}, "an erasure was left owed"
 
 
 def test_a_replica_behind_catches_up_from_the_changes_or_from_a_compacted_base(

@@ -91,6 +91,7 @@ def test_two_reembeddings_asked_at_once_start_one(tmp_path: Path) -> None:
         refused = [o for o in outcomes if isinstance(o, GalleryError)]
         assert len(started) == 1 and len(refused) == 1, outcomes
         assert "already running" in str(refused[0])
+        assert writer._reembed_task is not None
         await asyncio.wait_for(writer._reembed_task, 120)
 
     asyncio.run(scenario())

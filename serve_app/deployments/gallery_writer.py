@@ -29,7 +29,7 @@ import functools
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -141,6 +141,9 @@ class GalleryWriterDeployment(Supervised):
         self._arrived = asyncio.Event()
         self._stored_since_base = 0
         self._compacting: asyncio.Task[int] | None = None
+        #: Held while a base is written (a compaction, an erasure's): one at a time, so that an older base never
+        #: lands after a newer one, which could still hold a face that was erased.
+        self._base_lock = asyncio.Lock()
         self._embedder: Embedder | None = None
         self._embedder_lock = asyncio.Lock()
         self._followed: dict[str, str] = {}  # other model -> the snapshot token last carried over
@@ -148,12 +151,16 @@ class GalleryWriterDeployment(Supervised):
         self._other_galleries: dict[str, Gallery] = {}  # other model -> its gallery as last followed
         self._reembedding: ReembedProgress | None = None
         self._reembed_starting = asyncio.Lock()
-        # Erasure (serve_app/gallery_erasure.py): ids removed and not yet erased from every stored object, the task
-        # erasing them, and ids erased while a re-embedding ran (it may have embedded them before: erased again
-        # once it ends).
+        # Erasure (serve_app/gallery_erasure.py): ids removed and not yet erased from every stored object with the
+        # revisions of the erasure records that name them (the store's, so a writer that starts finishes them),
+        # the task erasing them, and ids erased while a re-embedding ran (it may have embedded them before: erased
+        # again once it ends).
         self._to_erase: set[str] = set()
+        self._owed: set[int] = set()
+        self._resuming: asyncio.Task[None] | None = None
         self._erasing: asyncio.Task[None] | None = None
         self._erased_while_reembedding: set[str] = set()
+        self._reembed_task: asyncio.Task[None] | None = None
         self._added_by_revision: dict[int, frozenset[str]] = {}  # the faces each stored change adds, as known
         self._sync_period_s = sync_period_s
         # Recognizer replicas learn each new revision from here before a change is answered (read-your-writes
@@ -163,6 +170,8 @@ class GalleryWriterDeployment(Supervised):
         self._background = BackgroundTasks()
         self._background.start("other models' snapshots", self._follow_other_models())
         self._background.start("group commits", self._commit_forever())
+        # Erasures an earlier writer recorded and did not finish (the same loop as the background tasks).
+        self._resuming = asyncio.get_event_loop().create_task(self._resume_erasures())
         log.info(
             "GalleryWriter of %s on %s: revision %d", self._model_id, self._store.describe(), self._gallery.revision
         )
@@ -233,8 +242,12 @@ class GalleryWriterDeployment(Supervised):
                         await asyncio.to_thread(request.before_store, outcome)
                 change = staged.change(self._gallery.revision + 1)
                 data = change.to_bytes()
+                if change.removed_ids:  # recorded first: erasure must happen even if this writer ends next
+                    await asyncio.to_thread(self._store.write_erasure, change.revision, change.removed_ids)
                 if not await asyncio.to_thread(self._store.write_change, change.revision, data):
                     log.warning("another writer stored revision %d first: staging again on top of it", change.revision)
+                    if change.removed_ids:
+                        await asyncio.to_thread(self._store.delete_erasures, [change.revision])
                     continue
                 apply_change(self._gallery, change)
                 self._added_by_revision[change.revision] = frozenset(change.face_ids)
@@ -244,15 +257,15 @@ class GalleryWriterDeployment(Supervised):
                     if request.after_store is not None:
                         try:
                             await asyncio.to_thread(request.after_store, outcome)
-                        except GalleryStoreError as exc:  # the change is stored; an unreferenced chip is harmless
-                            log.warning("could not delete the chips of removed faces: %s", exc)
+                        except GalleryStoreError as exc:  # the change is stored; its erasure deletes them again
+                            log.warning("could not delete the chips of removed faces (erasure tries again): %s", exc)
                 late = await self._watchers.published(self._model_id)
                 if late:
                     log.warning("replicas %s did not acknowledge revision %d in time", late, change.revision)
                 for request, outcome in accepted:
                     _settle(request.answer, (outcome, change.revision))
                 if change.removed_ids:
-                    self._erase_later(change.removed_ids)
+                    self._erase_later(change.removed_ids, owed=(change.revision,))
                 else:
                     self._compact_when_due()
                 return
@@ -263,18 +276,22 @@ class GalleryWriterDeployment(Supervised):
         changes = await asyncio.to_thread(read_changes, self._store, self._gallery.revision)
         for change in changes:
             apply_change(self._gallery, change)
+            if change.removed_ids:
+                # Removed by another writer (an erasure of another model, a writer that lost its lease): a base
+                # this writer was compacting meanwhile may still hold them, so it erases them too.
+                self._erase_later(change.removed_ids)
         if changes:
             log.warning(
                 "took %d changes another writer stored (now at revision %d)", len(changes), self._gallery.revision
             )
-            return True
+        # Also after changes: they may stop short of a newer base whose changes were deleted (an erasure's).
         if await asyncio.to_thread(behind_the_base, self._store, self._gallery.revision):
             self._gallery = await asyncio.to_thread(self._load)
             log.warning(
                 "the store has a newer snapshot than this writer: read it (revision %d)", self._gallery.revision
             )
             return True
-        return False
+        return bool(changes)
 
     # --- compaction -----------------------------------------------------------------------------------------
     def _compact_when_due(self) -> None:
@@ -286,6 +303,10 @@ class GalleryWriterDeployment(Supervised):
         ``RETAINED_CHANGES``); returns the base's revision. Commits wait only while the gallery is serialised. A
         failure is logged (the changes stay), or with ``strict`` raised (:class:`GalleryStoreError`: an erasure
         must know it happened)."""
+        async with self._base_lock:
+            return await self._compact(strict)
+
+    async def _compact(self, strict: bool) -> int:
         with tempfile.TemporaryFile(prefix="facerec-base-") as spool:  # local disk: never a second copy in memory
             async with self._lock:
                 revision = self._gallery.revision
@@ -307,7 +328,8 @@ class GalleryWriterDeployment(Supervised):
             doomed = [r for r in stored if r <= revision - RETAINED_CHANGES]
             if doomed:
                 await asyncio.to_thread(self._store.delete_changes, doomed)
-            self._base_revision = revision
+                for gone in doomed:
+                    self._added_by_revision.pop(gone, None)
             log.info("compacted: base at revision %d (%d bytes), %d changes cleaned up", revision, size, len(doomed))
         except GalleryStoreError as exc:
             if strict:
@@ -316,20 +338,26 @@ class GalleryWriterDeployment(Supervised):
         return revision
 
     # --- erasure ----------------------------------------------------------------------------------------------
-    def _erase_later(self, face_ids: tuple[str, ...] | set[str]) -> None:
-        """Erase these removed faces from every object of the store that holds them, in the background."""
+    def _erase_later(self, face_ids: Iterable[str], owed: Iterable[int] = ()) -> None:
+        """Erase these removed faces from every object of the store that holds them, in the background, then
+        delete the erasure records of the ``owed`` revisions."""
         self._to_erase.update(face_ids)
+        self._owed.update(owed)
         if self._erasing is None or self._erasing.done():
             self._erasing = asyncio.get_running_loop().create_task(self._erase_pending())
 
     async def _erase_pending(self) -> None:
-        while self._to_erase:
-            face_ids = frozenset(self._to_erase)
+        while self._to_erase or self._owed:
+            face_ids, owed = frozenset(self._to_erase), sorted(self._owed)
             self._to_erase.clear()
+            self._owed.clear()
             try:
-                await self._erase(face_ids)
+                if face_ids:
+                    await self._erase(face_ids)
+                await asyncio.to_thread(self._store.delete_erasures, owed)
             except Exception as exc:  # the store, or another model's data: the ids wait for the next attempt
                 self._to_erase.update(face_ids)
+                self._owed.update(owed)
                 log.warning("erasing %d removed faces failed (tried again soon): %s", len(face_ids), exc)
                 await asyncio.sleep(ERASURE_RETRY_S)
 
@@ -340,6 +368,8 @@ class GalleryWriterDeployment(Supervised):
         if self._reembedding is not None and self._reembedding.state == "running":
             self._erased_while_reembedding.update(face_ids)
         revision = await self.compact(strict=True)
+        # Chips go with the change that removes them, unless that failed or this writer ended in between.
+        await asyncio.to_thread(self._store.delete_chips, sorted(face_ids))
         known = dict(self._added_by_revision)  # a copy: commits add to it meanwhile
         doomed = await asyncio.to_thread(changes_adding, self._store, face_ids, known)
         newest = max(known, default=0)
@@ -357,10 +387,32 @@ class GalleryWriterDeployment(Supervised):
             report.changes_deleted,
         )
 
+    async def _resume_erasures(self) -> None:
+        """Finish the erasures an earlier writer recorded and did not finish (it ended, or the store failed)."""
+        while True:
+            try:
+                owed = await asyncio.to_thread(self._store.erasures)
+                break
+            except GalleryStoreError as exc:
+                log.warning("could not read the erasures owed (tried again soon): %s", exc)
+                await asyncio.sleep(ERASURE_RETRY_S)
+        if not owed:
+            return
+        # A record whose faces are all still here was written for a change that was never stored: nothing to do.
+        removed = {face_id for ids in owed.values() for face_id in ids if not self._gallery.has_face(face_id)}
+        log.info("finishing %d erasures an earlier writer left (%d faces)", len(owed), len(removed))
+        self._erase_later(removed, owed=owed)
+
     async def erasure_settled(self) -> None:
-        """Return once every face removed so far is erased from the store (tests; an operator reads the log)."""
-        while self._erasing is not None and not self._erasing.done():
-            await asyncio.shield(self._erasing)
+        """Return once every face removed so far is erased from the store, also those erased again after a
+        re-embedding that runs, and those an earlier writer left (tests; an operator reads the log)."""
+        while True:
+            running = [task for task in (self._resuming, self._erasing) if task is not None and not task.done()]
+            if self._erased_while_reembedding and self._reembed_task is not None and not self._reembed_task.done():
+                running.append(self._reembed_task)
+            if not running:
+                return
+            await asyncio.shield(running[0])
 
     async def _own_embedder(self) -> Embedder:
         """This writer's model, loaded the first time a chip must be embedded (most writers never need it)."""
@@ -518,13 +570,19 @@ class GalleryWriterDeployment(Supervised):
         target_model = target.model_id_for(flip)
         if target_model == self._model_id:
             raise GalleryError(f"the gallery is already embedded with {self._model_id}")
-        async with self._lock:  # a copy: the gallery in memory changes with every commit meanwhile
-            data = await asyncio.to_thread(self._gallery.to_bytes)
-        source = await asyncio.to_thread(Gallery.from_bytes, data)
-        store = open_gallery_store(self._uri, self._endpoint)
-        total = await asyncio.to_thread(faces_to_embed, store, source, target_model, target.dim)
-        progress = ReembedProgress(target_model, total=total)
+        # Recorded as running before anything is read: a face erased from now on is erased again once it ends.
+        progress = ReembedProgress(target_model, total=0)
         self._reembedding = progress
+        try:
+            async with self._lock:  # a copy: the gallery in memory changes with every commit meanwhile
+                data = await asyncio.to_thread(self._gallery.to_bytes)
+            source = await asyncio.to_thread(Gallery.from_bytes, data)
+            store = open_gallery_store(self._uri, self._endpoint)
+            progress.total = await asyncio.to_thread(faces_to_embed, store, source, target_model, target.dim)
+        except Exception as exc:
+            progress.state, progress.error = "failed", f"{type(exc).__name__}: {exc}"
+            self._erase_again_after_reembedding()
+            raise
 
         def run() -> None:
             embedder = Embedder(
@@ -541,17 +599,22 @@ class GalleryWriterDeployment(Supervised):
             try:
                 await asyncio.to_thread(run)
                 progress.state = "done"
-                if self._erased_while_reembedding:  # it may have embedded them before they were removed
-                    self._erase_later(self._erased_while_reembedding)
-                    self._erased_while_reembedding = set()
             except Exception as exc:
                 # Whatever ended it (the store, a weight file, torch), the run is over and says why; a later
                 # request may start another.
                 progress.state, progress.error = "failed", f"{type(exc).__name__}: {exc}"
                 log.exception("re-embedding into %s failed", progress.target_model)
+            finally:
+                self._erase_again_after_reembedding()  # its target and partial, whether it ended well or not
 
         self._reembed_task = asyncio.get_running_loop().create_task(background())
         return self.reembed_progress() or {}
+
+    def _erase_again_after_reembedding(self) -> None:
+        """Faces erased while a re-embedding ran may have been embedded by it before they were removed."""
+        if self._erased_while_reembedding:
+            self._erase_later(self._erased_while_reembedding)
+            self._erased_while_reembedding = set()
 
     def reembed_progress(self) -> dict[str, object] | None:
         """The last re-embedding started here: target model, faces done of total, state, report."""
