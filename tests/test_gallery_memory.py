@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from serve_app.model.gallery import READ_CHUNK, Gallery, GalleryError
+from serve_app.model.gallery_change import GalleryChange, StagedChange
 from serve_app.model.gallery_faces import FOLD_AT, UNCODED, FaceTable, id_code, id_codes
 
 from .test_gallery_index import gallery_of
@@ -185,3 +186,17 @@ def test_a_snapshot_with_a_face_twice_or_cut_short_is_refused(tmp_path: Path) ->
             target.writestr(item, data[:-200] if item.filename == "embeddings.npy" else data)
     with pytest.raises(GalleryError, match="truncated"):
         Gallery.from_bytes(cut.getvalue())
+    # A meta without a usable dim, and a change whose embeddings are not rows: refused as files, not crashes.
+    no_dim = io.BytesIO()
+    nulled = meta.replace('"dim": 128', '"dim": null')
+    np.savez(no_dim, meta=np.array(nulled), embeddings=rows, names=np.array(["a", "b", "c"]), face_ids=["1", "2", "3"])
+    with pytest.raises(GalleryError, match="not a facerec gallery file"):
+        Gallery.from_bytes(no_dim.getvalue())
+    staged = StagedChange(Gallery(MODEL, 128))
+    staged.add("a", rows[:1], MODEL)
+    flat = io.BytesIO()
+    with np.load(io.BytesIO(staged.change(1).to_bytes())) as archive:
+        members = {name: archive[name] for name in archive.files}
+    np.savez(flat, **{**members, "embeddings": members["embeddings"].ravel()[:1]})
+    with pytest.raises(GalleryError, match="inconsistent"):
+        GalleryChange.from_bytes(flat.getvalue())

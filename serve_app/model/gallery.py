@@ -599,7 +599,7 @@ class Gallery:
                 removed = _read_member(archive, "removed_ids") if "removed_ids" in members else np.array([], dtype=str)
                 gallery._removed = set(removed.tolist())
                 gallery.revision = int(meta.get("revision", 0))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile) as exc:
             if isinstance(exc, GalleryError):
                 raise
             raise GalleryError(f"not a facerec gallery file: {exc}") from exc

@@ -85,7 +85,8 @@ class GalleryChange:
         if meta.get("format") != CHANGE_FORMAT or meta.get("version") != CHANGE_VERSION:
             raise GalleryError(f"unsupported gallery change format {meta.get('format')!r} v{meta.get('version')}")
         sizes = {len(change.names), len(change.face_ids), len(change.has_chip), len(change.embeddings)}
-        if len(sizes) != 1 or (change.added and change.embeddings.shape[1] != change.dim):
+        shape_ok = change.embeddings.ndim == 2 and change.embeddings.shape[1] == change.dim
+        if len(sizes) != 1 or (change.added and not shape_ok):
             raise GalleryError("gallery change is inconsistent: names, ids, chip flags and embeddings differ")
         return change
 
