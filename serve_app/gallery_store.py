@@ -13,7 +13,7 @@ checkpoints cannot be mixed), and the face chips they share:
   in order (:func:`serve_app.gallery_journal.load_gallery`). A change is written only if no object of its
   revision exists (S3's ``If-None-Match: *``; locally, a hard link that fails if the name is taken), so of two
   writers that staged the same revision exactly one stores it and the other learns it lost;
-* ``models/<model id>.erasures/<revision>.json``: erasures owed: the ids of faces a change removed (face ids
+* ``models/<model id>.erasures/<revision>-<random>.json``: erasures owed: the ids of faces a change removed (face ids
   only) while other objects may still hold them; written before that change, deleted once they are erased
   everywhere (see :mod:`serve_app.gallery_erasure`), so a writer that starts finishes what an earlier one left;
 * ``models/<model id>.partial.npz``: a re-embedding in progress (never served; see ``facerec gallery reembed``);
@@ -45,6 +45,7 @@ import io
 import json
 import re
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ REVISION_METADATA = "revision"
 CHANGES_SUFFIX = ".changes"
 CHANGE_KEY = re.compile(r"(\d{12})\.npz")
 ERASURES_SUFFIX = ".erasures"
-ERASURE_KEY = re.compile(r"(\d{12})\.json")
+ERASURE_KEY = re.compile(r"\d{12}-[0-9a-f]{8}\.json")
 
 
 class GalleryStoreError(RuntimeError):
@@ -264,30 +265,33 @@ class GalleryStore(ABC):
         self._delete([self._change_key(revision) for revision in revisions])
 
     # --- erasures owed (the bound model's) ------------------------------------------------------------------------
-    def _erasure_key(self, revision: int) -> str:
+    def _erasures_folder(self) -> str:
         if self.model_id is None:
             raise ValueError("erasures belong to a model: bind the store with for_model()")
-        return f"{MODELS_FOLDER}/{self.model_id}{ERASURES_SUFFIX}/{revision:012d}.json"
+        return f"{MODELS_FOLDER}/{self.model_id}{ERASURES_SUFFIX}"
 
-    def write_erasure(self, revision: int, face_ids: Iterable[str]) -> None:
+    def write_erasure(self, revision: int, face_ids: Iterable[str]) -> str:
         """Record that the change of ``revision`` removes ``face_ids``, which are not yet erased from every
-        object (written before that change is stored: a crash in between leaves a record of faces still there,
-        which erasing finds nothing of)."""
-        self._put(self._erasure_key(revision), json.dumps(sorted(face_ids)).encode(), "application/json")
+        object; returns the record's name (its own: a record is only ever deleted by who listed or wrote it).
+        Written before that change is stored: a crash in between leaves a record of faces still there, which
+        erasing finds nothing of."""
+        name = f"{revision:012d}-{uuid.uuid4().hex[:8]}.json"
+        self._put(f"{self._erasures_folder()}/{name}", json.dumps(sorted(face_ids)).encode(), "application/json")
+        return name
 
-    def erasures(self) -> dict[int, frozenset[str]]:
-        """The erasures owed, by the revision of the change that removed the faces."""
-        folder = self._erasure_key(0).rsplit("/", 1)[0]
+    def erasures(self) -> dict[str, frozenset[str]]:
+        """The erasures owed: each record's face ids, by the record's name."""
         owed = {}
-        for key in self._list(folder):
-            match = ERASURE_KEY.fullmatch(key.rsplit("/", 1)[-1])
-            data = None if match is None else self._get(key)
-            if match is not None and data is not None:
-                owed[int(match.group(1))] = frozenset(str(face_id) for face_id in json.loads(data))
+        for key in self._list(self._erasures_folder()):
+            name = key.rsplit("/", 1)[-1]
+            data = self._get(key) if ERASURE_KEY.fullmatch(name) else None
+            if data is not None:
+                owed[name] = frozenset(str(face_id) for face_id in json.loads(data))
         return owed
 
-    def delete_erasures(self, revisions: Iterable[int]) -> None:
-        self._delete([self._erasure_key(revision) for revision in revisions])
+    def delete_erasures(self, names: Iterable[str]) -> None:
+        folder = self._erasures_folder()
+        self._delete([f"{folder}/{name}" for name in names if ERASURE_KEY.fullmatch(name)])
 
     # --- every model's snapshots ------------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotInfo]:

@@ -152,11 +152,11 @@ class GalleryWriterDeployment(Supervised):
         self._reembedding: ReembedProgress | None = None
         self._reembed_starting = asyncio.Lock()
         # Erasure (serve_app/gallery_erasure.py): ids removed and not yet erased from every stored object with the
-        # revisions of the erasure records that name them (the store's, so a writer that starts finishes them),
+        # names of the erasure records that name them (the store's, so a writer that starts finishes them),
         # the task erasing them, and ids erased while a re-embedding ran (it may have embedded them before: erased
         # again once it ends).
         self._to_erase: set[str] = set()
-        self._owed: set[int] = set()
+        self._owed: set[str] = set()
         self._resuming: asyncio.Task[None] | None = None
         self._erasing: asyncio.Task[None] | None = None
         self._erased_while_reembedding: set[str] = set()
@@ -170,8 +170,10 @@ class GalleryWriterDeployment(Supervised):
         self._background = BackgroundTasks()
         self._background.start("other models' snapshots", self._follow_other_models())
         self._background.start("group commits", self._commit_forever())
-        # Erasures an earlier writer recorded and did not finish (the same loop as the background tasks).
-        self._resuming = asyncio.get_event_loop().create_task(self._resume_erasures())
+        # Erasures an earlier writer recorded and did not finish: listed before this writer can commit anything
+        # (so every record listed is another's), erased on the same loop as the background tasks.
+        owed = self._store.erasures()
+        self._resuming = asyncio.get_event_loop().create_task(self._resume_erasures(owed))
         log.info(
             "GalleryWriter of %s on %s: revision %d", self._model_id, self._store.describe(), self._gallery.revision
         )
@@ -242,12 +244,13 @@ class GalleryWriterDeployment(Supervised):
                         await asyncio.to_thread(request.before_store, outcome)
                 change = staged.change(self._gallery.revision + 1)
                 data = change.to_bytes()
+                record = None
                 if change.removed_ids:  # recorded first: erasure must happen even if this writer ends next
-                    await asyncio.to_thread(self._store.write_erasure, change.revision, change.removed_ids)
+                    record = await asyncio.to_thread(self._store.write_erasure, change.revision, change.removed_ids)
                 if not await asyncio.to_thread(self._store.write_change, change.revision, data):
                     log.warning("another writer stored revision %d first: staging again on top of it", change.revision)
-                    if change.removed_ids:
-                        await asyncio.to_thread(self._store.delete_erasures, [change.revision])
+                    if record is not None:
+                        await asyncio.to_thread(self._store.delete_erasures, [record])
                     continue
                 apply_change(self._gallery, change)
                 self._added_by_revision[change.revision] = frozenset(change.face_ids)
@@ -265,7 +268,7 @@ class GalleryWriterDeployment(Supervised):
                 for request, outcome in accepted:
                     _settle(request.answer, (outcome, change.revision))
                 if change.removed_ids:
-                    self._erase_later(change.removed_ids, owed=(change.revision,))
+                    self._erase_later(change.removed_ids, owed=() if record is None else (record,))
                 else:
                     self._compact_when_due()
                 return
@@ -338,9 +341,9 @@ class GalleryWriterDeployment(Supervised):
         return revision
 
     # --- erasure ----------------------------------------------------------------------------------------------
-    def _erase_later(self, face_ids: Iterable[str], owed: Iterable[int] = ()) -> None:
+    def _erase_later(self, face_ids: Iterable[str], owed: Iterable[str] = ()) -> None:
         """Erase these removed faces from every object of the store that holds them, in the background, then
-        delete the erasure records of the ``owed`` revisions."""
+        delete the ``owed`` erasure records (by name)."""
         self._to_erase.update(face_ids)
         self._owed.update(owed)
         if self._erasing is None or self._erasing.done():
@@ -387,18 +390,11 @@ class GalleryWriterDeployment(Supervised):
             report.changes_deleted,
         )
 
-    async def _resume_erasures(self) -> None:
+    async def _resume_erasures(self, owed: dict[str, frozenset[str]]) -> None:
         """Finish the erasures an earlier writer recorded and did not finish (it ended, or the store failed)."""
-        while True:
-            try:
-                owed = await asyncio.to_thread(self._store.erasures)
-                break
-            except GalleryStoreError as exc:
-                log.warning("could not read the erasures owed (tried again soon): %s", exc)
-                await asyncio.sleep(ERASURE_RETRY_S)
         if not owed:
             return
-        # A record whose faces are all still here was written for a change that was never stored: nothing to do.
+        # A record whose faces are all still here was written for a change that was never stored: nothing to erase.
         removed = {face_id for ids in owed.values() for face_id in ids if not self._gallery.has_face(face_id)}
         log.info("finishing %d erasures an earlier writer left (%d faces)", len(owed), len(removed))
         self._erase_later(removed, owed=owed)
