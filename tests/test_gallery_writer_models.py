@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from serve_app.deployments.gallery_writer import GalleryWriterDeployment
+from serve_app.gallery_journal import load_gallery
 from serve_app.gallery_store import open_gallery_store
 from serve_app.model.enrollment import EnrolmentPhoto, embed_for_enrolment
 from serve_app.model.gallery import GalleryError, ModelMismatchError
@@ -75,6 +76,32 @@ def test_two_writers_of_two_models_keep_each_others_changes(models: Models, tmp_
         assert statuses == {CASIA.model_id: (5, True), KERAS.model_id: (5, False)}
         # Revisions count each model's snapshot on its own: a replica of the other model hears 0.
         assert new.revision(CASIA.model_id) > 0 and new.revision(KERAS.model_id) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_person_forgotten_during_a_switch_is_forgotten_in_both_models(models: Models, tmp_path: Path) -> None:
+    """Enrolled through the old model's writer moments before the new one forgets them (it has not carried that
+    enrolment over yet): gone from both snapshots, chips included, and never carried back."""
+    store_uri = str(tmp_path / "store")
+
+    async def scenario() -> None:
+        old = GalleryWriterDeployment(store_uri, KERAS, sync_period_s=3600)
+        await enrol(old, "biden", photos_of(models, "biden"))
+        new = GalleryWriterDeployment(store_uri, CASIA, sync_period_s=3600)
+        assert [r.embedded for r in await new.follow_other_models()] == [2]
+        obama, _ = await enrol(old, "obama", photos_of(models, "obama"))  # not followed by the new writer yet
+        assert (await new.remove_person("obama"))[0] == len(obama) == 2
+        await new.erasure_settled()
+        await new.follow_other_models()
+        await old.follow_other_models()
+        for writer in (new, old):
+            assert writer.people()[0] == {"biden": 2}
+            writer._background.stop_all()
+        for model in (KERAS, CASIA):
+            loaded = load_gallery(open_gallery_store(store_uri, model_id=model.model_id), model.model_id)
+            assert loaded is not None and loaded.people() == {"biden": 2}
+        assert all(open_gallery_store(store_uri).read_chip(face_id) is None for face_id in obama)
 
     asyncio.run(scenario())
 

@@ -44,7 +44,7 @@ from serve_app.gallery_store import GalleryStore, GalleryStoreError, open_galler
 from serve_app.metrics import metrics
 from serve_app.model.embedder import Embedder
 from serve_app.model.gallery import Gallery, GalleryError, ModelMismatchError
-from serve_app.model.gallery_change import StagedChange, apply_change
+from serve_app.model.gallery_change import GalleryChange, StagedChange, apply_change
 from serve_app.model.reembedding import CarryOverReport, EmbedChips, carry_over, chip_embedder, plan_carry_over
 from serve_app.settings import RecognitionConfig
 from serve_app.snapshot_reembed import faces_to_embed, reembed_snapshot
@@ -112,6 +112,13 @@ def _settle(
         answer.set_exception(error)
     else:
         answer.set_result(result)  # type: ignore[arg-type]
+
+
+def _apply_in_order(gallery: Gallery, changes: list[GalleryChange]) -> None:
+    """Apply the changes that follow ``gallery``'s revision (another reader of it may have applied some already)."""
+    for change in changes:
+        if change.revision == gallery.revision + 1:
+            apply_change(gallery, change)
 
 
 class WriterLostRaceError(GalleryStoreError):
@@ -456,9 +463,17 @@ class GalleryWriterDeployment(Supervised):
         return list(ids), revision
 
     async def remove_person(self, name: str) -> tuple[int, int]:
+        elsewhere = await self._faces_elsewhere(name)
+
         def remove(g: StagedChange) -> tuple[int, list[str]]:
             with_chips = [face_id for face_id, chip in g.face_records(name) if chip]
-            return g.remove_person(name), with_chips
+            # Enrolled through another model's writer (a switch under way) and not carried over here yet: forgotten
+            # here too (a tombstone, so it is never carried over) and erased from that model with the rest.
+            others = {f for f in elsewhere if not g.gallery.has_face(f) and not g.gallery.was_removed(f)}
+            removed = g.remove_person(name)
+            if others:
+                g.forget(others)
+            return removed + len(others), with_chips + sorted(others)
 
         (removed, _), revision = await self._mutate(remove, after_store=lambda out: self._store.delete_chips(out[1]))
         return removed, revision
@@ -471,6 +486,22 @@ class GalleryWriterDeployment(Supervised):
         return bool(removed), revision
 
     # --- other models' snapshots ------------------------------------------------------------------------------
+    async def _faces_elsewhere(self, name: str) -> set[str]:
+        """The ids of ``name``'s faces in the other models' snapshots this writer follows, brought up to date
+        first (their new changes only: small reads)."""
+        found: set[str] = set()
+        for model_id, source in list(self._other_galleries.items()):
+            try:
+                changes = await asyncio.to_thread(read_changes, self._store.for_model(model_id), source.revision)
+            except (GalleryStoreError, GalleryError) as exc:
+                log.warning(
+                    "could not read %s's latest changes (its snapshot as last followed is used): %s", model_id, exc
+                )
+                changes = []
+            _apply_in_order(source, changes)
+            found.update(source.faces_of(name))
+        return found
+
     async def _follow_other_models(self) -> None:
         while True:
             await asyncio.sleep(self._sync_period_s)
@@ -508,8 +539,7 @@ class GalleryWriterDeployment(Supervised):
                 changes = await asyncio.to_thread(read_changes, other, source.revision)
                 if not changes:
                     continue
-                for change in changes:
-                    apply_change(source, change)
+                _apply_in_order(source, changes)
             self._other_galleries[info.model_id] = source
             self._others[info.model_id] = SnapshotStatus(
                 info.model_id, len(source), source.person_count(), source.revision
