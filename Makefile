@@ -85,7 +85,7 @@ stop:
 # memory and 7 GB of disk for its 10M-face gallery), then the summary table
 # (bench/results/summary.md, the README's table). Results and plots land in bench/results/; each records the
 # CPU's ISA. The HTTP and queue benchmarks start the service exactly as `make run` does.
-BENCHMARKS := model_throughput detection_steps embedding_peak app_tier_baseline gallery_scale index_codes gallery_changes replica_join cold_start small_faces http_load queue_throughput
+BENCHMARKS := model_throughput detection_steps embedding_peak app_tier_baseline gallery_scale gallery_changes replica_join cold_start small_faces http_load queue_throughput
 bench: install
 	@for name in $(BENCHMARKS); do echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py || exit 1; done
 	$(BIN)/python bench/report.py

@@ -265,22 +265,6 @@ def gallery_changes(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def index_codes(r: dict[str, Any]) -> list[Row]:
-    rows: list[Row] = []
-    for coding in r["codings"]:
-        for probe in coding["probes"]:
-            rows.append(
-                (
-                    f"{coding['coding']} ({coding['bytes_a_face']} B a face), {r['faces']:,} faces, "
-                    f"1/{round(1 / probe['probed_fraction'])} of the cells probed",
-                    f"recall@1 {probe['recall_at_1']:.3f}, {number(probe['query_ms_median'], 'ms')} a query",
-                    "recall@1 ≥ 0.99",
-                    met(probe["recall_at_1"] >= 0.99),
-                )
-            )
-    return rows
-
-
 def generic(r: dict[str, Any]) -> list[Row]:
     """Any benchmark this report does not know: its top-level numbers."""
     return [
@@ -298,7 +282,6 @@ SUMMARISERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "app_tier_baseline": app_tier_baseline,
     "gallery_scale": gallery_scale,
     "gallery_changes": gallery_changes,
-    "index_codes": index_codes,
     "cold_start": cold_start,
     "small_faces": small_faces,
 }

